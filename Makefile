@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create/reuse .venv, install edgepix, run the main job end to end
+#   make test   - create/reuse .venv, install edgepix with test tools, run the test suite
+# Machines without an NVIDIA driver get the CPU build of PyTorch (a bare `pip install torch` pulls a multi-GB
+# CUDA build on Linux). Override with TORCH_SPEC / TORCH_INDEX, e.g. TORCH_INDEX= make test to use PyPI's build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_NVIDIA),yes)
+TORCH_INDEX ?=
+ORT_EXTRA ?= gpu
+else
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+ORT_EXTRA ?= cpu
+endif
+STAMP := $(VENV)/.edgepix-installed
+DEMO_DIR ?= .demo
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,plot,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m edgepix doctor
+	$(PY) -m edgepix data synth --out $(DEMO_DIR)/data --n 200 --size 256 256 --seed 0
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

@@ -1,0 +1,5 @@
+import sys
+
+from edgepix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The `edgepix` command: one program, one verb per job.
+
+Verbs register themselves from the package that owns them (`register(subparsers)` in each `cli` module); those
+modules import nothing heavy at the top, so `edgepix --help` and `edgepix segment` start fast. Errors that users
+can cause (`EdgepixError`) print as one line and exit 1; bad usage exits 2; `--verbose` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from edgepix import __version__
+
+# Packages that contribute verbs, in the order their verbs appear in --help. A module that does not exist yet is
+# simply not listed here; every listed one must import.
+VERB_MODULES = ("edgepix.commands",)
+
+EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepix",
+        description="Train, export, verify and run segmentation and generation models on edge devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgepix {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or informational output")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    subparsers.required = True
+    for name in VERB_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    from edgepix.runtime.errors import EdgepixError
+
+    try:
+        code = args.func(args)
+    except EdgepixError as e:
+        if args.verbose:
+            raise
+        print(f"edgepix {args.verb}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"edgepix {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_OK if code is None else int(code)

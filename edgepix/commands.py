@@ -1,0 +1,292 @@
+"""Verbs that span the packages: `info`, `doctor`, `data`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ONNX_SUFFIXES = {".onnx"}
+CHECKPOINT_SUFFIXES = {".pt", ".pth", ".ckpt"}
+ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="show a model's spec, inputs, outputs and size")
+    p.add_argument("model", type=Path, help="an .onnx file, an edgepix checkpoint (.pt) or a TensorRT engine")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("doctor", help="report what this machine can run and what is missing")
+    p.set_defaults(func=cmd_doctor)
+
+    p = subparsers.add_parser("data", help="datasets: make synthetic scenes")
+    data_verbs = p.add_subparsers(dest="data_verb", metavar="ACTION")
+    data_verbs.required = True
+    s = data_verbs.add_parser("synth", help="write synthetic scenes in the training folder format")
+    s.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    s.add_argument("--n", type=int, required=True, help="number of scenes")
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes listed in val.txt")
+    s.set_defaults(func=cmd_data_synth)
+
+
+# ---- info ----------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edgepix.runtime.errors import ModelFormatError
+
+    path: Path = args.model
+    if not path.exists():
+        raise ModelFormatError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        info = _onnx_info(path)
+    elif suffix in CHECKPOINT_SUFFIXES:
+        info = _checkpoint_info(path)
+    elif suffix in ENGINE_SUFFIXES:
+        info = _engine_info(path)
+    else:
+        valid = sorted(ONNX_SUFFIXES | CHECKPOINT_SUFFIXES | ENGINE_SUFFIXES)
+        raise ModelFormatError(f"{path}: expected a model file ({', '.join(valid)}), got '{suffix or 'no suffix'}'")
+    info = {"path": str(path), "size_bytes": path.stat().st_size, **info}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _onnx_info(path: Path) -> dict:
+    from edgepix.runtime.onnxinfo import read_onnx_info
+
+    info = read_onnx_info(path)
+    return {
+        "format": "onnx",
+        "producer": info.producer,
+        "inputs": [t.describe() for t in info.inputs],
+        "outputs": [t.describe() for t in info.outputs],
+        "spec": info.spec.to_dict() if info.spec else None,
+        "metadata": {k: v for k, v in info.metadata.items() if k != "edgepix.spec"},
+    }
+
+
+def _checkpoint_info(path: Path) -> dict:
+    from edgepix.runtime.errors import require
+
+    require("torch", extra="train", purpose="Reading checkpoints")
+    from edgepix.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    n_params = sum(int(t.numel()) for t in ckpt["model"].values() if hasattr(t, "numel"))
+    return {
+        "format": "checkpoint",
+        "arch": ckpt["arch"],
+        "arch_kwargs": ckpt["arch_kwargs"],
+        "parameters": n_params,
+        "epoch": ckpt.get("epoch"),
+        "metrics": ckpt.get("metrics", {}),
+        "ema": "ema" in ckpt and ckpt["ema"] is not None,
+        "spec": ckpt["spec"].to_dict(),
+    }
+
+
+def _engine_info(path: Path) -> dict:
+    from edgepix.runtime.errors import ModelFormatError
+
+    manifest = path.with_name(path.name + ".json")
+    if not manifest.exists():
+        raise ModelFormatError(f"{path}: no manifest {manifest.name} beside the engine; rebuild it with edgepix export")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{manifest}: unreadable manifest ({e})") from e
+    return {"format": "tensorrt-engine", **data}
+
+
+def _print_info(info: dict) -> None:
+    size_mb = info["size_bytes"] / 1e6
+    print(f"{'file':<12}{info['path']} ({size_mb:.2f} MB, {info['format']})")
+    for key in ("producer", "arch", "arch_kwargs", "parameters", "epoch", "ema"):
+        if key in info:
+            print(f"{key:<12}{info[key]}")
+    for key in ("inputs", "outputs"):
+        for i, line in enumerate(info.get(key, [])):
+            print(f"{key if i == 0 else '':<12}{line}")
+    if info.get("metrics"):
+        print(f"{'metrics':<12}" + ", ".join(f"{k}={_fmt(v)}" for k, v in info["metrics"].items()))
+    spec = info.get("spec")
+    if spec is None:
+        print(f"{'spec':<12}none (a foreign model: the runtime infers what it can from shapes)")
+    else:
+        first = True
+        for k, v in spec.items():
+            if k in ("palette",):
+                continue
+            print(f"{'spec' if first else '':<12}{k} = {v}")
+            first = False
+    for k, v in info.get("metadata", {}).items():
+        print(f"{'metadata':<12}{k} = {v}")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# ---- doctor --------------------------------------------------------------------------------------------
+
+
+def _version(module: str) -> tuple[object | None, str]:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        return None, str(e)
+    return mod, getattr(mod, "__version__", "installed")
+
+
+def _opencv_video_backends(cv2) -> dict[str, bool]:
+    """What OpenCV was built with for video I/O, read from its build information."""
+    build = cv2.getBuildInformation()
+    section = build[build.find("Video I/O:"):]
+    found = {}
+    for name, key in (("FFmpeg", "FFMPEG:"), ("GStreamer", "GStreamer:"), ("V4L2", "v4l/v4l2:")):
+        i = section.find(key)
+        found[name] = i >= 0 and section[i + len(key):].lstrip().upper().startswith("YES")
+    return found
+
+
+def _gpu_facts() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout
+            return [line.strip() for line in out.splitlines() if line.strip()]
+        except (subprocess.SubprocessError, OSError) as e:
+            return [f"nvidia-smi failed: {e}"]
+    model = Path("/proc/device-tree/model")
+    if model.exists():  # Jetson boards have no nvidia-smi with GPU details
+        text = model.read_text(errors="replace").strip("\x00\n ")
+        if "jetson" in text.lower() or "nvidia" in text.lower():
+            return [text]
+    return []
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rows: list[tuple[str, str, str]] = []  # (component, status, detail)
+
+    def ok(name: str, detail: str) -> None:
+        rows.append((name, "ok", detail))
+
+    def missing(name: str, disables: str, how: str) -> None:
+        rows.append((name, "missing", f"disables {disables}; install: {how}"))
+
+    from edgepix import __version__
+
+    ok("edgepix", __version__)
+    ok("python", f"{platform.python_version()} ({sys.executable})")
+    ok("platform", f"{platform.platform()}, {platform.machine()}, {_cpu_count()} CPUs")
+    numpy, v = _version("numpy")
+    ok("numpy", v) if numpy else missing("numpy", "everything", "pip install numpy")
+
+    cv2, v = _version("cv2")
+    if cv2:
+        video = _opencv_video_backends(cv2)
+        ok("opencv", f"{v}; video I/O: " + ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in video.items()))
+        if not video["GStreamer"]:
+            rows.append(("gstreamer", "missing", "OpenCV lacks GStreamer: disables csi:// and gst:// sources; "
+                         "use the OpenCV that ships with JetPack, or build OpenCV with -DWITH_GSTREAMER=ON"))
+        try:
+            n_cuda = cv2.cuda.getCudaEnabledDeviceCount()
+        except (AttributeError, cv2.error):
+            n_cuda = 0
+        rows.append(("opencv-cuda", "ok" if n_cuda else "missing",
+                     f"{n_cuda} CUDA device(s)" if n_cuda else
+                     "disables the opencv backend's CUDA target (CPU target still works); needs an OpenCV built with CUDA"))
+    else:
+        missing("opencv", "image and video I/O", "pip install opencv-python")
+
+    ort, v = _version("onnxruntime")
+    if ort:
+        ok("onnxruntime", f"{v}; providers: {', '.join(ort.get_available_providers())}")
+    else:
+        missing("onnxruntime", "ONNX inference (backends ort-*)", "pip install 'edgepix[cpu]' (or [gpu] on NVIDIA)")
+
+    torch, v = _version("torch")
+    if torch:
+        if torch.cuda.is_available():
+            ok("torch", f"{v}; CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+        else:
+            ok("torch", f"{v}; CUDA not available (CPU build or no GPU)")
+    else:
+        missing("torch", "training, export and verification", "pip install 'edgepix[train]'")
+    for module, disables, extra in (
+        ("onnx", "export", "train"),
+        ("onnxscript", "the dynamo ONNX exporter", "train"),
+        ("onnxslim", "graph simplification at export", "train"),
+        ("tqdm", "progress bars (a plain counter is used)", "train"),
+        ("matplotlib", "PNG plots of curves and benchmarks", "plot"),
+    ):
+        mod, v = _version(module)
+        ok(module, v) if mod else missing(module, disables, f"pip install 'edgepix[{extra}]'")
+
+    trt, v = _version("tensorrt")
+    ok("tensorrt", v) if trt else missing(
+        "tensorrt", "TensorRT engines (export --format engine, backend tensorrt)",
+        "pip install 'edgepix[gpu]' (on Jetson it comes with JetPack)")
+    cuda_rt = None
+    for module in ("cuda.bindings.runtime", "cuda.cudart"):
+        cuda_rt, _ = _version(module)
+        if cuda_rt:
+            break
+    if cuda_rt:
+        ok("cuda-python", _version("cuda")[1] if _version("cuda")[0] else "installed")
+    else:
+        missing("cuda-python", "the native tensorrt backend's device buffers", "pip install 'edgepix[gpu]'")
+    gpus = _gpu_facts()
+    if gpus:
+        for g in gpus:
+            ok("gpu", g)
+    else:
+        rows.append(("gpu", "none", "no NVIDIA GPU found: CPU backends only (ort-cpu, opencv)"))
+
+    width = max(len(r[0]) for r in rows)
+    for name, status, detail in rows:
+        print(f"{name:<{width}}  {status:<8} {detail}")
+    n_missing = sum(status == "missing" for _, status, _ in rows)
+    print(f"{len(rows)} checks, {n_missing} missing (missing pieces disable features; edgepix still runs)")
+    return 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from edgepix.runtime.progress import progress_bar
+    from edgepix.runtime.synthetic import CLASS_NAMES, write_dataset
+
+    start = time.perf_counter()
+    with progress_bar(args.n, desc="synth", unit="scene", quiet=args.quiet) as bar:
+        write_dataset(args.out, args.n, size=tuple(args.size), seed=args.seed, val_fraction=args.val_fraction,
+                      progress=bar.update)
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        print(f"wrote {args.n} scenes of {args.size[0]}x{args.size[1]} ({len(CLASS_NAMES)} classes) to {args.out} "
+              f"in {elapsed:.1f} s ({args.n / elapsed:.0f} scenes/s)")
+    return 0

@@ -1,0 +1,76 @@
+"""What an ONNX file holds (inputs, outputs, custom metadata, the edgepix spec), read through ONNX Runtime.
+
+The runtime ships without the `onnx` package, so ONNX Runtime's model metadata is the way to reach the spec.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFormatError, require
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int | str | None, ...]  # ints for fixed dims, names or None for dynamic ones
+    dtype: str  # ONNX Runtime's type string, e.g. "tensor(float)"
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype} [{dims}]"
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    path: Path
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    metadata: dict[str, str]
+    producer: str
+    graph_name: str
+    spec: ModelSpec | None
+
+
+def check_model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFormatError(f"expected a model file, got a folder: {path}")
+    return path
+
+
+def open_session(path: str | os.PathLike, *, providers: list | None = None, options=None):
+    """Create an ONNX Runtime session, turning ONNX Runtime's failures into one-line ModelFormatErrors."""
+    path = check_model_path(path)
+    ort = require("onnxruntime", extra="cpu", purpose="Reading ONNX models")
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as e:  # ORT raises its own pybind exception types; keep the first line of its reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path} is not an ONNX model ONNX Runtime can load: {reason}") from e
+
+
+def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
+    session = open_session(path)
+    meta = session.get_modelmeta()
+
+    def tensors(items) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo(t.name, tuple(t.shape), t.type) for t in items)
+
+    metadata = dict(meta.custom_metadata_map)
+    return OnnxInfo(
+        path=Path(path),
+        inputs=tensors(session.get_inputs()),
+        outputs=tensors(session.get_outputs()),
+        metadata=metadata,
+        producer=meta.producer_name,
+        graph_name=meta.graph_name,
+        spec=ModelSpec.from_onnx_metadata(metadata, source=str(path)),
+    )

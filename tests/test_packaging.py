@@ -1,0 +1,38 @@
+"""The runtime is what ships to a device: it must import without torch, and the package layout must not leak
+top-level `runtime`/`export`/`train` modules into site-packages."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+IMPORT_ALL_RUNTIME = r"""
+import importlib, pkgutil, sys
+import edgepix.runtime as rt
+names = [m.name for m in pkgutil.walk_packages(rt.__path__, "edgepix.runtime.")]
+for name in names:
+    importlib.import_module(name)
+assert len(names) >= 4, names
+print("modules", len(names))
+print("torch" in sys.modules, "torchvision" in sys.modules)
+"""
+
+
+def test_every_runtime_module_imports_without_torch():
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL_RUNTIME], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False False", r.stdout
+
+
+def test_top_level_folders_are_not_importable_outside_the_repo(tmp_path):
+    code = ("import importlib.util as u, edgepix.runtime, edgepix.train, edgepix.export, edgepix.benchmarks;"
+            "print([u.find_spec(n) is None for n in ('runtime', 'export', 'train', 'benchmarks')])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[True, True, True, True]"
+
+
+def test_edgepix_runtime_resolves_to_the_repository_folder(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import edgepix.runtime as r; print(r.__file__)"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == str(REPO / "runtime" / "__init__.py")
