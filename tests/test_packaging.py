@@ -36,3 +36,18 @@ def test_edgepix_runtime_resolves_to_the_repository_folder(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import edgepix.runtime as r; print(r.__file__)"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == str(REPO / "runtime" / "__init__.py")
+
+
+def test_every_python_package_folder_is_listed_in_pyproject():
+    """A sub-package missing from pyproject's `packages` works in an editable install but not in a wheel."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {v: k for k, v in config["package-dir"].items()}
+    found = set()
+    for folder, package in folders.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([package, *rel.parts]) if rel.parts else package)
+    assert found == listed, f"in the tree but not listed: {found - listed}; listed but absent: {listed - found}"

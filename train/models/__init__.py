@@ -1,0 +1,1 @@
+"""Model definitions. Importing this package registers every built-in architecture."""
