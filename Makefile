@@ -23,7 +23,12 @@ DEMO_DIR ?= .demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@# The CPU wheel index is used when it answers; behind a mirror-only network pip's own index serves torch.
+	if [ -n "$(TORCH_INDEX)" ] && $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)', timeout=5)" 2>/dev/null; then \
+		$(PY) -m pip install --quiet "$(TORCH_SPEC)" --index-url $(TORCH_INDEX); \
+	else \
+		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+	fi
 	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,plot,dev]"
 	touch $(STAMP)
 
