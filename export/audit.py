@@ -90,9 +90,17 @@ def audit_model(model: nn.Module, example: torch.Tensor, *, dynamic_size: bool =
     stack: list[str] = []
     findings: list[Finding] = []
     handles = []
+    def enter(name: str):
+        def hook(module, args) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module, args, output) -> None:  # must return None, or it would replace the module's output
+        stack.pop()
+
     for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: stack.append(_n)))
-        handles.append(module.register_forward_hook(lambda m, a, o: stack.pop()))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad(), _Recorder(stack, findings, dynamic_size=dynamic_size):
             model(example)

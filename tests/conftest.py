@@ -24,3 +24,38 @@ def run_edgepix(*args: str, cwd: Path | None = None, timeout: float = 300) -> su
 @pytest.fixture
 def edgepix_cli():
     return run_edgepix
+
+
+@pytest.fixture(scope="session")
+def seg_checkpoint(tmp_path_factory) -> Path:
+    """A fastscnn checkpoint trained for a few seconds on 64x64 synthetic scenes: its logits are far from ties,
+    so parity checks can tell a faithful export from a broken one. Made with plain torch so that export tests do
+    not depend on the trainer."""
+    import numpy as np
+    import torch
+
+    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene
+    from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
+    from edgepix.train.registry import create_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(task="segmentation", model_name="fastscnn", input_size=(64, 64), class_names=CLASS_NAMES,
+                     palette=PALETTE)
+    model = create_model("fastscnn", num_classes=len(CLASS_NAMES))
+    scenes = [make_scene(i, SceneConfig(size=(64, 64))) for i in range(128)]
+    mean = np.array(spec.mean, np.float32) * 255
+    std = np.array(spec.std, np.float32) * 255
+    x = torch.from_numpy(np.stack([((im[..., ::-1] - mean) / std).transpose(2, 0, 1) for im, _ in scenes]).astype(np.float32))
+    y = torch.from_numpy(np.stack([m for _, m in scenes])).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        idx = torch.randint(0, len(scenes), (16,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("ckpt") / "fastscnn64.pt"
+    save_checkpoint(path, wrap_state_dict(model.state_dict(), arch="fastscnn",
+                                          arch_kwargs={"num_classes": len(CLASS_NAMES)}, spec=spec))
+    return path

@@ -80,3 +80,18 @@ def wrap_state_dict(
         "epoch": 0,
         "metrics": {},
     }
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> torch.nn.Module:
+    """Rebuild the architecture from the registry and load the weights (the EMA weights when present)."""
+    from .registry import create_model
+
+    model = create_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ModelFormatError(
+            f"checkpoint weights do not fit {ckpt['arch']}({ckpt['arch_kwargs']}): {str(e).splitlines()[0]}"
+        ) from e
+    return model.eval()

@@ -1,0 +1,108 @@
+"""`edgepix export` and `edgepix verify`. Nothing heavy is imported until a handler runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8), verified against PyTorch")
+    p.add_argument("checkpoint", type=Path, help="an edgepix checkpoint (.pt)")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
+    p.add_argument("--dynamic-batch", action="store_true", help="batch dimension left dynamic")
+    p.add_argument("--dynamic-size", action="store_true", help="height and width left dynamic")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    p.add_argument("--argmax", action="store_true", help="end with ArgMax + Cast: the graph outputs a uint8 class map")
+    p.add_argument("--uint8-output", action="store_true", help="generators: the graph outputs uint8 images")
+    p.add_argument("--train-mode", action="store_true",
+                   help="generators: export dropout and normalisation in training mode (pix2pix practice)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the checkpoint has EMA")
+    p.add_argument("--calib", default="synthetic", help="INT8 calibration images: a folder, or 'synthetic'")
+    p.add_argument("--calib-n", type=int, default=64, help="number of calibration images")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--int8-target", choices=("cpu", "tensorrt"), default="cpu",
+                   help="cpu: U8S8 for ONNX Runtime; tensorrt: symmetric S8S8 for TensorRT explicit quantization")
+    p.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
+    p.add_argument("--keep-float", nargs="+", default=(), metavar="NODE",
+                   help="node names to keep in float; 'first' and 'last' name the first and last Conv")
+    p.add_argument("--data", default="synthetic", help="validation data for the parity gate: a dataset folder or 'synthetic'")
+    p.add_argument("--verify-n", type=int, default=20, help="validation images for the parity gate")
+    p.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity gate (warns)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("verify", help="run the parity gate: does ARTIFACT compute what CKPT computes?")
+    p.add_argument("artifact", type=Path, help="an exported .onnx file")
+    p.add_argument("checkpoint", type=Path, help="the edgepix checkpoint it came from")
+    p.add_argument("--data", default="synthetic", help="validation data: a dataset folder or 'synthetic'")
+    p.add_argument("--verify-n", type=int, default=20)
+    p.add_argument("--train-mode", action="store_true", help="run PyTorch in training mode (train-mode exports)")
+    p.add_argument("--no-ema", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline import ExportFormat, ExportRequest, run_export
+    from .precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat
+    from .to_onnx import DEFAULT_OPSET, Exporter, OnnxExportOptions
+
+    request = ExportRequest(
+        checkpoint=args.checkpoint,
+        format=ExportFormat(args.format),
+        out=args.out,
+        onnx=OnnxExportOptions(
+            imgsz=tuple(args.imgsz) if args.imgsz else None,
+            opset=args.opset if args.opset is not None else DEFAULT_OPSET,
+            dynamic_batch=args.dynamic_batch,
+            dynamic_size=args.dynamic_size,
+            argmax=args.argmax,
+            uint8_output=args.uint8_output,
+            train_mode=args.train_mode,
+            simplify=not args.no_simplify,
+            exporter=Exporter(args.exporter),
+        ),
+        int8=Int8Options(
+            target=Int8Target(args.int8_target),
+            method=CalibrationMethod(args.calib_method),
+            quant_format=QuantFormat(args.quant_format),
+            keep_float=tuple(args.keep_float),
+        ),
+        calib=args.calib,
+        calib_n=args.calib_n,
+        data=args.data,
+        verify_n=args.verify_n,
+        verify=not args.no_verify,
+        use_ema=not args.no_ema,
+    )
+    result = run_export(request)
+    if result.report is not None and not args.quiet:
+        print(result.report.format())
+    size_mb = result.path.stat().st_size / 1e6
+    print(f"wrote {result.path} ({size_mb:.2f} MB, {result.spec.precision.value}, "
+          f"{result.spec.output_kind.value}, input {result.spec.input_size[0]}x{result.spec.input_size[1]})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgepix.runtime.errors import ModelFormatError
+    from edgepix.runtime.spec import ModelSpec
+    from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    from .pipeline import load_samples
+    from .verify import VERIFY_SEED, verify
+
+    spec = ModelSpec.from_onnx(args.artifact)
+    if spec is None:
+        raise ModelFormatError(f"{args.artifact} has no edgepix spec in its metadata; export it with edgepix export")
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).train(args.train_mode)
+    samples = load_samples(args.data, args.verify_n, spec.input_size, seed=VERIFY_SEED)
+    report = verify(args.artifact, model, spec, samples)
+    print(report.format())
+    return 0 if report.passed else 1

@@ -1,0 +1,138 @@
+"""Checkpoint -> verified artifact. Nothing appears at the output path unless it passed the parity gate.
+
+Every format starts from the FP32 ONNX graph: FP16 converts it, INT8 quantizes it (and TensorRT engines, in their own
+module, build from those). Work happens in a temporary folder; the artifact is moved into place atomically at the end.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepix.runtime.errors import ExportError
+from edgepix.runtime.fileio import atomic_output
+from edgepix.runtime.spec import ModelSpec, Task
+from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+from .precision import Int8Options, convert_fp16, quantize_int8
+from .to_onnx import OnnxExportOptions, export_onnx
+from .verify import VERIFY_SEED, GateReport, Sample, folder_samples, preprocess, synthetic_samples, verify
+
+log = logging.getLogger(__name__)
+
+CALIB_SEED = 5_000_011  # calibration scenes differ from training, validation and verification scenes
+
+
+class ExportFormat(str, enum.Enum):
+    ONNX = "onnx"
+    ONNX_FP16 = "onnx-fp16"
+    ONNX_INT8 = "onnx-int8"
+
+
+class VerificationFailed(ExportError):
+    """The artifact does not compute what PyTorch computed; `report` holds the table."""
+
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(f"the artifact failed the parity gate and was not written:\n{report.format()}")
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    checkpoint: Path
+    format: ExportFormat = ExportFormat.ONNX
+    out: Path | None = None
+    onnx: OnnxExportOptions = field(default_factory=OnnxExportOptions)
+    int8: Int8Options = field(default_factory=Int8Options)
+    calib: str = "synthetic"  # a folder of images, or "synthetic"
+    calib_n: int = 64
+    data: str = "synthetic"  # validation data for the gate: a dataset folder, or "synthetic"
+    verify_n: int = 20
+    verify: bool = True
+    use_ema: bool = True
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    spec: ModelSpec
+    report: GateReport | None
+
+
+def default_output_path(request: ExportRequest) -> Path:
+    suffix = {ExportFormat.ONNX: "", ExportFormat.ONNX_FP16: ".fp16", ExportFormat.ONNX_INT8: ".int8"}[request.format]
+    if request.onnx.argmax:
+        suffix += ".argmax"
+    return request.checkpoint.with_name(request.checkpoint.stem + suffix + ".onnx")
+
+
+def load_samples(source: str, n: int, size: tuple[int, int], *, seed: int) -> list[Sample]:
+    if source == "synthetic":
+        return synthetic_samples(n, size, seed=seed)
+    return folder_samples(source, n)
+
+
+def calibration_batches(request: ExportRequest, spec: ModelSpec) -> list[np.ndarray]:
+    if request.calib_n < 1:
+        raise ExportError(f"--calib-n must be at least 1, got {request.calib_n}")
+    if spec.task is Task.GENERATION_NOISE:
+        rng = np.random.default_rng(CALIB_SEED)
+        return [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(request.calib_n)]
+    samples = load_samples(request.calib, request.calib_n, spec.input_size, seed=CALIB_SEED)
+    return [preprocess(s.image, spec) for s in samples]
+
+
+def check_writable(path: Path) -> None:
+    """Fail before minutes of work when the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ExportError(f"--out {path} is a folder; give a file path such as {path / 'model.onnx'}")
+    probe_dir = parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ExportError(f"cannot write {path}: {probe_dir} is a file, not a folder")
+    if not os.access(probe_dir, os.W_OK):
+        raise ExportError(f"cannot write {path}: {probe_dir} is not writable")
+
+
+def run_export(request: ExportRequest) -> ExportResult:
+    out = Path(request.out) if request.out else default_output_path(request)
+    check_writable(out)
+    ckpt = load_checkpoint(request.checkpoint)
+    model = model_from_checkpoint(ckpt, use_ema=request.use_ema)
+    spec: ModelSpec = ckpt["spec"]
+    with tempfile.TemporaryDirectory(prefix="edgepix-export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        artifact_spec = export_onnx(model, spec, fp32, request.onnx)
+        artifact = fp32
+        if request.format is ExportFormat.ONNX_FP16:
+            artifact = Path(tmp) / "fp16.onnx"
+            artifact_spec = convert_fp16(fp32, artifact, artifact_spec)
+        elif request.format is ExportFormat.ONNX_INT8:
+            artifact = Path(tmp) / "int8.onnx"
+            artifact_spec = quantize_int8(fp32, artifact, artifact_spec, calibration_batches(request, artifact_spec),
+                                          request.int8)
+        report = None
+        if request.verify:
+            samples = load_samples(request.data, request.verify_n, artifact_spec.input_size, seed=VERIFY_SEED)
+            model.train(request.onnx.train_mode)
+            report = verify(artifact, model, artifact_spec, samples)
+            report.artifact = str(out)  # the gate ran on the temporary file that becomes `out`
+            if not report.passed:
+                raise VerificationFailed(report)
+        else:
+            log.warning("--no-verify: %s is written without checking it against PyTorch", out)
+        try:
+            with atomic_output(out) as part:
+                shutil.copyfile(artifact, part)
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
+    return ExportResult(out, artifact_spec, report)

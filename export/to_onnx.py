@@ -1,0 +1,250 @@
+"""PyTorch -> ONNX with the ModelSpec embedded, checked, shape-inferred and simplified.
+
+Input and output names come from the spec (one place), so the runtime, the parity gate and TensorRT profiles agree
+on them. Optional heads end the graph in ArgMax + Cast(uint8) for segmentation (the runtime then receives a class
+map) or in scale + Round + Cast(uint8) for generators.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgepix.runtime.errors import ExportError
+from edgepix.runtime.fileio import atomic_output
+from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
+
+from .audit import Severity, audit_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # TensorRT 8.5+ (JetPack 5 and later) and every recent ONNX Runtime read it
+
+
+class Exporter(str, enum.Enum):
+    TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False): fast, mature for CNNs, supports training mode
+    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): the torch.export-based exporter
+
+
+OPSET_RANGE = {Exporter.TORCHSCRIPT: (11, 20), Exporter.DYNAMO: (18, 23)}
+
+
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    imgsz: tuple[int, int] | None = None  # (H, W); None keeps the spec's input size
+    opset: int = DEFAULT_OPSET
+    dynamic_batch: bool = False
+    dynamic_size: bool = False
+    argmax: bool = False  # segmentation: end the graph with ArgMax + Cast(uint8)
+    uint8_output: bool = False  # generators: end the graph with a uint8 image
+    train_mode: bool = False  # generators: export dropout and normalisation as in training (pix2pix practice)
+    simplify: bool = True
+    exporter: Exporter = Exporter.TORCHSCRIPT
+
+
+class ArgmaxHead(nn.Module):
+    """logits (N, C, H, W) -> uint8 class map (N, H, W)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).argmax(dim=1).to(torch.uint8)
+
+
+class Uint8ImageHead(nn.Module):
+    """image in [low, high] -> uint8 image in [0, 255], rounded and clipped."""
+
+    def __init__(self, model: nn.Module, output_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.low, self.high = output_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (self.model(x) - self.low) * (255.0 / (self.high - self.low))
+        return torch.round(y).clamp(0, 255).to(torch.uint8)
+
+
+def example_input(spec: ModelSpec, *, batch: int = 1, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A random input of the shape the model takes (noise vector for noise generators, image otherwise)."""
+    generator = torch.Generator().manual_seed(0)
+    if spec.task is Task.GENERATION_NOISE:
+        return torch.randn(batch, spec.latent_size, generator=generator)
+    h, w = size or spec.input_size
+    return torch.randn(batch, 3, h, w, generator=generator)
+
+
+def exported_spec(spec: ModelSpec, options: OnnxExportOptions) -> ModelSpec:
+    """The spec that describes the exported graph (size, dynamic axes, output kind)."""
+    if options.argmax and spec.task is not Task.SEGMENTATION:
+        raise ExportError(f"--argmax applies to segmentation models; this model's task is {spec.task.value}")
+    if options.uint8_output and spec.task is Task.SEGMENTATION:
+        raise ExportError("--uint8-output applies to generators; for segmentation use --argmax")
+    if options.argmax and spec.num_classes > 256:
+        raise ExportError(f"--argmax writes a uint8 class map, which holds 256 classes; the model has {spec.num_classes}")
+    output_kind = spec.output_kind
+    if options.argmax:
+        output_kind = OutputKind.CLASS_MAP
+    elif options.uint8_output:
+        output_kind = OutputKind.IMAGE_UINT8
+    size = tuple(options.imgsz) if options.imgsz else spec.input_size
+    if spec.task is not Task.GENERATION_NOISE and options.imgsz and (size[0] % spec.size_divisor or size[1] % spec.size_divisor):
+        raise ExportError(
+            f"--imgsz must be a multiple of {spec.size_divisor} for this model, got {size[0]}x{size[1]}; "
+            f"try {round(size[0] / spec.size_divisor) * spec.size_divisor}x{round(size[1] / spec.size_divisor) * spec.size_divisor}"
+        )
+    if spec.task is Task.GENERATION_NOISE and options.dynamic_size:
+        raise ExportError("--dynamic-size does not apply to noise generators: their output size is fixed by the model")
+    return spec.replace(
+        input_size=size,
+        dynamic_batch=options.dynamic_batch,
+        dynamic_size=options.dynamic_size,
+        output_kind=output_kind,
+        precision=Precision.FP32,
+        quantization=None,
+    )
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, options: OnnxExportOptions) -> ModelSpec:
+    """Export `model` to `out` (atomically) and return the spec embedded in the file."""
+    onnx = _require_onnx()
+    low, high = OPSET_RANGE[options.exporter]
+    if not low <= options.opset <= high:
+        raise ExportError(
+            f"--opset {options.opset} is not supported by the {options.exporter.value} exporter; use {low}..{high} "
+            f"(default {DEFAULT_OPSET})"
+        )
+    out_spec = exported_spec(spec, options)
+    model = model.cpu().float()
+    model.train(options.train_mode)
+    x = example_input(out_spec)
+
+    findings = audit_model(model, x, dynamic_size=options.dynamic_size)
+    for f in findings:
+        if f.severity is Severity.WARNING:
+            log.warning("export audit: %s", f)
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    if errors:
+        raise ExportError("the model holds constructs that do not export correctly: " + "; ".join(map(str, errors)))
+
+    wrapped: nn.Module = model
+    if options.argmax:
+        wrapped = ArgmaxHead(model)
+    elif options.uint8_output:
+        wrapped = Uint8ImageHead(model, out_spec.output_range)
+    wrapped.train(options.train_mode)
+
+    names_in, names_out = [out_spec.input_name], [out_spec.output_name]
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    if options.dynamic_batch or options.dynamic_size:
+        in_axes: dict[int, str] = {0: "batch"} if options.dynamic_batch else {}
+        out_axes: dict[int, str] = dict(in_axes)
+        if options.dynamic_size:
+            in_axes.update({2: "height", 3: "width"})
+            # A class map is (N, H, W); logits and images are (N, C, H, W).
+            out_axes.update({1: "height", 2: "width"} if options.argmax else {2: "height", 3: "width"})
+        dynamic_axes = {names_in[0]: in_axes, names_out[0]: out_axes}
+
+    with tempfile.TemporaryDirectory(prefix="edgepix-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        _torch_export(wrapped, x, raw, names_in, names_out, dynamic_axes, options)
+        proto = onnx.load(str(raw), load_external_data=True)
+    proto = finish_onnx(proto, out_spec, simplify=options.simplify)
+    save_onnx(proto, out)
+    return out_spec
+
+
+def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: OnnxExportOptions) -> None:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call; the choice is deliberate here.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+            if options.exporter is Exporter.DYNAMO:
+                dynamic_shapes = None
+                if dynamic_axes:
+                    dims = {i: torch.export.Dim.AUTO for i in dynamic_axes[names_in[0]]}
+                    dynamic_shapes = ({**dims},)
+                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=options.opset,
+                                  input_names=names_in, output_names=names_out, dynamic_shapes=dynamic_shapes,
+                                  external_data=False)
+            else:
+                mode = torch.onnx.TrainingMode.TRAINING if options.train_mode else torch.onnx.TrainingMode.EVAL
+                torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=options.opset,
+                                  input_names=names_in, output_names=names_out, dynamic_axes=dynamic_axes or None,
+                                  do_constant_folding=not options.train_mode, training=mode)
+    except ExportError:
+        raise
+    except Exception as e:  # the exporters raise many types; keep the reason on one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx.export ({options.exporter.value}) failed: {reason}") from e
+
+
+def finish_onnx(proto, spec: ModelSpec, *, simplify: bool = True):
+    """Check, infer shapes, simplify and embed the spec. Returns the final ModelProto."""
+    onnx = _require_onnx()
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(e).strip().splitlines()[0]}") from e
+    if simplify:
+        proto = simplify_onnx(proto)
+    set_spec_metadata(proto, spec)
+    proto.producer_name = "edgepix"
+    from edgepix import __version__
+
+    proto.producer_version = __version__
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def simplify_onnx(proto):
+    try:
+        import onnxslim
+    except ImportError:
+        log.warning("onnxslim is not installed: the graph is exported without simplification (pip install onnxslim)")
+        return proto
+    metadata = [(p.key, p.value) for p in proto.metadata_props]
+    slim = onnxslim.slim(proto)
+    if slim is None:
+        raise ExportError("onnxslim returned no model; export again with --no-simplify")
+    del slim.metadata_props[:]
+    for key, value in metadata:
+        entry = slim.metadata_props.add()
+        entry.key, entry.value = key, value
+    return slim
+
+
+def set_spec_metadata(proto, spec: ModelSpec) -> None:
+    for i, prop in enumerate(list(proto.metadata_props)):
+        if prop.key == ONNX_METADATA_KEY:
+            del proto.metadata_props[i]
+            break
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, spec.to_json()
+
+
+def save_onnx(proto, out: str | os.PathLike) -> None:
+    onnx = _require_onnx()
+    out = Path(out)
+    try:
+        with atomic_output(out) as tmp:
+            onnx.save(proto, str(tmp))
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
+
+
+def _require_onnx():
+    from edgepix.runtime.errors import require
+
+    return require("onnx", extra="train", purpose="Exporting to ONNX")
