@@ -38,6 +38,10 @@ class BackendError(EdgepixError):
     """An inference backend is unavailable or refused the model or the input."""
 
 
+class InputError(EdgepixError, ValueError):
+    """A frame, image or tensor handed to the runtime has the wrong type, dtype, shape or channel count."""
+
+
 class ExportError(EdgepixError):
     """Exporting a model failed or produced an artifact that does not match PyTorch."""
 

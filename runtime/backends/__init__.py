@@ -1,0 +1,24 @@
+"""Inference backends behind one interface (see `base.Backend`) and a registry of names (see `registry`).
+
+    from edgepix.runtime.backends import load_backend
+    with load_backend("model.onnx", "auto", threads=2) as backend:
+        outputs = backend.infer({"images": batch})
+
+The implementations (ONNX Runtime, OpenCV, TensorRT) are imported only when a backend is loaded.
+"""
+
+from .base import Backend, BackendOptionError, TensorMeta
+from .registry import (
+    AUTO_ORDER_ONNX,
+    available_backends,
+    backend_class,
+    backend_names,
+    backend_status,
+    load_backend,
+    register_backend,
+)
+
+__all__ = [
+    "AUTO_ORDER_ONNX", "Backend", "BackendOptionError", "TensorMeta", "available_backends", "backend_class",
+    "backend_names", "backend_status", "load_backend", "register_backend",
+]

@@ -1,0 +1,336 @@
+"""ONNX Runtime backends: `ort-cpu`, `ort-cuda` (CUDA execution provider, IOBinding) and `ort-trt` (TensorRT
+execution provider with an engine cache).
+
+Like Polygraphy's ONNX Runtime runner, a backend builds its `InferenceSession` when it is created and drops it on
+`close()`. ONNX Runtime quietly falls back to the CPU when an execution provider cannot start (missing CUDA or
+TensorRT libraries); these backends check the providers the session really got and raise BackendError instead, so
+`ort-trt` never silently runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError, ModelFormatError, require
+from ..onnxinfo import check_model_path
+from .base import Backend, TensorMeta, dtype_from_ort, normalise_dim
+
+log = logging.getLogger(__name__)
+
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+TRT_EP = "TensorrtExecutionProvider"
+
+
+class GraphOptimization(str, enum.Enum):
+    """ONNX Runtime graph optimization levels (`GraphOptimizationLevel`)."""
+
+    DISABLE = "disable"
+    BASIC = "basic"
+    EXTENDED = "extended"
+    ALL = "all"
+
+
+class CudnnConvAlgoSearch(str, enum.Enum):
+    EXHAUSTIVE = "EXHAUSTIVE"  # benchmark every algorithm once per shape: slow first run, fastest after
+    HEURISTIC = "HEURISTIC"
+    DEFAULT = "DEFAULT"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtOptions:
+    """Session options shared by every ONNX Runtime backend."""
+
+    threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (one per physical core)
+    inter_op_threads: int | None = None  # only used by parallel execution mode; None: default
+    graph_optimization: GraphOptimization = GraphOptimization.ALL
+    spin_wait: bool = True  # worker threads spin between ops: lower latency, more CPU when idle
+    log_severity: int = 3  # ONNX Runtime's own log: 0 verbose .. 4 fatal; 3 shows errors only
+    optimized_model_path: Path | None = None  # write the optimized graph here (inspect it with Netron)
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise BackendError(f"{name}: expected a positive integer or None, got {value!r}")
+        object.__setattr__(self, "graph_optimization", _enum(GraphOptimization, "graph_optimization",
+                                                              self.graph_optimization))
+        if not 0 <= self.log_severity <= 4:
+            raise BackendError(f"log_severity: expected 0..4, got {self.log_severity!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtCudaOptions(OrtOptions):
+    device_id: int = 0
+    io_binding: bool = True  # keep the input buffer on the GPU between calls and copy with IOBinding
+    cudnn_conv_algo_search: CudnnConvAlgoSearch = CudnnConvAlgoSearch.EXHAUSTIVE
+    gpu_mem_limit_bytes: int | None = None  # cap on the CUDA memory arena; None: no cap
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "cudnn_conv_algo_search", _enum(CudnnConvAlgoSearch, "cudnn_conv_algo_search",
+                                                                  self.cudnn_conv_algo_search))
+        if self.device_id < 0:
+            raise BackendError(f"device_id: expected >= 0, got {self.device_id!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtTensorrtOptions(OrtCudaOptions):
+    fp16: bool = False  # let TensorRT pick FP16 kernels (FP32 ONNX in, mixed precision engine)
+    engine_cache: bool = True  # reuse built engines across runs (a build takes minutes on a Jetson)
+    engine_cache_dir: Path | None = None  # None: "<model stem>.ort-trt-cache" beside the model
+    timing_cache: bool = True  # reuse kernel timings across builds (same folder as the engine cache)
+    max_workspace_bytes: int | None = None  # TensorRT builder workspace; None: the EP's default
+    builder_optimization_level: int | None = None  # 0..5; None: TensorRT's default (3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        level = self.builder_optimization_level
+        if level is not None and not 0 <= level <= 5:
+            raise BackendError(f"builder_optimization_level: expected 0..5 or None, got {level!r}")
+
+
+def _enum(enum_type: type[enum.Enum], name: str, value: Any) -> enum.Enum:
+    try:
+        return enum_type(value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in enum_type)
+        raise BackendError(f"{name}: expected one of {valid}, got {value!r}") from None
+
+
+def available_providers() -> list[str]:
+    ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
+    return list(ort.get_available_providers())
+
+
+def session_options(options: OrtOptions):
+    ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
+    so = ort.SessionOptions()
+    if options.threads is not None:
+        so.intra_op_num_threads = options.threads
+    if options.inter_op_threads is not None:
+        so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = {
+        GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.graph_optimization]
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
+    so.log_severity_level = options.log_severity
+    if options.optimized_model_path is not None:
+        so.optimized_model_filepath = str(options.optimized_model_path)
+    return so
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime with an ordered list of execution providers; subclasses choose the providers."""
+
+    options_type = OrtOptions
+    #: the execution provider that must be active for this backend to be what it claims to be
+    primary_provider = CPU_EP
+
+    def __init__(self, path: str | os.PathLike, *, options: OrtOptions | None = None) -> None:
+        super().__init__(path)
+        self.options = options if options is not None else self.options_type()
+        if not isinstance(self.options, self.options_type):
+            raise BackendError(f"backend {self.name!r}: expected {self.options_type.__name__}, "
+                               f"got {type(self.options).__name__}")
+        path = check_model_path(path)
+        ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
+        available = ort.get_available_providers()
+        if self.primary_provider not in available:
+            from .registry import available_backends
+
+            raise BackendError(
+                f"backend {self.name!r} needs ONNX Runtime's {self.primary_provider}, but this onnxruntime "
+                f"{ort.__version__} offers {', '.join(available)}; available backends: "
+                f"{', '.join(available_backends())}")
+        providers = self.provider_list()
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=session_options(self.options),
+                providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers])
+        except Exception as e:  # ONNX Runtime raises its own pybind types; keep its first line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if any(k in reason for k in ("ExecutionProvider", "CUDA", "cuda", "TensorRT", "cudnn", "CUDNN")):
+                raise BackendError(f"backend {self.name!r} could not create a session for {path}: {reason}") from e
+            raise ModelFormatError(f"{path} is not an ONNX model ONNX Runtime can load: {reason}") from e
+        self.active_providers: list[str] = list(self.session.get_providers())
+        if self.primary_provider not in self.active_providers:
+            self.session = None
+            raise BackendError(
+                f"backend {self.name!r}: ONNX Runtime could not start {self.primary_provider} (it fell back to "
+                f"{', '.join(self.active_providers)}); check the CUDA/TensorRT libraries with `edgepix doctor`")
+        self.inputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
+                            for t in self.session.get_inputs())
+        self.outputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
+                             for t in self.session.get_outputs())
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._output_names = [t.name for t in self.outputs]
+
+    def provider_list(self) -> list[tuple[str, dict[str, str]]]:
+        """(provider name, provider options) in priority order, as ONNX Runtime takes them."""
+        return [(CPU_EP, {})]
+
+    @property
+    def description(self) -> str:
+        threads = self.options.threads or "default"
+        return (f"{self.name} ({' > '.join(self.active_providers)}, {threads} threads, "
+                f"graph optimization {self.options.graph_optimization.value})")
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self._output_names, dict(feed))
+        return dict(zip(self._output_names, outputs))
+
+    def close_impl(self) -> None:
+        self.session = None
+
+
+class OrtCpuBackend(OrtBackend):
+    """ONNX Runtime on the CPU execution provider."""
+
+    name = "ort-cpu"
+
+
+class IoBindingRunner:
+    """Runs a session through IOBinding with a persistent device input buffer per input.
+
+    The input is copied host -> device into a buffer that lives as long as its shape does (no allocation per
+    frame), outputs are allocated by ONNX Runtime on the device and copied back once per call. Works for any
+    device type ONNX Runtime knows ("cuda", and "cpu", which the tests use).
+    """
+
+    def __init__(self, session, *, device_type: str, device_id: int, output_names: list[str]) -> None:
+        self.session, self.device_type, self.device_id = session, device_type, device_id
+        self.output_names = output_names
+        self.binding = session.io_binding()
+        self._buffers: dict[str, Any] = {}  # input name -> OrtValue on the device
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        for name, array in feed.items():
+            array = np.ascontiguousarray(array)
+            buffer = self._buffers.get(name)
+            if buffer is None or tuple(buffer.shape()) != array.shape or buffer.data_type() != _ort_type(array):
+                buffer = ort.OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
+                self._buffers[name] = buffer
+                self.binding.bind_ortvalue_input(name, buffer)
+            else:
+                buffer.update_inplace(array)
+        for name in self.output_names:
+            self.binding.bind_output(name, self.device_type, self.device_id)
+        self.binding.synchronize_inputs()
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+        outputs = self.binding.copy_outputs_to_cpu()
+        return dict(zip(self.output_names, outputs))
+
+
+def _ort_type(array: np.ndarray) -> str:
+    return {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
+            np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.int64): "tensor(int64)",
+            np.dtype(np.int32): "tensor(int32)", np.dtype(np.float64): "tensor(double)"}.get(array.dtype, "")
+
+
+class OrtCudaBackend(OrtBackend):
+    """ONNX Runtime on the CUDA execution provider (CPU fallback for unsupported ops), with IOBinding."""
+
+    name = "ort-cuda"
+    options_type = OrtCudaOptions
+    primary_provider = CUDA_EP
+
+    def __init__(self, path: str | os.PathLike, *, options: OrtCudaOptions | None = None) -> None:
+        super().__init__(path, options=options)
+        self._runner = (IoBindingRunner(self.session, device_type="cuda", device_id=self.options.device_id,
+                                        output_names=self._output_names) if self.options.io_binding else None)
+
+    def provider_list(self) -> list[tuple[str, dict[str, str]]]:
+        return cuda_providers(self.options)  # type: ignore[arg-type]
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._runner is None:
+            return super().infer_impl(feed)
+        return self._runner.run(feed)
+
+    def close_impl(self) -> None:
+        self._runner = None
+        super().close_impl()
+
+
+class OrtTensorrtBackend(OrtCudaBackend):
+    """ONNX Runtime on the TensorRT execution provider (CUDA, then CPU, for what TensorRT does not take)."""
+
+    name = "ort-trt"
+    options_type = OrtTensorrtOptions
+    primary_provider = TRT_EP
+
+    def cache_dir(self) -> Path:
+        return trt_cache_dir(self.options, self.path)  # type: ignore[arg-type]
+
+    def provider_list(self) -> list[tuple[str, dict[str, str]]]:
+        # Called once the TensorRT EP is known to exist, so a machine without it gets no cache folder.
+        o: OrtTensorrtOptions = self.options  # type: ignore[assignment]
+        if o.engine_cache or o.timing_cache:
+            try:
+                self.cache_dir().mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BackendError(f"ort-trt: cannot create the engine cache folder {self.cache_dir()}: "
+                                   f"{e.strerror or e}; pass engine_cache_dir=<a writable folder>") from e
+        return trt_providers(o, self.path)
+
+    @property
+    def description(self) -> str:
+        o: OrtTensorrtOptions = self.options  # type: ignore[assignment]
+        return f"{super().description}, fp16 {'on' if o.fp16 else 'off'}, engine cache {self.cache_dir()}"
+
+
+def _flag(value: bool) -> str:
+    return "True" if value else "False"
+
+
+def cuda_provider_options(o: OrtCudaOptions) -> dict[str, str]:
+    opts = {"device_id": str(o.device_id), "cudnn_conv_algo_search": o.cudnn_conv_algo_search.value,
+            "do_copy_in_default_stream": "1"}
+    if o.gpu_mem_limit_bytes is not None:
+        opts["gpu_mem_limit"] = str(o.gpu_mem_limit_bytes)
+    return opts
+
+
+def cuda_providers(o: OrtCudaOptions) -> list[tuple[str, dict[str, str]]]:
+    """The provider list of `ort-cuda`: CUDA first, the CPU for ops CUDA lacks."""
+    return [(CUDA_EP, cuda_provider_options(o)), (CPU_EP, {})]
+
+
+def trt_cache_dir(o: OrtTensorrtOptions, model_path: Path) -> Path:
+    if o.engine_cache_dir is not None:
+        return Path(o.engine_cache_dir)
+    return model_path.with_name(model_path.stem + ".ort-trt-cache")
+
+
+def trt_provider_options(o: OrtTensorrtOptions, model_path: Path) -> dict[str, str]:
+    opts = {"device_id": str(o.device_id), "trt_fp16_enable": _flag(o.fp16)}
+    cache = str(trt_cache_dir(o, model_path))
+    if o.engine_cache:
+        opts.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache)
+    if o.timing_cache:
+        opts.update(trt_timing_cache_enable="True", trt_timing_cache_path=cache)
+    if o.max_workspace_bytes is not None:
+        opts["trt_max_workspace_size"] = str(o.max_workspace_bytes)
+    if o.builder_optimization_level is not None:
+        opts["trt_builder_optimization_level"] = str(o.builder_optimization_level)
+    return opts
+
+
+def trt_providers(o: OrtTensorrtOptions, model_path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The provider list of `ort-trt`: TensorRT first, CUDA then the CPU for what TensorRT does not take."""
+    return [(TRT_EP, trt_provider_options(o, model_path)), (CUDA_EP, cuda_provider_options(o)), (CPU_EP, {})]
