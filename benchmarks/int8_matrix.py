@@ -1,0 +1,129 @@
+"""INT8 choices side by side: integer types, QDQ vs QOperator, calibration method, layers kept in float.
+
+For one checkpoint this exports FP32 and a set of INT8 variants at one input size, measures each one's mIoU on
+labelled synthetic scenes (against PyTorch FP32, as the parity gate does) and its ONNX Runtime CPU latency at batch 1.
+Latencies are taken round-robin (one call of each variant per round) so that a noisy neighbour slows every variant
+alike, and ratios are computed within this one run.
+
+    python -m edgepix.benchmarks.int8_matrix runs/seg/best.pt --imgsz 512 512 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Variant:
+    label: str
+    path: Path
+    size_mb: float = float("nan")
+    miou: float = float("nan")
+    drop: float = float("nan")
+    latencies_ms: list | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--imgsz", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=60, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--verify-n", type=int, default=20, help="labelled scenes for mIoU")
+    parser.add_argument("--calib-n", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="only FP32, U8S8 and S8S8 QDQ minmax")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from edgepix.benchmarks.stats import LatencyStats
+    from edgepix.export.pipeline import CALIB_SEED, load_samples
+    from edgepix.export.precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat, quantize_int8
+    from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
+    from edgepix.export.verify import VERIFY_SEED, preprocess, verify_segmentation
+    from edgepix.runtime.spec import ModelSpec
+    from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    size = tuple(args.imgsz)
+    int8_variants = [
+        ("int8 U8S8 QDQ minmax (cpu default)", Int8Options()),
+        ("int8 S8S8 QDQ minmax (tensorrt)", Int8Options(target=Int8Target.TENSORRT)),
+    ]
+    if not args.quick:
+        int8_variants += [
+            ("int8 U8S8 QOperator minmax", Int8Options(quant_format=QuantFormat.QOPERATOR)),
+            ("int8 U8S8 QDQ entropy", Int8Options(method=CalibrationMethod.ENTROPY)),
+            ("int8 U8S8 QDQ percentile", Int8Options(method=CalibrationMethod.PERCENTILE)),
+            ("int8 U8S8 QDQ minmax, first+last float", Int8Options(keep_float=("first", "last"))),
+        ]
+    with tempfile.TemporaryDirectory(prefix="edgepix-int8-matrix-") as tmp:
+        tmp = Path(tmp)
+        spec = export_onnx(model, ckpt["spec"], tmp / "fp32.onnx", OnnxExportOptions(imgsz=size))
+        samples = load_samples("synthetic", args.verify_n, size, seed=VERIFY_SEED)
+        calib = [preprocess(s.image, spec) for s in load_samples("synthetic", args.calib_n, size, seed=CALIB_SEED)]
+        variants = [Variant("fp32", tmp / "fp32.onnx")]
+        for i, (label, options) in enumerate(int8_variants):
+            start = time.perf_counter()
+            path = tmp / f"int8_{i}.onnx"
+            quantize_int8(tmp / "fp32.onnx", path, spec, calib, options)
+            print(f"built {label} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            variants.append(Variant(label, path))
+        for v in variants:
+            v.size_mb = v.path.stat().st_size / 1e6
+            vspec = ModelSpec.from_onnx(v.path)
+            report = verify_segmentation(v.path, model, vspec, samples, n_random=0)
+            v.miou = report.info["mIoU artifact"]
+            v.drop = report.info["mIoU PyTorch FP32"] - v.miou
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sessions = [ort.InferenceSession(str(v.path), options, providers=["CPUExecutionProvider"]) for v in variants]
+        x = preprocess(samples[0].image, spec)
+        feed = {spec.input_name: x}
+        for s in sessions:
+            for _ in range(args.warmup):
+                s.run(None, feed)
+        for v in variants:
+            v.latencies_ms = []
+        for _ in range(args.rounds):
+            for v, s in zip(variants, sessions):
+                start = time.perf_counter()
+                s.run(None, feed)
+                v.latencies_ms.append((time.perf_counter() - start) * 1e3)
+
+    stats = [LatencyStats.from_samples(v.latencies_ms) for v in variants]
+    base = stats[0].p50
+    print(f"\nONNX Runtime {ort.__version__} CPU, batch 1, {args.threads} threads, input {size[0]}x{size[1]}, "
+          f"{args.rounds} round-robin calls per variant after {args.warmup} warm-up; mIoU on {args.verify_n} "
+          f"synthetic scenes (PyTorch FP32 mIoU {variants[0].miou + variants[0].drop:.4f})\n")
+    print("| variant | size MB | p50 ms | p90 ms | p99 ms | speed-up vs fp32 (p50) | mIoU | drop (points) |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for v, s in zip(variants, stats):
+        row = {"variant": v.label, "p50_ms": s.p50, "p90_ms": s.p90, "p99_ms": s.p99, "speedup": base / s.p50,
+               "miou": v.miou, "drop_points": 100 * v.drop}
+        rows.append(row)
+        print(f"| {v.label} | {v.size_mb:.2f} | {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | {base / s.p50:.2f}x | "
+              f"{v.miou:.4f} | {100 * v.drop:+.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
