@@ -136,15 +136,10 @@ def folder_samples(folder: str | os.PathLike, n: int) -> list[Sample]:
 
 
 def preprocess(image: np.ndarray, spec: ModelSpec, size: tuple[int, int] | None = None) -> np.ndarray:
-    """BGR uint8 image -> (1, 3, H, W) float32 input, stretched to the spec's size, as the runtime feeds it."""
-    h, w = size or spec.input_size
-    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    if spec.channel_order.value == "RGB":
-        resized = resized[..., ::-1]
-    scale = np.float32(spec.scale) / np.asarray(spec.std, np.float32)
-    shift = -np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)
-    x = resized.astype(np.float32) * scale + shift
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    """BGR uint8 image -> (1, C, H, W) float32 input, exactly as the runtime's Segmenter feeds it."""
+    from edgepix.runtime.imageops import Normalizer
+
+    return Normalizer(spec, size or spec.input_size)([image])[0]
 
 
 # ---- the gate ------------------------------------------------------------------------------------------

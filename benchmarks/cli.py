@@ -1,0 +1,114 @@
+"""`edgepix bench`: which backend and precision to ship, with percentiles, accuracy and efficiency."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,4,16, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one batch size")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="latency percentiles, throughput, accuracy and efficiency per model x backend x batch",
+        description="Benchmark exported models (and optionally PyTorch eager) side by side.")
+    p.add_argument("models", nargs="*", type=Path, help="exported models (.onnx, .engine); variants side by side")
+    p.add_argument("--backends", default="auto",
+                   help="auto (the one `auto` picks), all (every available backend), or names: ort-cpu,opencv")
+    p.add_argument("--batch", type=_int_list, default=(1,), help="batch sizes, e.g. 1,4,16")
+    p.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size for dynamic-size models and the PyTorch baseline")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before measuring")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--runs", type=int, help="timed calls per row (default 50)")
+    runs.add_argument("--duration", type=float, help="seconds of timed calls per row")
+    p.add_argument("--threads", type=int, help="intra-op threads for CPU backends and PyTorch (default: all cores)")
+    p.add_argument("--data", default="synthetic", help="accuracy data: 'synthetic' or a dataset folder")
+    p.add_argument("--accuracy-n", type=int, default=20, help="images for the accuracy column (0: none)")
+    p.add_argument("--torch", type=Path, metavar="CKPT", help="also run this checkpoint in PyTorch eager (baseline)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="only measure this machine's GEMM and memory ceiling (reports always include it)")
+    p.add_argument("--out", type=Path, help="folder for report.json, report.csv, report.md and plots")
+    p.add_argument("--format", choices=("md", "json", "csv"), default="md", help="what goes to stdout")
+    p.set_defaults(func=cmd_bench)
+
+
+def resolve_backends(text: str, path: Path) -> list[str]:
+    from edgepix.runtime.backends.registry import available_backends, candidates, get_entry
+
+    if text == "auto":
+        return [candidates("auto", path)[0]]
+    if text == "all":
+        return [n for n in available_backends() if path.suffix.lower() in get_entry(n).suffixes]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        get_entry(n)  # unknown names raise with the valid list
+    return names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import sys
+
+    from edgepix.runtime.errors import EdgepixError
+    from edgepix.runtime.fileio import atomic_write_text
+
+    from .ceiling import measure_ceiling
+    from .environment import environment, usable_cores
+    from .harness import BenchConfig, accuracy_samples, bench_model, bench_torch, fill_generator_accuracy
+    from .report import csv_text, json_text, markdown, plot_latency_vs_batch
+
+    threads = args.threads or usable_cores()
+    if args.ceiling:
+        c = measure_ceiling(threads)
+        print(f"GEMM float32: {c.gemm_gflops:.1f} GFLOP/s (n={c.gemm_size}, {c.threads} threads); "
+              f"memory copy: {c.memory_gbps:.1f} GB/s")
+        return 0
+    if not args.models and not args.torch:
+        raise EdgepixError("nothing to benchmark: give exported models and/or --torch CKPT")
+    for m in args.models:
+        if not m.exists():
+            raise EdgepixError(f"model file not found: {m}")
+    config = BenchConfig(batches=args.batch, warmup=args.warmup,
+                         runs=None if args.duration else (args.runs or 50), duration=args.duration,
+                         threads=threads, data=args.data, accuracy_n=args.accuracy_n,
+                         imgsz=tuple(args.imgsz) if args.imgsz else None)
+    ceiling = measure_ceiling(threads)
+    samples = accuracy_samples(config)
+    runs, notes = [], []
+    jobs = [(m, b) for m in args.models for b in resolve_backends(args.backends, m)]
+    for i, (model, backend) in enumerate(jobs, 1):
+        if not args.quiet:
+            print(f"[{i}/{len(jobs)}] {model.name} on {backend}", file=sys.stderr, flush=True)
+        runs.append(bench_model(model, backend, config, samples))
+    if args.torch:
+        if not args.quiet:
+            print(f"[torch] {args.torch.name} in PyTorch eager", file=sys.stderr, flush=True)
+        runs.append(bench_torch(args.torch, config, samples))
+    fill_generator_accuracy(runs)
+    rows = [row for run in runs for row in run.rows]
+    for run in runs:
+        notes.extend(run.skipped)
+    for row in rows:
+        if row.achieved_gflops is not None:
+            row.efficiency = row.achieved_gflops / ceiling.gemm_gflops
+    env = environment(threads=threads)
+    texts = {"md": markdown(rows, env, ceiling=ceiling, notes=notes),
+             "json": json_text(rows, env, ceiling=ceiling, notes=notes),
+             "csv": csv_text(rows)}
+    print(texts[args.format], end="")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for fmt, name in (("md", "report.md"), ("json", "report.json"), ("csv", "report.csv")):
+            atomic_write_text(args.out / name, texts[fmt])
+        plot_latency_vs_batch(args.out / "latency_vs_batch.png", rows)
+        if not args.quiet:
+            print(f"reports written to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,62 @@
+import csv
+import json
+
+import pytest
+
+from edgepix.export.pipeline import ExportRequest, run_export
+from edgepix.export.to_onnx import OnnxExportOptions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(seg_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-models")
+    dynamic = run_export(ExportRequest(seg_checkpoint, out=folder / "dyn.onnx", verify=False,
+                                       onnx=OnnxExportOptions(dynamic_batch=True))).path
+    static = run_export(ExportRequest(seg_checkpoint, out=folder / "static.onnx", verify=False)).path
+    return dynamic, static
+
+
+def test_bench_reports_rows_side_by_side_with_torch(edgepix_cli, exported, seg_checkpoint, tmp_path):
+    dynamic, static = exported
+    out = tmp_path / "report"
+    r = edgepix_cli("bench", str(dynamic), str(static), "--batch", "1,2", "--runs", "4", "--warmup", "1",
+                    "--accuracy-n", "3", "--threads", "1", "--torch", str(seg_checkpoint), "--out", str(out),
+                    "--format", "json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = report["results"]
+    keys = {(row["model"], row["batch"]) for row in rows}
+    assert keys == {("dyn.onnx", 1), ("dyn.onnx", 2), ("static.onnx", 1), ("fastscnn64.pt", 1), ("fastscnn64.pt", 2)}
+    assert any("static.onnx" in n and "batch 2 skipped" in n for n in report["notes"])
+    for row in rows:
+        assert row["calls"] == 4
+        assert row["latency_min_ms"] <= row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"] \
+            <= row["latency_max_ms"]
+        # Throughput is images over the timed calls' total time.
+        assert row["throughput"] == pytest.approx(row["batch"] * 1000 / row["latency_mean_ms"], rel=1e-6)
+        assert row["accuracy_name"] == "mIoU" and 0 < row["accuracy"] <= 1
+    onnx_rows = [row for row in rows if row["model"] != "fastscnn64.pt"]
+    for row in onnx_rows:
+        assert row["gflops_per_image"] > 0 and row["efficiency"] > 0
+        assert row["achieved_gflops"] == pytest.approx(row["gflops_per_image"] * row["throughput"])
+    # The same weights give the same mIoU in ONNX Runtime and in PyTorch (same pre-processing, same scenes).
+    torch_miou = next(row["accuracy"] for row in rows if row["model"] == "fastscnn64.pt")
+    assert all(row["accuracy"] == pytest.approx(torch_miou, abs=2e-3) for row in onnx_rows)
+    assert report["environment"]["cores"] >= 1 and "onnxruntime" in report["environment"]["packages"]
+    assert report["ceiling"]["gemm_gflops"] > 0
+    assert (out / "report.md").read_text().startswith("Environment:")
+    with open(out / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (out / "latency_vs_batch.png").stat().st_size > 5000
+
+
+def test_bench_errors_are_one_line(edgepix_cli, tmp_path):
+    r = edgepix_cli("bench", str(tmp_path / "missing.onnx"))
+    assert r.returncode == 1 and "model file not found" in r.stderr
+    r = edgepix_cli("bench", "--batch", "1,x", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+    (tmp_path / "m.onnx").write_bytes(b"not a model")
+    r = edgepix_cli("bench", str(tmp_path / "m.onnx"), "--backends", "ort-cpux")
+    assert r.returncode == 1 and "Did you mean 'ort-cpu'" in r.stderr
