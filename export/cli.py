@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8), verified against PyTorch")
-    p.add_argument("checkpoint", type=Path, help="an edgepix checkpoint (.pt)")
+    p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8) or TensorRT engine, verified")
+    p.add_argument("checkpoint", type=Path, help="an edgepix checkpoint (.pt); with --format engine also an .onnx file")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
     p.add_argument("--dynamic-batch", action="store_true", help="batch dimension left dynamic")
@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--verify-n", type=int, default=20, help="validation images for the parity gate")
     p.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (warns)")
+    _engine_arguments(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="run the parity gate: does ARTIFACT compute what CKPT computes?")
@@ -47,12 +48,46 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_verify)
 
 
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT engine (--format engine; needs TensorRT and an NVIDIA GPU)")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16", help="engine precision")
+    g.add_argument("--int8-mode", choices=("qdq", "calibrate"), default="qdq",
+                   help="qdq: explicit Q/DQ ONNX (TensorRT 10 and 11); calibrate: implicit INT8 with an entropy "
+                        "calibrator (TensorRT <= 10)")
+    g.add_argument("--batch", type=int, nargs="+", metavar="N", help="batch N, or MIN OPT MAX (dynamic-batch ONNX)")
+    g.add_argument("--imgsz-range", type=int, nargs=4, metavar=("MIN_H", "MIN_W", "MAX_H", "MAX_W"),
+                   help="image sizes the engine accepts (dynamic-size ONNX); the optimum is --imgsz")
+    g.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MB")
+    g.add_argument("--opt-level", type=int, metavar="N", help="builder optimization level 0..5 (TensorRT default 3)")
+    g.add_argument("--timing-cache", type=Path, metavar="FILE", help="kernel timing cache reused across builds")
+    g.add_argument("--dla-core", type=int, metavar="N", help="run on DLA core N with GPU fallback (Jetson)")
+    g.add_argument("--cache", type=Path, metavar="DIR", help="engine cache (default ~/.cache/edgepix/engines)")
+    g.add_argument("--rebuild", action="store_true", help="build even when the engine cache has this engine")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .pipeline import ExportFormat, ExportRequest, run_export
+    if args.format == "engine":
+        from .tensorrt import cmd_export_engine
+
+        return cmd_export_engine(args, export_request)
+    from .pipeline import run_export
+
+    result = run_export(export_request(args))
+    if result.report is not None and not args.quiet:
+        print(result.report.format())
+    size_mb = result.path.stat().st_size / 1e6
+    print(f"wrote {result.path} ({size_mb:.2f} MB, {result.spec.precision.value}, "
+          f"{result.spec.output_kind.value}, input {result.spec.input_size[0]}x{result.spec.input_size[1]})")
+    return 0
+
+
+def export_request(args: argparse.Namespace):
+    """The ExportRequest the command line describes."""
+    from .pipeline import ExportFormat, ExportRequest
     from .precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat
     from .to_onnx import DEFAULT_OPSET, Exporter, OnnxExportOptions
 
-    request = ExportRequest(
+    return ExportRequest(
         checkpoint=args.checkpoint,
         format=ExportFormat(args.format),
         out=args.out,
@@ -80,13 +115,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         use_ema=not args.no_ema,
     )
-    result = run_export(request)
-    if result.report is not None and not args.quiet:
-        print(result.report.format())
-    size_mb = result.path.stat().st_size / 1e6
-    print(f"wrote {result.path} ({size_mb:.2f} MB, {result.spec.precision.value}, "
-          f"{result.spec.output_kind.value}, input {result.spec.input_size[0]}x{result.spec.input_size[1]})")
-    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

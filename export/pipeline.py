@@ -34,6 +34,7 @@ class ExportFormat(str, enum.Enum):
     ONNX = "onnx"
     ONNX_FP16 = "onnx-fp16"
     ONNX_INT8 = "onnx-int8"
+    ENGINE = "engine"  # TensorRT: export/tensorrt.py exports the matching ONNX with run_export, then builds
 
 
 class VerificationFailed(ExportError):
@@ -104,6 +105,9 @@ def check_writable(path: Path) -> None:
 
 
 def run_export(request: ExportRequest) -> ExportResult:
+    if request.format is ExportFormat.ENGINE:
+        raise ExportError("run_export makes ONNX files; TensorRT engines are built by "
+                          "edgepix.export.tensorrt.export_engine_from_checkpoint (edgepix export --format engine)")
     out = Path(request.out) if request.out else default_output_path(request)
     check_writable(out)
     ckpt = load_checkpoint(request.checkpoint)
