@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser("doctor", help="report what this machine can run and what is missing")
+    p.add_argument("--engines", type=Path, metavar="DIR",
+                   help="also say, for each TensorRT engine in DIR, whether it can load here (exit 1 if one cannot)")
     p.set_defaults(func=cmd_doctor)
 
     p = subparsers.add_parser("data", help="datasets: make synthetic scenes")
@@ -259,13 +261,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ok("gpu", g)
     else:
         rows.append(("gpu", "none", "no NVIDIA GPU found: CPU backends only (ort-cpu, opencv)"))
+    from edgepix.runtime.engine_manifest import running_device_facts
+
+    here = running_device_facts()
+    if here.tensorrt and here.gpu:
+        ok("engines", f"engines built here target TensorRT {here.tensorrt}, {here.gpu} (compute capability "
+                      f"{here.compute_capability}){f', CUDA {here.cuda}' if here.cuda else ''}")
+    else:
+        rows.append(("engines", "none", f"TensorRT engines cannot run here ({here.describe()})"))
 
     width = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         print(f"{name:<{width}}  {status:<8} {detail}")
     n_missing = sum(status == "missing" for _, status, _ in rows)
     print(f"{len(rows)} checks, {n_missing} missing (missing pieces disable features; edgepix still runs)")
+    if getattr(args, "engines", None) is not None:
+        return _doctor_engines(args.engines, here)
     return 0
+
+
+def _doctor_engines(folder: Path, here) -> int:
+    """One line per engine in `folder`: can it load here (manifest vs running TensorRT and GPU)? No TensorRT needed."""
+    from edgepix.runtime.engine_manifest import scan_engines
+
+    statuses = scan_engines(folder, here)
+    print(f"engines in {folder} (this machine: {here.describe()}):")
+    for st in statuses:
+        print(f"  {'loads' if st.loads else 'NO':<6}{st.path.name}: {st.detail}")
+    n_bad = sum(not st.loads for st in statuses)
+    print(f"{len(statuses)} engine(s), {n_bad} cannot load here" + ("" if statuses else " (none found: *.engine, "
+                                                                      "*.plan, *.trt)"))
+    return 1 if n_bad else 0
 
 
 def _cpu_count() -> int:
