@@ -88,7 +88,17 @@ def _tensorrt_check() -> str | None:
                 "work); for TensorRT today use 'ort-trt' (ONNX Runtime's TensorRT execution provider) on the .onnx")
     if importlib.util.find_spec("tensorrt") is None:
         return "the Python package 'tensorrt' is not installed (pip install 'edgepix[gpu]'; JetPack ships it)"
+    if not any(_module_exists(m) for m in ("cuda.bindings.runtime", "cuda.cudart")):
+        return ("the Python package 'cuda-python' is not installed (pip install 'edgepix[gpu]'); the tensorrt "
+                "backend's device buffers and streams use it")
     return None
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a missing parent package
+        return False
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
