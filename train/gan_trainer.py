@@ -1,0 +1,660 @@
+"""GAN training: DCGAN (noise -> image) and pix2pix (image -> image), built like the segmentation trainer.
+
+`train_gan(config)` runs the whole job: open the data, build the generator and discriminator from the registry,
+train them in alternation with Adam(2e-4, beta1 = 0.5) under one of the GAN objectives (vanilla, lsgan, hinge; for
+pix2pix plus lambda * L1 with lambda = 100), optionally keep an EMA of the generator, and keep the run folder up to
+date after every epoch: `last.pt` (and, for pix2pix, `best.pt` by validation L1), atomic, with the ModelSpec inside;
+`samples/epoch_NNN.png` (a fixed-noise grid for DCGAN; rows of input | output | target for pix2pix), `metrics.csv`,
+`curves.png` and `train.log`.
+
+One iteration: the discriminator sees the fake batch and then the real batch, each back-propagated on its own (as
+the DCGAN reference does, so that BatchNorm statistics are never mixed across real and fake), one Adam step; then
+the generator's loss goes through the discriminator with the discriminator's parameters frozen, one Adam step, and
+the EMA update. Every loss is checked before it is back-propagated: a NaN or Inf stops training with a message that
+names the loss, the epoch and the iteration, and no weights are updated or written after it, so `last.pt` stays the
+last good epoch. Weights are also checked before each checkpoint.
+
+`--resume` reloads `last.pt` and continues with the same optimizers, EMA and RNG states; samples and their
+augmentation are seeded by (seed, epoch, index), so the resumed run sees the batches the uninterrupted run would.
+Under `torchrun --nproc_per_node N` both networks use DistributedDataParallel (gloo on CPU, NCCL on GPU) with a
+distributed sampler; `batch` is global; only rank 0 logs and writes; the NaN decision and the time limit are
+collective. The generator step calls the discriminator's inner module, so DDP synchronises the discriminator only
+in its own step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from edgepix import __version__
+from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
+from edgepix.runtime.fileio import atomic_output
+from edgepix.runtime.generator import tile_grid
+from edgepix.runtime.metrics import psnr
+from edgepix.runtime.progress import progress_bar
+from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, dist_info_from_env, init_distributed,
+                          shutdown_distributed)
+from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, open_pair_source, pregenerate
+from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
+from .models.pix2pix import VARIANTS
+from .registry import create_model, get_entry
+from .segmentation import (ModelEMA, _cpu_state, _FileLog, _gather_rng_states, _worker_init, cpu_cores,
+                           resolve_device, seed_everything, write_metrics_csv)
+
+log = logging.getLogger("edgepix.train")
+
+
+class GanKind(str, enum.Enum):
+    DCGAN = "dcgan"  # unconditional: noise -> image
+    PIX2PIX = "pix2pix"  # conditional: image A -> image B
+
+
+class TrainingDiverged(EdgepixError):
+    """A loss or a weight became NaN or Inf; the run folder keeps the last good checkpoint."""
+
+
+# Per-kind defaults; the CLI leaves unset options to these.
+DEFAULTS: dict[GanKind, dict[str, Any]] = {
+    GanKind.DCGAN: dict(model="dcgan", discriminator="dcgan_d", imgsz=64, batch=64, epochs=20, out="runs/gan",
+                        sample_n=64),
+    GanKind.PIX2PIX: dict(model="pix2pix", discriminator="patchgan", imgsz=256, batch=1, epochs=200,
+                          out="runs/pix2pix", sample_n=6),
+}
+
+
+@dataclass
+class GanTrainConfig:
+    """Everything that defines a GAN run. Saved in every checkpoint as `train_config`."""
+
+    kind: GanKind = GanKind.DCGAN
+    data: str = "synthetic"
+    out: str = "runs/gan"
+    model: str = "dcgan"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    discriminator: str = "dcgan_d"
+    discriminator_kwargs: dict[str, Any] = field(default_factory=dict)
+    imgsz: int = 64  # square images: the generator's output (DCGAN) or input and output (pix2pix)
+    latent_size: int = 100  # DCGAN
+    epochs: int = 20
+    batch: int = 64  # global: split over the processes of a torchrun job
+    lr: float = 2e-4
+    lr_d: float | None = None  # the discriminator's learning rate; None: lr
+    beta1: float = 0.5
+    beta2: float = 0.999
+    gan_mode: GANMode = GANMode.VANILLA
+    lambda_l1: float = DEFAULT_LAMBDA_L1  # pix2pix
+    load_size: int | None = None  # pix2pix jitter: resize to this, random-crop imgsz (the paper: 286 for 256)
+    flip: bool = True
+    ema: bool = False
+    ema_decay: float = 0.999
+    seed: int = 0
+    deterministic: bool = False
+    workers: int | None = None  # DataLoader workers per process; None: 0 on CPU, 4 on CUDA
+    device: str = "auto"
+    synthetic_n: int = 2000
+    synthetic_val_n: int = 200
+    direction: str = "AtoB"  # pix2pix: which side of the pair is the input
+    time_limit: float | None = None  # minutes of training (excluding data preparation); stops mid-epoch
+    sample_n: int = 64  # images in the DCGAN grid / rows in the pix2pix grid
+    val_n: int = 64  # pix2pix: validation pairs scored (L1, PSNR) after every epoch
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.kind = GanKind(self.kind)
+        self.gan_mode = GANMode(self.gan_mode)
+        checks = [
+            (self.imgsz >= 16, f"imgsz must be at least 16, got {self.imgsz}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.lr_d is None or (self.lr_d > 0 and math.isfinite(self.lr_d)),
+             f"lr-d must be a positive number, got {self.lr_d}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must be in [0, 1), got {self.beta1}, "
+                                                          f"{self.beta2}"),
+            (self.lambda_l1 >= 0, f"lambda-l1 must be >= 0, got {self.lambda_l1}"),
+            (self.latent_size >= 1, f"latent size must be at least 1, got {self.latent_size}"),
+            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
+            (self.load_size is None or self.load_size >= self.imgsz,
+             f"load-size must be >= imgsz ({self.imgsz}), got {self.load_size}"),
+            (self.time_limit is None or self.time_limit > 0, f"time limit must be positive, got {self.time_limit}"),
+            (self.sample_n >= 1 and self.val_n >= 1, "sample-n and val-n must be at least 1"),
+            (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.direction in ("AtoB", "BtoA"), f"direction must be AtoB or BtoA, got {self.direction!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgepixError(message)
+
+    @classmethod
+    def for_kind(cls, kind: GanKind | str, **given: Any) -> GanTrainConfig:
+        kind = GanKind(kind)
+        return cls(kind=kind, **{**DEFAULTS[kind], **given})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GanTrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# The options `--resume` may change; everything else comes from the checkpoint.
+RESUME_OVERRIDABLE = ("device", "workers", "quiet", "out", "time_limit", "epochs")
+
+
+# ---- models and specs ----------------------------------------------------------------------------------
+
+
+def generator_kwargs(cfg: GanTrainConfig) -> dict[str, Any]:
+    kw = dict(cfg.model_kwargs)
+    if cfg.kind is GanKind.DCGAN:
+        kw.setdefault("latent_size", cfg.latent_size)
+        kw.setdefault("image_size", cfg.imgsz)
+    elif cfg.model == "pix2pix":
+        kw.setdefault("variant", "unet_128" if cfg.imgsz <= 128 else "unet_256")
+    return kw
+
+
+def discriminator_kwargs(cfg: GanTrainConfig) -> dict[str, Any]:
+    kw = dict(cfg.discriminator_kwargs)
+    if cfg.kind is GanKind.DCGAN and cfg.discriminator == "dcgan_d":
+        kw.setdefault("image_size", cfg.imgsz)
+    return kw
+
+
+def make_gan_spec(cfg: GanTrainConfig, arch_kwargs: dict[str, Any], classes=None) -> ModelSpec:
+    """The spec of the generator: RGB, scale 1/255, mean = std = 0.5 (so [-1, 1]), output tanh in [-1, 1]."""
+    common = dict(model_name=cfg.model, input_size=(cfg.imgsz, cfg.imgsz), channel_order=ChannelOrder.RGB,
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), output_range=(-1.0, 1.0), output_kind=OutputKind.IMAGE)
+    if cfg.kind is GanKind.DCGAN:
+        return ModelSpec(task=Task.GENERATION_NOISE, input_name="noise", output_name="images",
+                         latent_size=int(arch_kwargs.get("latent_size", cfg.latent_size)), **common)
+    n_downs = VARIANTS.get(arch_kwargs.get("variant", ""), 0)
+    extra: dict[str, Any] = {}
+    if classes is not None:  # mask -> image: the input is a palette-coloured mask of these classes
+        extra = dict(class_names=classes.names, palette=classes.palette, ignore_index=classes.ignore_index)
+    return ModelSpec(task=Task.GENERATION_IMAGE, input_name="images", output_name="images_out",
+                     size_divisor=2**n_downs if n_downs else 32, **common, **extra)
+
+
+def set_requires_grad(model: nn.Module, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def weights_finite(*models: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
+               if t.dtype.is_floating_point)
+
+
+def to_uint8_bgr(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) RGB in [-1, 1] -> (N, H, W, 3) BGR uint8 (the runtime's rounding)."""
+    y = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5 + 0.5).to(torch.uint8)
+    return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy()[..., ::-1])
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise EdgepixError(f"cannot encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data.tobytes())
+
+
+def plot_gan_curves(path: Path, history: list[dict[str, Any]], kind: GanKind) -> bool:
+    """Discriminator and generator losses per epoch (and validation L1 / PSNR for pix2pix)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipping %s (pip install 'edgepix[plot]')", path.name)
+        return False
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["loss_d"] for r in history], "o-", label="D loss")
+    ax1.plot(epochs, [r["loss_g_gan"] for r in history], "s-", label="G adversarial loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend()
+    if kind is GanKind.PIX2PIX:
+        ax2.plot(epochs, [r["loss_l1"] for r in history], "o-", label="train L1 ([-1, 1] units)")
+        ax2.plot(epochs, [r.get("val_l1", float("nan")) for r in history], "s-", label="val L1 ([-1, 1] units)")
+        ax2.set_ylabel("L1")
+        ax3 = ax2.twinx()
+        ax3.plot(epochs, [r.get("val_psnr", float("nan")) for r in history], "^-", color="tab:green",
+                 label="val PSNR (dB)")
+        ax3.set_ylabel("PSNR (dB)")
+        ax3.legend(loc="upper right")
+        ax2.legend(loc="upper left")
+    else:
+        ax2.plot(epochs, [r["d_real"] for r in history], "o-", label="D(real)")
+        ax2.plot(epochs, [r["d_fake"] for r in history], "s-", label="D(G(z))")
+        ax2.set_ylabel("discriminator output (probability for vanilla, score otherwise)")
+        ax2.legend()
+    ax2.set_xlabel("epoch")
+    ax2.grid(True, alpha=0.3)
+    fig.suptitle(path.parent.name)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GanTrainResult:
+    out: Path
+    epochs: int
+    final_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    images_per_s: float
+    wall_s: float
+    stopped_early: bool
+
+
+def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = False,
+              on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> GanTrainResult | None:
+    """Train (or resume) a GAN; returns the result on rank 0 and None on the other ranks."""
+    info = dist_info_from_env()
+    out = Path(cfg.out)
+    last_path = out / "last.pt"
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        if not last_path.exists():
+            raise ModelFormatError(f"nothing to resume: {last_path} does not exist; start the run without --resume")
+        ckpt = load_checkpoint(last_path)
+        if "train_config" not in ckpt or ckpt["train_config"].get("kind") != cfg.kind.value:
+            raise ModelFormatError(f"{last_path} is not a {cfg.kind.value} training run; resume it with its own "
+                                   "command")
+        saved = GanTrainConfig.from_dict(ckpt["train_config"])
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE})
+        if ckpt["epoch"] >= cfg.epochs:
+            if info.is_main:
+                log.info("%s already finished %d of %d epochs; nothing to resume (raise --epochs to train on)",
+                         last_path, ckpt["epoch"], cfg.epochs)
+            return None
+    elif last_path.exists() and not exist_ok:
+        raise EdgepixError(f"{out} already holds a run (last.pt); continue it with --resume, or choose another "
+                           "--out (or pass --exist-ok to overwrite it)")
+    for name, task in ((cfg.model, cfg.kind is GanKind.DCGAN and "generation-noise" or "generation-image"),
+                       (cfg.discriminator, "discriminator")):
+        entry = get_entry(name)
+        if entry.task != task:
+            raise EdgepixError(f"{name} is a {entry.task} model; {cfg.kind.value} needs a {task} model here")
+
+    device = resolve_device(cfg.device, info)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
+    init_distributed(info, device)
+    try:
+        out_dir = Path(cfg.out)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        file_log = _FileLog(out_dir / "train.log", quiet=cfg.quiet) if info.is_main else None
+        if file_log:
+            file_log.__enter__()
+        try:
+            return _Run(cfg, info, device, ckpt).train(on_epoch_end)
+        finally:
+            if file_log:
+                file_log.__exit__()
+    finally:
+        shutdown_distributed()
+
+
+class _Run:
+    def __init__(self, cfg: GanTrainConfig, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None):
+        self.cfg, self.info, self.device, self.ckpt = cfg, info, device, ckpt
+        self.main = info.is_main
+        self.out = Path(cfg.out)
+        self.wall0 = time.perf_counter()
+        if cfg.batch % info.world_size:
+            raise EdgepixError(f"--batch {cfg.batch} must be divisible by the number of processes ({info.world_size})")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.seed)
+        self._data()
+        self._models()
+
+    # ---- setup
+
+    def _data(self) -> None:
+        cfg, info = self.cfg, self.info
+        size = (cfg.imgsz, cfg.imgsz)
+        t0 = time.perf_counter()
+        workers = max(1, cpu_cores() // info.local_world_size)
+        self.classes = None
+        if cfg.kind is GanKind.DCGAN:
+            train_src = open_image_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
+                                          synthetic_val_n=cfg.synthetic_val_n, size=size)
+            pregenerate(train_src, workers=workers)
+            self.val_src = None
+        else:
+            train_src = open_pair_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
+                                         synthetic_val_n=cfg.synthetic_val_n, size=size, direction=cfg.direction)
+            self.val_src = open_pair_source(cfg.data, "val", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
+                                            synthetic_val_n=min(cfg.synthetic_val_n, cfg.val_n), size=size,
+                                            direction=cfg.direction)
+            pregenerate(train_src, workers=workers)
+            pregenerate(self.val_src, workers=workers)
+            self.classes = train_src.classes if train_src.a_is_label else None
+        self.train_src = train_src
+        if len(train_src) < cfg.batch:
+            raise DataError(f"{cfg.data}: {len(train_src)} training samples is fewer than one batch ({cfg.batch}); "
+                            "lower --batch or add data")
+        if self.main:
+            log.info("data: %s, %d training samples%s (%.1f s)", train_src.description, len(train_src),
+                     f", {len(self.val_src)} validation pairs" if self.val_src is not None else "",
+                     time.perf_counter() - t0)
+
+    def _models(self) -> None:
+        cfg, info, device, ckpt = self.cfg, self.info, self.device, self.ckpt
+        self.g_kwargs = generator_kwargs(cfg)
+        self.d_kwargs = discriminator_kwargs(cfg)
+        self.spec = make_gan_spec(cfg, self.g_kwargs, self.classes)
+        self.G = create_model(cfg.model, **self.g_kwargs)
+        self.D = create_model(cfg.discriminator, **self.d_kwargs)
+        if ckpt is not None:
+            self.G.load_state_dict(ckpt["model"])
+            self.D.load_state_dict(ckpt["discriminator"]["model"])
+        self.G.to(device)
+        self.D.to(device)
+        self.ema = ModelEMA(self.G, cfg.ema_decay) if cfg.ema else None
+        if self.ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt.get("ema_updates", 0))
+        if info.enabled and device.type == "cuda":
+            self.G = nn.SyncBatchNorm.convert_sync_batchnorm(self.G)
+            self.D = nn.SyncBatchNorm.convert_sync_batchnorm(self.D)
+        ids = [device.index] if device.type == "cuda" else None
+        self.g_net = nn.parallel.DistributedDataParallel(self.G, device_ids=ids) if info.enabled else self.G
+        self.d_net = nn.parallel.DistributedDataParallel(self.D, device_ids=ids) if info.enabled else self.D
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d or cfg.lr, betas=betas)
+        self.gan = GANLoss(cfg.gan_mode)
+        self.d_scale = 0.5 if cfg.kind is GanKind.PIX2PIX else 1.0
+        self.start_epoch, self.history, self.best_val_l1 = 0, [], float("inf")
+        torch.manual_seed(cfg.seed + 1000 * info.rank)  # noise and dropout differ per rank
+        if ckpt is not None:
+            self.opt_g.load_state_dict(ckpt["optimizer"]["generator"])
+            self.opt_d.load_state_dict(ckpt["optimizer"]["discriminator"])
+            self.start_epoch = int(ckpt["epoch"])
+            self.history = list(ckpt.get("history", []))
+            self.best_val_l1 = float(ckpt.get("best_val_l1", float("inf")))
+            rng = ckpt.get("rng", {})
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"][info.rank] if info.rank < len(rng["torch"]) else rng["torch"][0])
+            if device.type == "cuda" and rng.get("cuda"):
+                torch.cuda.set_rng_state(rng["cuda"][min(info.rank, len(rng["cuda"]) - 1)], device)
+
+    def _loader(self):
+        cfg, info, device = self.cfg, self.info, self.device
+        if cfg.kind is GanKind.DCGAN:
+            dataset = UnconditionalDataset(self.train_src, self.spec, flip=cfg.flip, seed=cfg.seed)
+        else:
+            dataset = PairedDataset(self.train_src, self.spec, train=True, load_size=cfg.load_size, flip=cfg.flip,
+                                    seed=cfg.seed)
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+        workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
+        loader = DataLoader(dataset, batch_size=cfg.batch // info.world_size, sampler=sampler, drop_last=True,
+                            num_workers=workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0)
+        return dataset, sampler, loader
+
+    # ---- checks
+
+    def _check(self, name: str, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+        if self.info.enabled:
+            bad = all_reduce_sum([bad], self.device)[0]
+        if bad:
+            raise TrainingDiverged(self._diverged_message(f"{name} became {float(loss.detach())}", epoch, step))
+
+    def _diverged_message(self, what: str, epoch: int, step: int | None) -> str:
+        where = f"epoch {epoch + 1}" + (f", iteration {step + 1}" if step is not None else "")
+        last = self.out / "last.pt"
+        kept = (f"the last good checkpoint {last} (epoch {self.history[-1]['epoch']}) is kept"
+                if self.history and last.exists() else "no checkpoint was written (no epoch had finished)")
+        return (f"{what} at {where}; training stopped before updating the weights with it, and {kept}. Lower --lr "
+                f"(now {self.cfg.lr:g}), try --gan-mode lsgan or hinge, or check the data")
+
+    # ---- one iteration
+
+    def _step(self, batch, epoch: int, step: int) -> dict[str, float]:
+        cfg, device = self.cfg, self.device
+        gan, D = self.gan, self.d_net
+        conditional = cfg.kind is GanKind.PIX2PIX
+        if conditional:
+            real_a, real_b = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            fake_b = self.g_net(real_a)
+            real_in, fake_in = torch.cat([real_a, real_b], 1), torch.cat([real_a, fake_b], 1)
+        else:
+            real_b = batch.to(device, non_blocking=True)
+            z = torch.randn(real_b.shape[0], self.spec.latent_size, device=device)
+            fake_b = self.g_net(z)
+            real_in, fake_in = real_b, fake_b
+
+        # discriminator: fake then real, each back-propagated on its own
+        set_requires_grad(self.D, True)
+        self.opt_d.zero_grad(set_to_none=True)
+        pred_fake = D(fake_in.detach())
+        loss_d_fake = gan.d_fake(pred_fake) * self.d_scale
+        self._check("the discriminator's loss on fake images", loss_d_fake, epoch, step)
+        loss_d_fake.backward()
+        pred_real = D(real_in)
+        loss_d_real = gan.d_real(pred_real) * self.d_scale
+        self._check("the discriminator's loss on real images", loss_d_real, epoch, step)
+        loss_d_real.backward()
+        self.opt_d.step()
+
+        # generator, through the discriminator's inner module with its parameters frozen
+        set_requires_grad(self.D, False)
+        self.opt_g.zero_grad(set_to_none=True)
+        pred = self.D(fake_in)
+        if conditional:
+            loss_g, loss_g_gan, loss_l1 = pix2pix_generator_loss(gan, pred, fake_b, real_b, lambda_l1=cfg.lambda_l1)
+        else:
+            loss_g = loss_g_gan = gan.g_loss(pred)
+            loss_l1 = torch.zeros(())
+        self._check("the generator's loss", loss_g, epoch, step)
+        loss_g.backward()
+        self.opt_g.step()
+        set_requires_grad(self.D, True)
+        if self.ema is not None:
+            self.ema.update(self.G)
+
+        link = torch.sigmoid if cfg.gan_mode is GANMode.VANILLA else (lambda t: t)
+        return {"loss_d": float(loss_d_fake.detach() + loss_d_real.detach()), "loss_g": float(loss_g.detach()),
+                "loss_g_gan": float(loss_g_gan.detach()), "loss_l1": float(loss_l1.detach()),
+                "d_real": float(link(pred_real.detach().float()).mean()),
+                "d_fake": float(link(pred_fake.detach().float()).mean())}
+
+    # ---- the loop
+
+    def train(self, on_epoch_end) -> GanTrainResult | None:
+        cfg, info, main = self.cfg, self.info, self.main
+        dataset, sampler, loader = self._loader()
+        iters = len(loader)
+        if main:
+            n_g = sum(p.numel() for p in self.G.parameters())
+            n_d = sum(p.numel() for p in self.D.parameters())
+            log.info("%s %s %s(%s) %.2fM + %s %.2fM parameters, %s loss%s, %dx%d; %d processes, device %s, "
+                     "%d threads; batch %d, %d iterations per epoch, epochs %d-%d of %d",
+                     "resuming" if self.ckpt else "training", cfg.kind.value, cfg.model,
+                     ", ".join(f"{k}={v}" for k, v in self.g_kwargs.items()), n_g / 1e6, cfg.discriminator, n_d / 1e6,
+                     cfg.gan_mode.value, f" + {cfg.lambda_l1:g} L1" if cfg.kind is GanKind.PIX2PIX else "",
+                     cfg.imgsz, cfg.imgsz, info.world_size, self.device, torch.get_num_threads(), cfg.batch, iters,
+                     self.start_epoch + 1, cfg.epochs, cfg.epochs)
+        train_t0 = time.perf_counter()
+        train_time_total, images_total, stopped = 0.0, 0, False
+        for epoch in range(self.start_epoch, cfg.epochs):
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            self.g_net.train()
+            self.d_net.train()
+            sums: dict[str, float] = {}
+            n_steps, n_images = 0, 0
+            t0 = time.perf_counter()
+            with progress_bar(iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                              quiet=cfg.quiet or not main) as bar:
+                for step, batch in enumerate(loader):
+                    values = self._step(batch, epoch, step)
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_steps += 1
+                    n_images += cfg.batch
+                    bar.update(1)
+                    if step % 5 == 0 or step == iters - 1:
+                        rate = n_images / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix_str(f"D {sums['loss_d'] / n_steps:.3f} G {sums['loss_g'] / n_steps:.3f} "
+                                            f"{rate:.1f} img/s")
+                    if cfg.time_limit is not None:
+                        over = (time.perf_counter() - train_t0) / 60.0 >= cfg.time_limit
+                        if broadcast_flag(over, self.device):
+                            stopped = True
+                            break
+            train_time = time.perf_counter() - t0
+            train_time_total += train_time
+            images_total += n_images
+            keys = sorted(sums)
+            reduced = all_reduce_sum([sums[k] for k in keys] + [float(n_steps)], self.device)
+            means = {k: reduced[i] / max(reduced[-1], 1) for i, k in enumerate(keys)}
+            if not weights_finite(self.G, self.D):
+                raise TrainingDiverged(self._diverged_message("a weight became NaN or Inf", epoch, None))
+            row: dict[str, Any] = {"epoch": epoch + 1, **means, "iterations": n_steps,
+                                   "train_images_per_s": n_images / max(train_time, 1e-9), "train_time_s": train_time}
+            if stopped:
+                row["stopped_early"] = 1
+            improved = False
+            if main:
+                row.update(self._end_of_epoch(epoch))
+                if "val_l1" in row and row["val_l1"] < self.best_val_l1:
+                    self.best_val_l1, improved = row["val_l1"], True
+            row["elapsed_s"] = time.perf_counter() - self.wall0
+            self.history.append(row)
+            rng_states = _gather_rng_states(info, self.device)
+            if main:
+                state = self._checkpoint(epoch + 1, row, rng_states)
+                save_checkpoint(self.out / "last.pt", state)
+                if improved:
+                    save_checkpoint(self.out / "best.pt", state)
+                write_metrics_csv(self.out / "metrics.csv", self.history)
+                plot_gan_curves(self.out / "curves.png", self.history, cfg.kind)
+                message = (f"epoch {epoch + 1}/{cfg.epochs}  D {row['loss_d']:.4f}  G {row['loss_g']:.4f} "
+                           f"(adv {row['loss_g_gan']:.4f})  D(real) {row['d_real']:.3f}  D(fake) {row['d_fake']:.3f}  "
+                           f"{row['train_images_per_s']:.1f} img/s ({train_time:.0f} s)")
+                if "val_l1" in row:
+                    message += (f"  val L1 {row['val_l1']:.4f}  PSNR {row['val_psnr']:.2f} dB"
+                                + ("  *best*" if improved else ""))
+                if stopped:
+                    message += f"  [time limit {cfg.time_limit:g} min reached]"
+                log.info(message)
+            barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+            if stopped:
+                break
+        if not main:
+            return None
+        wall = time.perf_counter() - self.wall0
+        throughput = images_total / max(train_time_total, 1e-9)
+        last = self.history[-1] if self.history else {}
+        log.info("done: %d epochs in %.1f s (%.1f min)%s; training %.1f images/s; checkpoint %s",
+                 int(last.get("epoch", 0)), wall, wall / 60, " (stopped by --time-limit)" if stopped else "",
+                 throughput, self.out / "last.pt")
+        return GanTrainResult(self.out, int(last.get("epoch", 0)), last, self.history, throughput, wall, stopped)
+
+    # ---- per epoch: samples, validation, checkpoint
+
+    def _sample_model(self) -> nn.Module:
+        return (self.ema.module if self.ema is not None else self.G).eval()
+
+    @torch.no_grad()
+    def _end_of_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        model = self._sample_model()
+        row: dict[str, Any] = {}
+        try:
+            if cfg.kind is GanKind.DCGAN:
+                g = torch.Generator().manual_seed(cfg.seed)
+                z = torch.randn(cfg.sample_n, self.spec.latent_size, generator=g).to(device)
+                images = to_uint8_bgr(model(z))
+                grid = tile_grid(list(images), cols=max(1, int(math.ceil(math.sqrt(len(images))))))
+            else:
+                ds = PairedDataset(self.val_src, self.spec, train=False)
+                n = min(cfg.val_n, len(ds))
+                l1_sum, psnr_sum, rows = 0.0, 0.0, []
+                for start in range(0, n, 16):
+                    items = [ds[i] for i in range(start, min(n, start + 16))]
+                    a = torch.stack([t[0] for t in items]).to(device)
+                    b = torch.stack([t[1] for t in items]).to(device)
+                    fake = model(a)
+                    l1_sum += float((fake - b).abs().mean(dim=(1, 2, 3)).sum())
+                    fake_u8, b_u8 = to_uint8_bgr(fake), to_uint8_bgr(b)
+                    psnr_sum += sum(psnr(f, r) for f, r in zip(fake_u8, b_u8))
+                    if len(rows) < cfg.sample_n:
+                        for ai, fi, bi in zip(to_uint8_bgr(a), fake_u8, b_u8):
+                            if len(rows) < cfg.sample_n:
+                                rows += [ai, fi, bi]
+                row.update({"val_l1": l1_sum / n, "val_psnr": psnr_sum / n})
+                grid = tile_grid(rows, cols=3)
+            write_png(self.out / "samples" / f"epoch_{epoch + 1:03d}.png", grid)
+        finally:
+            self.G.train()
+        return row
+
+    def _checkpoint(self, epoch: int, row: dict[str, Any], rng_states) -> dict[str, Any]:
+        cfg = self.cfg
+        state: dict[str, Any] = {
+            "arch": cfg.model,
+            "arch_kwargs": self.g_kwargs,
+            "spec": self.spec,
+            "model": _cpu_state(self.G.state_dict()),
+            "discriminator": {"arch": cfg.discriminator, "arch_kwargs": self.d_kwargs,
+                              "model": _cpu_state(self.D.state_dict())},
+            "optimizer": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+            "best_val_l1": self.best_val_l1,
+            "history": self.history,
+            "train_config": cfg.to_dict(),
+            "rng": rng_states,
+            "world_size": self.info.world_size,
+            "edgepix_version": __version__,
+            "torch_version": torch.__version__,
+        }
+        if self.ema is not None:
+            state["ema"] = _cpu_state(self.ema.module.state_dict())
+            state["ema_updates"] = self.ema.updates
+        return state
