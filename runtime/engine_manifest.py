@@ -123,8 +123,9 @@ class DeviceFacts:
 
     def describe(self) -> str:
         trt = f"TensorRT {self.tensorrt}" if self.tensorrt else "no TensorRT"
-        gpu = f"{self.gpu} (sm {self.compute_capability})" if self.gpu else "no NVIDIA GPU"
-        return f"{trt} on {gpu}"
+        if self.gpu:
+            return f"{trt} on {self.gpu} (sm {self.compute_capability})"
+        return f"{trt}, no NVIDIA GPU"
 
 
 def tensorrt_version() -> str | None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend, TensorMeta
-from .backends.registry import load_backend
+from .backends.base import Backend, TensorMeta, normalise_dim
+from .backends.registry import ONNX_SUFFIXES, load_backend
 from .errors import InputError, ModelFormatError, SpecError
 from .foreign import infer_spec
+from .onnxproto import ValueInfo, read_onnx_header
 from .spec import ModelSpec, Task
 
 #: Spec fields a caller may override when loading (`classes` is the spec's `class_names`).
@@ -29,32 +31,49 @@ _TASK_CLASS = {Task.SEGMENTATION: "Segmenter", Task.GENERATION_NOISE: "NoiseGene
 
 
 def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, overrides: dict[str, Any],
-               backend_options: dict[str, Any]) -> tuple[Backend, ModelSpec]:
-    """Load `model` (a path, or an already-loaded Backend) and return it with its spec for `task`."""
+               backend_options: dict[str, Any],
+               fuse_argmax: Callable[[ModelSpec], str | None] | None = None) -> tuple[Backend, ModelSpec]:
+    """Load `model` (a path, or an already-loaded Backend) and return it with its spec for `task`.
+
+    For an ONNX file the spec is read from the file's header first (runtime.onnxproto, a few milliseconds), so
+    a wrong task or a bad override fails before any session is built, and `fuse_argmax(spec)` can name a logits
+    output for the backend to end in an in-graph argmax.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(model, Backend):
         if backend_options:
             raise InputError(f"backend options {sorted(backend_options)} cannot apply to an already-loaded backend")
-        b = model
-    else:
-        b = load_backend(model, backend, **backend_options)
+        return model, _spec_for(model.path, model.spec, model.inputs, model.outputs, task, overrides)
+    path = Path(model)
+    if path.suffix.lower() in ONNX_SUFFIXES:
+        header = read_onnx_header(path)
+        spec = _spec_for(path, ModelSpec.from_onnx_metadata(header.metadata, source=str(path)),
+                         [_meta(v) for v in header.inputs], [_meta(v) for v in header.outputs], task, overrides)
+        fuse = fuse_argmax(spec) if fuse_argmax is not None else None
+        return load_backend(path, backend, fuse_argmax=fuse, **backend_options), spec
+    b = load_backend(path, backend, **backend_options)
     try:
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        spec = b.spec
-        if spec is None:
-            args = dict(overrides)
-            spec = infer_spec(b.path, b.inputs, b.outputs, task=task, classes=args.pop("classes", None),
-                              mean=args.pop("mean", None), std=args.pop("std", None),
-                              input_size=args.pop("input_size", None), **args)
-        else:
-            if spec.task is not task:
-                raise ModelFormatError(f"{b.path.name} is a {spec.task.value} model; load it with "
-                                       f"{_TASK_CLASS[spec.task]}, not {_TASK_CLASS[task]}")
-            spec = apply_overrides(spec, overrides)
-        return b, spec
+        return b, _spec_for(path, b.spec, b.inputs, b.outputs, task, overrides)
     except BaseException:
-        if not isinstance(model, Backend):
-            b.close()
+        b.close()
         raise
+
+
+def _meta(v: ValueInfo) -> TensorMeta:
+    return TensorMeta(v.name, np.dtype(v.dtype or "float32"), tuple(normalise_dim(d) for d in v.shape))
+
+
+def _spec_for(path: Path, spec: ModelSpec | None, inputs: Sequence[TensorMeta], outputs: Sequence[TensorMeta],
+              task: Task, overrides: dict[str, Any]) -> ModelSpec:
+    if spec is None:
+        args = dict(overrides)
+        return infer_spec(path, inputs, outputs, task=task, classes=args.pop("classes", None),
+                          mean=args.pop("mean", None), std=args.pop("std", None),
+                          input_size=args.pop("input_size", None), **args)
+    if spec.task is not task:
+        raise ModelFormatError(f"{path.name} is a {spec.task.value} model; load it with "
+                               f"{_TASK_CLASS[spec.task]}, not {_TASK_CLASS[task]}")
+    return apply_overrides(spec, overrides)
 
 
 def apply_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> ModelSpec:

@@ -62,10 +62,12 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise _ParseError("varint longer than 10 bytes")
 
 
-def _fields(buf: memoryview):
-    """Yield (field number, wire type, value) where value is an int (varint/fixed) or a memoryview (bytes)."""
+def _fields_with_spans(buf: memoryview):
+    """Yield (field number, wire type, value, start, end): value is an int (varint/fixed) or a memoryview
+    (length-delimited), and buf[start:end] is the field's complete encoding (tag included)."""
     pos, end = 0, len(buf)
     while pos < end:
+        start = pos
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
@@ -90,6 +92,12 @@ def _fields(buf: memoryview):
             pos += 4
         else:
             raise _ParseError(f"unsupported wire type {wire}")
+        yield number, wire, value, start, pos
+
+
+def _fields(buf: memoryview):
+    """Yield (field number, wire type, value) for each field of a message."""
+    for number, wire, value, _, _ in _fields_with_spans(buf):
         yield number, wire, value
 
 

@@ -11,7 +11,8 @@ Stages, each timed in milliseconds (`result.timings`):
   float32 multiply-add per channel, written straight into a preallocated NCHW (or NHWC) tensor.
 - infer: the backend call.
 - postprocess: argmax at the model's output resolution (or the graph's own uint8 class map when the spec says
-  `output_kind = class_map`), letterbox border cropped away, nearest-neighbour resize to the frame, and
+  `output_kind = class_map`, or when the ONNX Runtime backend fused the argmax into the graph at load time,
+  the default for logits models), letterbox border cropped away, nearest-neighbour resize to the frame, and
   optionally the softmax confidence of the winning class (bilinear to the frame).
 - render: palette lookup + blend (`render()`), timed when called.
 
@@ -100,7 +101,13 @@ class Segmenter:
         self.backend, self.spec = backend, spec
         self.confidence = confidence
         self._in = input_meta(backend, spec)
-        self._out = output_meta(backend, spec)
+        # The backend may have ended the graph in ArgMax (see Segmenter.load): then it returns class maps.
+        self.fused_argmax = backend.fused_argmax is not None
+        self._out = backend.output(backend.fused_argmax) if self.fused_argmax else output_meta(backend, spec)
+        self.graph_class_map = self.fused_argmax or spec.output_kind is OutputKind.CLASS_MAP
+        if self.fused_argmax and confidence:
+            raise InputError("confidence needs the logits, but the backend was loaded with the argmax fused into "
+                             "the graph; load the Segmenter with confidence=True")
         self.input_size = self._check_input_size()
         self._check_output()
         self.static_batch = static_batch(self._in)
@@ -116,7 +123,7 @@ class Segmenter:
 
     @classmethod
     def load(cls, model: str | os.PathLike | Backend, backend: str = "auto", *, confidence: bool = False,
-             max_batch: int | None = None, render: RenderOptions = RenderOptions(),
+             max_batch: int | None = None, render: RenderOptions = RenderOptions(), fuse_argmax: bool = True,
              classes: Sequence[str] | None = None, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, **options: Any) -> Segmenter:
         """Load a segmentation model.
@@ -125,11 +132,21 @@ class Segmenter:
         `model.SPEC_OVERRIDES`, e.g. `input_size` for dynamic-size models) override the model's spec, or stand
         in for the spec a foreign ONNX file lacks. Any other keyword is an option of the backend (`threads`,
         `fp16`, `engine_cache_dir`, `target`, ...); an unknown one is an error naming the valid ones.
+
+        `fuse_argmax`: for a model that outputs logits, backends that can (the ONNX Runtime ones) append
+        ArgMax + Cast(uint8) to the graph at load time (runtime.onnxedit), so the argmax runs inside the session
+        and a 1-byte-per-pixel class map comes out instead of C floats per pixel. Not done with
+        `confidence=True`, which needs the logits.
         """
         overrides, backend_options = split_overrides(dict(options))
         overrides.update(classes=classes, mean=mean, std=std)
+
+        def fusable(spec: ModelSpec) -> str | None:
+            ok = fuse_argmax and not confidence and spec.output_kind is OutputKind.LOGITS and spec.num_classes <= 255
+            return spec.output_name if ok else None
+
         b, spec = open_model(model, backend, task=Task.SEGMENTATION, overrides=overrides,
-                             backend_options=backend_options)
+                             backend_options=backend_options, fuse_argmax=fusable)
         try:
             return cls(b, spec, confidence=confidence, max_batch=max_batch, render=render)
         except BaseException:
@@ -153,7 +170,7 @@ class Segmenter:
 
     def _check_output(self) -> None:
         out, spec, name = self._out, self.spec, self.backend.path.name
-        if spec.output_kind is OutputKind.LOGITS:
+        if not self.graph_class_map:
             if len(out.shape) != 4:
                 raise ModelFormatError(f"{name}: expected logits (N, C, H, W), found {out.describe()}")
             if out.dim(1) is not None and out.dim(1) != spec.num_classes:
@@ -194,7 +211,7 @@ class Segmenter:
         want_conf = self.confidence if confidence is None else confidence
         results = []
         for i, g in enumerate(prepared.geometries):
-            if self.spec.output_kind is OutputKind.LOGITS:
+            if not self.graph_class_map:
                 scores = raw[i]
                 model_map = argmax_classes(scores)
                 conf = map_to_frame(softmax_confidence(scores), g, nearest=False) if want_conf else None
@@ -203,8 +220,11 @@ class Segmenter:
                 if model_map.dtype != np.uint8 and self.spec.num_classes <= 256:
                     model_map = model_map.astype(np.uint8)
                 if want_conf:
-                    raise InputError("confidence needs logits, but this model's graph ends in ArgMax (output_kind "
-                                     "class_map); export it without argmax to get confidences")
+                    raise InputError(
+                        "confidence needs logits, but " + (
+                            "the argmax was fused into the graph at load time; load with confidence=True"
+                            if self.fused_argmax else "this model's graph ends in ArgMax (output_kind class_map); "
+                            "export it without --argmax to get confidences"))
                 conf = None
             results.append(SegmentationResult(map_to_frame(model_map, g), model_map, g, conf))
         return results

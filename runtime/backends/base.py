@@ -94,6 +94,8 @@ class Backend(abc.ABC):
     name: ClassVar[str] = ""
     #: the options dataclass `load(**options)` builds
     options_type: ClassVar[type | None] = None
+    #: whether `load(fuse_argmax=...)` can end the graph in ArgMax + Cast(uint8) (see runtime.onnxedit)
+    supports_fused_argmax: ClassVar[bool] = False
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -101,18 +103,28 @@ class Backend(abc.ABC):
         self.outputs: tuple[TensorMeta, ...] = ()
         self.metadata: dict[str, str] = {}  # the ONNX file's custom metadata (or an engine manifest's)
         self.last_infer_ms: float = 0.0
+        # The name of the uint8 class-map output that replaced a logits output, when the argmax was fused.
+        self.fused_argmax: str | None = None
         self._closed = False
 
     # ---- construction --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **options: Any) -> Backend:
-        """Load `path` with keyword options that become this backend's typed options dataclass."""
+    def load(cls, path: str | os.PathLike, *, fuse_argmax: str | None = None, **options: Any) -> Backend:
+        """Load `path` with keyword options that become this backend's typed options dataclass.
+
+        `fuse_argmax`: the name of a logits output (N, C, H, W) to replace by its uint8 class map (N, H, W)
+        inside the backend's graph, where the backend supports it (`supports_fused_argmax`); others ignore it.
+        Check `fused_argmax` on the result: the name of the class-map output, or None if nothing was fused.
+        """
+        kwargs: dict[str, Any] = {}
+        if fuse_argmax is not None and cls.supports_fused_argmax:
+            kwargs["fuse_argmax"] = fuse_argmax
         if cls.options_type is None:
             if options:
                 raise BackendOptionError(f"backend {cls.name!r} takes no options, got {', '.join(sorted(options))}")
-            return cls(path)  # type: ignore[call-arg]
-        return cls(path, options=options_from_kwargs(cls.options_type, cls.name, options))  # type: ignore[call-arg]
+            return cls(path, **kwargs)  # type: ignore[call-arg]
+        return cls(path, options=options_from_kwargs(cls.options_type, cls.name, options), **kwargs)  # type: ignore[call-arg]
 
     # ---- description -----------------------------------------------------------------------------------
 
@@ -137,6 +149,12 @@ class Backend(abc.ABC):
             if t.name == name:
                 return t
         raise InputError(unknown_name("input", name, [t.name for t in self.inputs]))
+
+    def output(self, name: str) -> TensorMeta:
+        for t in self.outputs:
+            if t.name == name:
+                return t
+        raise BackendError(unknown_name("output", name, [t.name for t in self.outputs]))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

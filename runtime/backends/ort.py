@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError, ModelFormatError, require
+from ..onnxedit import append_argmax
 from ..onnxinfo import check_model_path
 from .base import Backend, TensorMeta, dtype_from_ort, normalise_dim
 
@@ -52,7 +53,10 @@ class OrtOptions:
     threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (one per physical core)
     inter_op_threads: int | None = None  # only used by parallel execution mode; None: default
     graph_optimization: GraphOptimization = GraphOptimization.ALL
-    spin_wait: bool = True  # worker threads spin between ops: lower latency, more CPU when idle
+    spin_wait: bool = True  # worker threads spin between ops within a run: lower latency
+    # Stop the spinning as soon as a run returns, so pre/post-processing, decoding and encoding get the cores
+    # (ONNX Runtime's own default keeps spinning after the run, which on a 2-core device slows them ~2x).
+    stop_spin_after_run: bool = True
     log_severity: int = 3  # ONNX Runtime's own log: 0 verbose .. 4 fatal; 3 shows errors only
     optimized_model_path: Path | None = None  # write the optimized graph here (inspect it with Netron)
 
@@ -125,6 +129,7 @@ def session_options(options: OrtOptions):
         GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[options.graph_optimization]
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1" if options.stop_spin_after_run else "0")
     so.log_severity_level = options.log_severity
     if options.optimized_model_path is not None:
         so.optimized_model_filepath = str(options.optimized_model_path)
@@ -138,7 +143,10 @@ class OrtBackend(Backend):
     #: the execution provider that must be active for this backend to be what it claims to be
     primary_provider = CPU_EP
 
-    def __init__(self, path: str | os.PathLike, *, options: OrtOptions | None = None) -> None:
+    supports_fused_argmax = True
+
+    def __init__(self, path: str | os.PathLike, *, options: OrtOptions | None = None,
+                 fuse_argmax: str | None = None) -> None:
         super().__init__(path)
         self.options = options if options is not None else self.options_type()
         if not isinstance(self.options, self.options_type):
@@ -155,15 +163,21 @@ class OrtBackend(Backend):
                 f"{ort.__version__} offers {', '.join(available)}; available backends: "
                 f"{', '.join(available_backends())}")
         providers = self.provider_list()
+        source: str | bytes = str(path)
+        if fuse_argmax is not None:
+            try:
+                source, self.fused_argmax = append_argmax(path.read_bytes(), fuse_argmax)
+            except (ModelFormatError, OSError) as e:
+                log.debug("%s: running without a fused argmax (%s)", path.name, e)
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=session_options(self.options),
-                providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers])
-        except Exception as e:  # ONNX Runtime raises its own pybind types; keep its first line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if any(k in reason for k in ("ExecutionProvider", "CUDA", "cuda", "TensorRT", "cudnn", "CUDNN")):
-                raise BackendError(f"backend {self.name!r} could not create a session for {path}: {reason}") from e
-            raise ModelFormatError(f"{path} is not an ONNX model ONNX Runtime can load: {reason}") from e
+            self.session = self._session(ort, source, providers)
+        except ModelFormatError:
+            if self.fused_argmax is None:
+                raise
+            # e.g. weights in external data files, which a model loaded from bytes cannot find
+            log.debug("%s: the fused-argmax graph did not load; loading the file as it is", path.name)
+            self.fused_argmax = None
+            self.session = self._session(ort, str(path), providers)
         self.active_providers: list[str] = list(self.session.get_providers())
         if self.primary_provider not in self.active_providers:
             self.session = None
@@ -177,6 +191,18 @@ class OrtBackend(Backend):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._output_names = [t.name for t in self.outputs]
 
+    def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]]):
+        try:
+            return ort.InferenceSession(
+                source, sess_options=session_options(self.options),
+                providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers])
+        except Exception as e:  # ONNX Runtime raises its own pybind types; keep its first line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if any(k in reason for k in ("ExecutionProvider", "CUDA", "cuda", "TensorRT", "cudnn", "CUDNN")):
+                raise BackendError(f"backend {self.name!r} could not create a session for {self.path}: "
+                                   f"{reason}") from e
+            raise ModelFormatError(f"{self.path} is not an ONNX model ONNX Runtime can load: {reason}") from e
+
     def provider_list(self) -> list[tuple[str, dict[str, str]]]:
         """(provider name, provider options) in priority order, as ONNX Runtime takes them."""
         return [(CPU_EP, {})]
@@ -184,8 +210,9 @@ class OrtBackend(Backend):
     @property
     def description(self) -> str:
         threads = self.options.threads or "default"
+        fused = ", argmax fused into the graph" if self.fused_argmax else ""
         return (f"{self.name} ({' > '.join(self.active_providers)}, {threads} threads, "
-                f"graph optimization {self.options.graph_optimization.value})")
+                f"graph optimization {self.options.graph_optimization.value}{fused})")
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self._output_names, dict(feed))
@@ -222,11 +249,12 @@ class IoBindingRunner:
             array = np.ascontiguousarray(array)
             buffer = self._buffers.get(name)
             if buffer is None or tuple(buffer.shape()) != array.shape or buffer.data_type() != _ort_type(array):
-                buffer = ort.OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
+                # A buffer of its own (on the CPU, ortvalue_from_numpy would alias the caller's array).
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, self.device_type,
+                                                                   self.device_id)
                 self._buffers[name] = buffer
                 self.binding.bind_ortvalue_input(name, buffer)
-            else:
-                buffer.update_inplace(array)
+            buffer.update_inplace(array)  # host -> device copy into the persistent buffer
         for name in self.output_names:
             self.binding.bind_output(name, self.device_type, self.device_id)
         self.binding.synchronize_inputs()
@@ -249,8 +277,9 @@ class OrtCudaBackend(OrtBackend):
     options_type = OrtCudaOptions
     primary_provider = CUDA_EP
 
-    def __init__(self, path: str | os.PathLike, *, options: OrtCudaOptions | None = None) -> None:
-        super().__init__(path, options=options)
+    def __init__(self, path: str | os.PathLike, *, options: OrtCudaOptions | None = None,
+                 fuse_argmax: str | None = None) -> None:
+        super().__init__(path, options=options, fuse_argmax=fuse_argmax)
         self._runner = (IoBindingRunner(self.session, device_type="cuda", device_id=self.options.device_id,
                                         output_names=self._output_names) if self.options.io_binding else None)
 

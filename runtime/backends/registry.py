@@ -185,8 +185,12 @@ def candidates(name: str, path: str | os.PathLike) -> list[str]:
     return chosen
 
 
-def load_backend(path: str | os.PathLike, backend: str = "auto", **options: Any) -> Backend:
+def load_backend(path: str | os.PathLike, backend: str = "auto", *, fuse_argmax: str | None = None,
+                 **options: Any) -> Backend:
     """Load `path` with the named backend (or `auto`), passing `options` to its options dataclass.
+
+    `fuse_argmax` names a logits output to turn into a uint8 class map inside the graph where the backend can
+    (see `Backend.load`).
 
     With `auto`, a GPU backend whose execution provider is listed but fails to start (missing CUDA or TensorRT
     libraries) is skipped with a warning and the next one is tried; the choice is logged at INFO level.
@@ -196,7 +200,7 @@ def load_backend(path: str | os.PathLike, backend: str = "auto", **options: Any)
     for i, name in enumerate(names):
         cls = backend_class(name)
         try:
-            loaded = cls.load(path, **options)
+            loaded = cls.load(path, fuse_argmax=fuse_argmax, **options)
         except BackendError as e:
             if backend != "auto" or i == len(names) - 1 or isinstance(e, BackendOptionError):
                 raise
