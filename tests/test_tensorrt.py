@@ -1,0 +1,548 @@
+"""TensorRT engines: manifest, compatibility, cache, profiles, precision plans, CLI and doctor without a GPU; the
+real build and run (marked `gpu`) where TensorRT and an NVIDIA GPU exist, skipped with the reason elsewhere."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_edgepix
+from edgepix.export.tensorrt import BatchRange, SizeRange, default_engine_path, derive_profiles
+from edgepix.runtime.cudart import CudaRuntime, pinned_array
+from edgepix.runtime.engine_manifest import (
+    DeviceFacts,
+    EngineManifest,
+    ProfileShapes,
+    TensorDesc,
+    cache_entry_name,
+    cache_key,
+    cached_engine,
+    check_compatibility,
+    manifest_path,
+    read_manifest,
+    scan_engines,
+    select_profile,
+    write_manifest,
+)
+from edgepix.runtime.errors import BackendError, EdgepixError, ExportError, ModelFormatError
+from edgepix.runtime.spec import Layout, ModelSpec, Precision
+from edgepix.runtime.synthetic import CLASS_NAMES
+from edgepix.runtime.trt_build import (
+    EngineBuildOptions,
+    Heartbeat,
+    Int8Mode,
+    format_parser_error,
+    plan_precision,
+)
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+SPEC = ModelSpec(task="segmentation", model_name="fastscnn", input_size=(64, 64), class_names=CLASS_NAMES)
+ORIN = DeviceFacts("10.3.0", "12.6", "Orin", "8.7")
+PROFILE = (ProfileShapes("images", (1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64)),)
+
+
+def manifest(**changes) -> EngineManifest:
+    fields = dict(spec=SPEC, tensorrt=ORIN.tensorrt, cuda=ORIN.cuda, gpu=ORIN.gpu,
+                  compute_capability=ORIN.compute_capability, onnx_sha256="ab" * 32, precision="fp16",
+                  profiles=(PROFILE,), built="2025-01-01T00:00:00+00:00", builder={"opt_level": 3},
+                  onnx="model.fp16.onnx", io=(TensorDesc("images", "input", "float32", (1, 3, 64, 64)),),
+                  cache_key="k" * 64)
+    fields.update(changes)
+    return EngineManifest(**fields)
+
+
+def fake_engine(folder: Path, name: str = "model.engine", **changes) -> Path:
+    engine = folder / name
+    engine.write_bytes(b"not a real plan")
+    write_manifest(engine, manifest(**changes))
+    return engine
+
+
+# ---- manifest ------------------------------------------------------------------------------------------
+
+
+def test_manifest_round_trips_and_is_written_atomically(tmp_path):
+    engine = fake_engine(tmp_path)
+    path = manifest_path(engine)
+    assert path.name == "model.engine.json"
+    assert read_manifest(engine) == manifest()
+    assert read_manifest(path) == manifest()  # the manifest itself works too
+    data = json.loads(path.read_text())
+    assert data["spec"]["model_name"] == "fastscnn" and data["compute_capability"] == "8.7"
+    assert data["profiles"] == [[{"input": "images", "min": [1, 3, 64, 64], "opt": [1, 3, 64, 64],
+                                  "max": [1, 3, 64, 64]}]]
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*partial"))
+    assert ModelSpec.load_json(path) == SPEC  # the spec loader unwraps {"spec": ...}
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.update(colour="red"), "unknown key 'colour'"),
+    (lambda d: d.pop("tensorrt"), "missing key 'tensorrt'"),
+    (lambda d: d.update(gpu=""), "gpu: expected a non-empty string"),
+    (lambda d: d.update(manifest_version=7), "manifest_version 7"),
+    (lambda d: d["profiles"][0][0].update(min=[2, 3, 64, 64]), "needs min <= opt <= max"),
+    (lambda d: d["spec"].update(task="detection"), "task: expected one of"),
+])
+def test_bad_manifests_name_the_key(tmp_path, mutate, expected):
+    engine = fake_engine(tmp_path)
+    data = json.loads(manifest_path(engine).read_text())
+    mutate(data)
+    manifest_path(engine).write_text(json.dumps(data))
+    with pytest.raises(ModelFormatError, match=expected):
+        read_manifest(engine)
+
+
+def test_missing_manifest_says_how_to_rebuild(tmp_path):
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"plan")
+    with pytest.raises(ModelFormatError, match=r"no manifest x\.engine\.json.*edgepix export"):
+        read_manifest(engine)
+
+
+# ---- compatibility -------------------------------------------------------------------------------------
+
+
+def test_same_device_and_version_loads():
+    assert check_compatibility(manifest(), ORIN).ok
+
+
+def test_tensorrt_version_mismatch_names_both_sides_in_one_line():
+    here = DeviceFacts("10.7.0", "12.6", "NVIDIA GeForce RTX 4090", "8.9")
+    verdict = check_compatibility(manifest(), here, engine_name="model.engine")
+    assert not verdict.ok
+    line = verdict.problem
+    assert "\n" not in line
+    assert "TensorRT 10.3.0 on Orin (sm 8.7)" in line and "TensorRT 10.7.0 on NVIDIA GeForce RTX 4090 (sm 8.9)" in line
+    assert "--rebuild" in line and "model.fp16.onnx" in line
+
+
+def test_compute_capability_mismatch_is_refused_unless_hardware_compatible():
+    here = DeviceFacts("10.3.0", "12.6", "NVIDIA A100", "8.0")
+    verdict = check_compatibility(manifest(), here)
+    assert not verdict.ok and "compute capability 8.7 cannot run on 8.0" in verdict.problem
+    assert check_compatibility(manifest(builder={"hardware_compatibility": "ampere_plus"}), here).ok
+
+
+def test_other_gpu_with_same_compute_capability_loads_with_a_warning():
+    verdict = check_compatibility(manifest(), DeviceFacts("10.3.0", "12.6", "Jetson AGX Orin", "8.7"))
+    assert verdict.ok and len(verdict.warnings) == 1 and "Jetson AGX Orin" in verdict.warnings[0]
+
+
+def test_patch_versions_matter_build_numbers_do_not():
+    assert check_compatibility(manifest(tensorrt="10.3.0.30"), DeviceFacts("10.3.0.26", None, "Orin", "8.7")).ok
+    assert not check_compatibility(manifest(), DeviceFacts("10.3.1", None, "Orin", "8.7")).ok
+
+
+@pytest.mark.parametrize("here, expected", [
+    (DeviceFacts(None, None, "Orin", "8.7"), "TensorRT is not installed here"),
+    (DeviceFacts("10.3.0", None, None, None), "no NVIDIA GPU"),
+])
+def test_missing_tensorrt_or_gpu_is_explained(here, expected):
+    verdict = check_compatibility(manifest(), here)
+    assert not verdict.ok and expected in verdict.problem and "TensorRT 10.3.0 on Orin" in verdict.problem
+
+
+# ---- cache ---------------------------------------------------------------------------------------------
+
+
+KEY_ARGS = dict(onnx_sha256="ab" * 32, tensorrt="10.3.0", gpu="Orin", compute_capability="8.7", precision="fp16",
+                profiles=[PROFILE], options={"opt_level": None, "dla_core": None})
+
+
+def test_cache_key_is_stable_and_sensitive_to_every_input():
+    key = cache_key(**KEY_ARGS)
+    assert key == cache_key(**{**KEY_ARGS, "profiles": [list(PROFILE)]}) and len(key) == 64
+    bigger = (ProfileShapes("images", (1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)),)
+    for change in ({"onnx_sha256": "cd" * 32}, {"tensorrt": "10.7.0"}, {"gpu": "Xavier"},
+                   {"compute_capability": "7.2"}, {"precision": "int8"}, {"profiles": [bigger]},
+                   {"options": {"opt_level": 5, "dla_core": None}}, {"options": {"opt_level": None, "dla_core": 0}}):
+        assert cache_key(**{**KEY_ARGS, **change}) != key, change
+
+
+def test_only_plan_changing_options_enter_the_key():
+    a = EngineBuildOptions(workspace_mb=512, timing_cache=Path("a.cache"))
+    b = EngineBuildOptions(workspace_mb=4096, timing_cache=None)
+    assert a.key_options() == b.key_options()
+    assert EngineBuildOptions(opt_level=5).key_options() != b.key_options()
+
+
+def test_cache_entry_names_are_readable():
+    name = cache_entry_name("fastscnn", "fp16", "8.7", "10.3.0", "3f2a9c1b7d4e" + "0" * 52)
+    assert name == "fastscnn-fp16-sm87-trt10.3.0-3f2a9c1b7d4e.engine"
+
+
+def test_cache_lookup_finds_only_a_complete_matching_entry(tmp_path):
+    key = cache_key(**KEY_ARGS)
+    name = cache_entry_name("fastscnn", "fp16", "8.7", "10.3.0", key)
+    assert cached_engine(tmp_path, name, key) is None  # empty cache
+    engine = fake_engine(tmp_path, name, cache_key=key)
+    assert cached_engine(tmp_path, name, key) == engine
+    assert cached_engine(tmp_path, name, cache_key(**{**KEY_ARGS, "tensorrt": "10.7.0"})) is None
+    manifest_path(engine).unlink()  # an engine without its manifest is not trusted
+    assert cached_engine(tmp_path, name, key) is None
+
+
+# ---- profiles --------------------------------------------------------------------------------------------
+
+
+def test_static_onnx_gives_a_static_profile():
+    (p,) = derive_profiles([("images", (1, 3, 64, 64))], SPEC)
+    assert p.static and p.opt == (1, 3, 64, 64)
+
+
+def test_dynamic_batch_takes_min_opt_max():
+    (p,) = derive_profiles([("images", ("batch", 3, 64, 64))], SPEC, batch=BatchRange.parse([1, 4, 8]))
+    assert (p.min, p.opt, p.max) == ((1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64))
+    (p,) = derive_profiles([("images", (None, 3, 64, 64))], SPEC)  # no --batch: 1
+    assert p.static and p.opt[0] == 1
+
+
+def test_dynamic_size_takes_the_range_and_checks_the_divisor():
+    dims = [("images", ("batch", 3, "height", "width"))]
+    size = SizeRange.parse([64, 64, 256, 320], (128, 160))
+    (p,) = derive_profiles(dims, SPEC, batch=BatchRange.parse([2]), imgsz=size)
+    assert (p.min, p.opt, p.max) == ((2, 3, 64, 64), (2, 3, 128, 160), (2, 3, 256, 320))
+    (p,) = derive_profiles(dims, SPEC)  # no range: fixed at the spec's size
+    assert p.static and p.opt == (1, 3, 64, 64)
+    with pytest.raises(ExportError, match=r"min 48x64 is not a multiple of 32"):
+        derive_profiles(dims, SPEC, imgsz=SizeRange.parse([48, 64, 256, 256], (64, 64)))
+
+
+def test_nhwc_uses_the_middle_axes():
+    spec = SPEC.replace(input_layout=Layout.NHWC)
+    (p,) = derive_profiles([("images", (1, "h", "w", 3))], spec, imgsz=SizeRange.parse([32, 32, 96, 96], (64, 64)))
+    assert p.min == (1, 32, 32, 3) and p.max == (1, 96, 96, 3)
+
+
+@pytest.mark.parametrize("dims, kwargs, expected", [
+    ((1, 3, 64, 64), {"batch": BatchRange(1, 4, 8)}, r"fixed batch of 1 .*--dynamic-batch"),
+    ((1, 3, 64, 64), {"imgsz": SizeRange((32, 32), (64, 64), (128, 128))}, r"fixed size 64x64.*--dynamic-size"),
+    ((1, "c", 64, 64), {}, r"dimension 1 \('c'\) is dynamic"),
+    ((1, 3, "h", 64), {}, "both be fixed or both dynamic"),
+    (("n", 100), {"imgsz": SizeRange.fixed((64, 64))}, "no image dimensions"),
+])
+def test_impossible_profiles_are_explained(dims, kwargs, expected):
+    with pytest.raises(ExportError, match=expected):
+        derive_profiles([("images", dims)], SPEC, **kwargs)
+
+
+def test_noise_inputs_take_the_batch_only():
+    (p,) = derive_profiles([("z", ("n", 100))], None, batch=BatchRange(1, 2, 4))
+    assert (p.min, p.opt, p.max) == ((1, 100), (2, 100), (4, 100))
+
+
+@pytest.mark.parametrize("values, expected", [([1, 2], "takes 1 value"), ([4, 2, 8], "MIN <= OPT <= MAX"),
+                                              ([0], "positive integers")])
+def test_batch_arguments_are_validated(values, expected):
+    with pytest.raises(ExportError, match=expected):
+        BatchRange.parse(values)
+
+
+def test_profile_selection_picks_the_first_profile_that_fits():
+    small = (ProfileShapes("images", (1, 3, 64, 64), (1, 3, 64, 64), (4, 3, 64, 64)),)
+    large = (ProfileShapes("images", (5, 3, 64, 64), (8, 3, 64, 64), (16, 3, 64, 64)),)
+    assert select_profile([small, large], {"images": (2, 3, 64, 64)}) == 0
+    assert select_profile([small, large], {"images": (9, 3, 64, 64)}) == 1
+    assert select_profile([small, large], {"images": (32, 3, 64, 64)}) is None
+
+
+def test_default_engine_names():
+    assert default_engine_path(Path("m/fastscnn.pt"), Precision.FP16) == Path("m/fastscnn.fp16.engine")
+    assert default_engine_path(Path("fastscnn.fp16.onnx"), Precision.FP16) == Path("fastscnn.fp16.engine")
+    assert default_engine_path(Path("fastscnn.onnx"), Precision.FP32, argmax=True) == Path("fastscnn.argmax.engine")
+
+
+# ---- precision plans (TensorRT 10 vs 11) --------------------------------------------------------------------
+
+
+FP32, FP16 = SPEC, SPEC.replace(precision=Precision.FP16)
+QDQ = SPEC.replace(precision=Precision.INT8, quantization="QDQ S8S8 per-channel minmax, 64 calibration images")
+U8S8 = SPEC.replace(precision=Precision.INT8, quantization="QDQ U8S8 per-channel minmax, 64 calibration images")
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_strongly_typed_paths_work_on_10_and_11(major):
+    for requested, onnx in ((Precision.FP32, FP32), (Precision.FP16, FP16), (Precision.INT8, QDQ)):
+        plan = plan_precision(requested, onnx, major)
+        assert plan.strongly_typed and plan.flags == () and not plan.calibrate, (requested, plan)
+
+
+def test_weak_typing_exists_only_before_tensorrt_11():
+    plan = plan_precision(Precision.FP16, FP32, 10)
+    assert not plan.strongly_typed and plan.flags == ("FP16",)
+    with pytest.raises(ExportError, match=r"TensorRT 11 has no FP16 builder flag.*onnx-fp16"):
+        plan_precision(Precision.FP16, FP32, 11)
+    plan = plan_precision(Precision.INT8, FP32, 10, int8_mode=Int8Mode.CALIBRATE)
+    assert plan.calibrate and plan.flags == ("INT8", "FP16")
+    with pytest.raises(ExportError, match="TensorRT 11 removed implicit INT8 calibration"):
+        plan_precision(Precision.INT8, FP32, 11, int8_mode=Int8Mode.CALIBRATE)
+
+
+def test_int8_needs_a_symmetric_qdq_onnx():
+    with pytest.raises(ExportError, match=r"U8S8.*--int8-target tensorrt"):
+        plan_precision(Precision.INT8, U8S8, 10)
+    with pytest.raises(ExportError, match=r"needs a Q/DQ ONNX.*--int8-mode calibrate"):
+        plan_precision(Precision.INT8, FP32, 10)
+    with pytest.raises(ExportError, match="needs an FP32 ONNX"):
+        plan_precision(Precision.FP32, FP16, 10)
+
+
+def test_dla_plans():
+    assert plan_precision(Precision.FP16, FP16, 10, dla=True).flags == ("FP16",)
+    assert plan_precision(Precision.INT8, QDQ, 10, dla=True).flags == ("INT8", "FP16")
+    with pytest.raises(ExportError, match="DLA runs FP16 and INT8 only"):
+        plan_precision(Precision.FP32, FP32, 10, dla=True)
+
+
+def test_build_options_are_validated_and_round_trip_through_the_manifest():
+    for kwargs, expected in (({"opt_level": 6}, "--opt-level"), ({"workspace_mb": 0}, "--workspace"),
+                             ({"dla_core": -1}, "--dla-core"), ({"precision": "bf16"}, "precision: expected one of")):
+        with pytest.raises(ExportError, match=expected):
+            EngineBuildOptions(**kwargs)
+    options = EngineBuildOptions(precision="int8", int8_mode="calibrate", workspace_mb=1024, opt_level=4, dla_core=1)
+    assert EngineBuildOptions.from_record(json.loads(json.dumps(options.record()))) == options
+
+
+# ---- builder helpers that need no TensorRT -----------------------------------------------------------------
+
+
+class _ParserError:
+    def __init__(self, node, op, name, desc):
+        self._v = {"node": node, "node_operator": op, "node_name": name, "desc": desc}
+
+    def __getattr__(self, key):
+        return lambda: self._v[key]
+
+
+def test_parser_errors_become_one_line_each():
+    line = format_parser_error(_ParserError(12, "Resize", "up1", "Unsupported mode:\n  'cubic'"))
+    assert line == "node 12, Resize 'up1': Unsupported mode: 'cubic'"
+    assert format_parser_error(_ParserError(-1, "", "", "Invalid model")) == "Invalid model"
+
+
+def test_heartbeat_logs_while_a_build_runs(caplog):
+    import time
+
+    with caplog.at_level(logging.INFO, logger="edgepix.tensorrt"), Heartbeat(0.01) as hb:
+        time.sleep(0.1)
+    assert hb.beats >= 2
+    assert any("still building the TensorRT engine..." in r.getMessage() for r in caplog.records)
+
+
+class _FakeCudart:
+    """Stands in for cuda-python's runtime module: (error, value) tuples, error names and strings."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self, fail=0):
+        self.fail, self.calls = fail, []
+
+    def cudaMalloc(self, n):
+        self.calls.append(("cudaMalloc", n))
+        return (self.fail, None if self.fail else 0xDEAD0000)
+
+    def cudaMemcpyAsync(self, *args):
+        self.calls.append(("cudaMemcpyAsync", *args))
+        return (self.fail,)
+
+    def cudaGetErrorName(self, err):
+        return (0, b"cudaErrorInsufficientDriver")
+
+    def cudaGetErrorString(self, err):
+        return (0, b"CUDA driver version is insufficient for CUDA runtime version")
+
+
+def test_cuda_calls_are_checked_and_unwrapped():
+    cuda = CudaRuntime(_FakeCudart())
+    assert cuda.malloc(16) == 0xDEAD0000
+    assert cuda.memcpy_htod_async(1, 2, 16, "stream") is None
+    assert cuda.rt.calls[-1] == ("cudaMemcpyAsync", 1, 2, 16, 1, "stream")
+    with pytest.raises(BackendError, match=r"CUDA cudaMalloc failed: cudaErrorInsufficientDriver \(CUDA driver "
+                                           r"version is insufficient.*edgepix doctor"):
+        CudaRuntime(_FakeCudart(fail=35)).malloc(16)
+
+
+def test_pinned_views_share_memory_with_the_buffer():
+    raw = (ctypes.c_uint8 * 64)()
+    view = pinned_array(ctypes.addressof(raw), 64, np.float32, (2, 4))
+    view[:] = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert np.frombuffer(raw, dtype=np.float32)[:8].tolist() == list(range(8))
+    with pytest.raises(BackendError, match="cannot hold"):
+        pinned_array(ctypes.addressof(raw), 64, np.float32, (4, 8))
+
+
+# ---- the backend refuses a mismatched engine before touching TensorRT ---------------------------------------
+
+
+def test_backend_refuses_an_engine_from_another_device_in_one_line(tmp_path, monkeypatch):
+    import edgepix.runtime.backends.tensorrt as trt_backend
+
+    engine = fake_engine(tmp_path)
+    here = DeviceFacts("10.7.0", "12.8", "NVIDIA RTX 6000 Ada Generation", "8.9")
+    monkeypatch.setattr(trt_backend, "running_device_facts", lambda device=0: here)
+    with pytest.raises(BackendError) as e:
+        trt_backend.TensorRTBackend.load(engine)
+    msg = str(e.value)
+    assert "\n" not in msg and "TensorRT 10.3.0 on Orin (sm 8.7)" in msg and "TensorRT 10.7.0 on NVIDIA RTX 6000" in msg
+    assert "rebuild=True" in msg
+    with pytest.raises(BackendError, match="TensorRT is not installed here"):  # rebuild needs TensorRT here
+        monkeypatch.setattr(trt_backend, "running_device_facts", lambda device=0: DeviceFacts(None, None, None, None))
+        trt_backend.TensorRTBackend.load(engine, rebuild=True)
+
+
+def test_backend_options_are_typed(tmp_path):
+    from edgepix.runtime.backends.base import BackendOptionError
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    with pytest.raises(BackendOptionError, match="unknown option"):
+        TensorRTBackend.load(fake_engine(tmp_path), cuda_graphs=True)
+    with pytest.raises(BackendOptionError, match="device_id"):
+        TensorRTBackend.load(fake_engine(tmp_path), device_id=-1)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing; TensorRT is installed")
+def test_registry_says_how_to_get_the_tensorrt_backend(tmp_path):
+    from edgepix.runtime.backends import load_backend
+
+    with pytest.raises(BackendError, match=r"'tensorrt' is not available here.*pip install 'edgepix\[gpu\]'"):
+        load_backend(fake_engine(tmp_path), "auto")
+
+
+# ---- doctor and the CLI (subprocesses, as a user runs them) ---------------------------------------------------
+
+
+def test_doctor_engines_reports_each_engine(tmp_path):
+    fake_engine(tmp_path, "model.engine")
+    (tmp_path / "foreign.plan").write_bytes(b"plan")
+    r = run_edgepix("doctor", "--engines", str(tmp_path))
+    assert r.returncode == 1, r.stderr  # an engine that cannot load here makes doctor --engines fail
+    lines = r.stdout.splitlines()
+    model = next(line for line in lines if "model.engine:" in line)
+    foreign = next(line for line in lines if "foreign.plan:" in line)
+    assert model.split()[0] == "NO" and "TensorRT 10.3.0 on Orin (sm 8.7)" in model
+    assert foreign.split()[0] == "NO" and "no manifest" in foreign
+    assert "2 engine(s), 2 cannot load here" in r.stdout
+    assert "tensorrt" in r.stdout and "gpu" in r.stdout  # the usual doctor table comes first
+
+
+def test_scan_engines_says_which_load(tmp_path):
+    fake_engine(tmp_path, "a.engine")
+    fake_engine(tmp_path, "b.engine", tensorrt="8.6.1")
+    (tmp_path / "notes.txt").write_text("not an engine")
+    statuses = {s.path.name: s for s in scan_engines(tmp_path, ORIN)}
+    assert set(statuses) == {"a.engine", "b.engine"}
+    assert statuses["a.engine"].loads and "fastscnn fp16" in statuses["a.engine"].detail
+    assert not statuses["b.engine"].loads and "TensorRT 8.6.1" in statuses["b.engine"].detail
+    with pytest.raises(ModelFormatError, match="expects a folder"):
+        scan_engines(tmp_path / "a.engine", ORIN)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing; TensorRT is installed")
+def test_export_engine_without_tensorrt_fails_in_one_line(tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    r = run_edgepix("export", str(onnx), "--format", "engine", "--precision", "fp16")
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "pip install 'edgepix[gpu]'" in err and "JetPack" in err
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_engine_arguments_are_checked_before_anything_runs(tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    for args, expected in ((["--batch", "1", "2"], "--batch takes 1 value (N) or 3"),
+                           (["--opt-level", "7"], "--opt-level: expected 0..5"),
+                           (["--out", str(tmp_path / "m.onnx")], "an engine file ends in .engine")):
+        r = run_edgepix("export", str(onnx), "--format", "engine", *args)
+        assert r.returncode == 1 and expected in r.stderr, (args, r.stderr)
+
+
+def test_gpu_check_script_skips_cleanly_without_a_gpu():
+    from edgepix.runtime.engine_manifest import running_device_facts
+
+    facts = running_device_facts()
+    if facts.gpu and HAS_TRT:
+        pytest.skip("this machine has a GPU and TensorRT: gpu_check.sh would run for real")
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=120, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("gpu_check: skipped: no ")
+
+
+# ---- on a GPU with TensorRT ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'edgepix[gpu]')")
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python is not installed (pip install 'edgepix[gpu]')")
+    from edgepix.runtime.engine_manifest import running_device_facts
+
+    facts = running_device_facts()
+    if not facts.gpu:
+        pytest.skip("no NVIDIA GPU visible to CUDA")
+    return facts
+
+
+@pytest.fixture(scope="module")
+def fp16_onnx(trt_gpu, request, tmp_path_factory):
+    from edgepix.export.pipeline import ExportFormat, ExportRequest, run_export
+
+    seg_checkpoint = request.getfixturevalue("seg_checkpoint")  # trained only once the GPU check passed
+
+    out = tmp_path_factory.mktemp("trt") / "fastscnn64.fp16.onnx"
+    run_export(ExportRequest(checkpoint=seg_checkpoint, format=ExportFormat.ONNX_FP16, out=out, verify=False))
+    return out
+
+
+@pytest.mark.gpu
+def test_fp16_engine_builds_matches_onnx_runtime_and_is_cached(trt_gpu, fp16_onnx, tmp_path):
+    from edgepix.export.tensorrt import EngineExportOptions, export_engine_from_onnx
+
+    options = EngineExportOptions(build=EngineBuildOptions(precision=Precision.FP16,
+                                                           timing_cache=tmp_path / "timing.cache"),
+                                  cache_dir=tmp_path / "cache", verify_n=10)
+    first = export_engine_from_onnx(fp16_onnx, tmp_path / "a.engine", options)
+    assert not first.reused and first.path.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
+    m = read_manifest(first.path)
+    assert m.tensorrt == trt_gpu.tensorrt and m.gpu == trt_gpu.gpu and m.precision == "fp16"
+    assert m.onnx == fp16_onnx.name or Path(m.onnx) == fp16_onnx.resolve()
+    second = export_engine_from_onnx(fp16_onnx, tmp_path / "b.engine", options)
+    assert second.reused and second.path.read_bytes() == first.path.read_bytes()
+
+
+@pytest.mark.gpu
+def test_engine_runs_with_stage_times_and_cuda_graph(trt_gpu, fp16_onnx, tmp_path):
+    from edgepix.export.tensorrt import EngineExportOptions, export_engine_from_onnx
+    from edgepix.runtime.backends import load_backend
+
+    options = EngineExportOptions(build=EngineBuildOptions(precision=Precision.FP16), cache_dir=tmp_path / "c",
+                                  verify=False)
+    engine = export_engine_from_onnx(fp16_onnx, tmp_path / "m.engine", options).path
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with load_backend(fp16_onnx, "ort-cpu") as ref:
+        expected = ref.infer(x)[SPEC.output_name]
+    for graph in (False, True):
+        with load_backend(engine, "tensorrt", cuda_graph=graph) as b:
+            assert b.spec.model_name == "fastscnn"
+            for _ in range(3):  # the graph is captured after the first call and replayed after that
+                out = b.infer(x)[SPEC.output_name]
+            assert out.shape == expected.shape
+            assert (out.argmax(1) == expected.argmax(1)).mean() >= 0.995
+            t = b.last_timings
+            assert t is not None and t.compute_ms > 0 and t.h2d_ms >= 0 and t.d2h_ms >= 0
+            with pytest.raises(EdgepixError, match="expected shape"):
+                b.infer(np.zeros((1, 3, 32, 32), np.float32))
