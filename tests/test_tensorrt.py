@@ -4,11 +4,14 @@ real build and run (marked `gpu`) where TensorRT and an NVIDIA GPU exist, skippe
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import json
 import logging
 import subprocess
 import sys
+import time as _time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -546,3 +549,387 @@ def test_engine_runs_with_stage_times_and_cuda_graph(trt_gpu, fp16_onnx, tmp_pat
             assert t is not None and t.compute_ms > 0 and t.h2d_ms >= 0 and t.d2h_ms >= 0
             with pytest.raises(EdgepixError, match="expected shape"):
                 b.infer(np.zeros((1, 3, 32, 32), np.float32))
+
+
+# ---- simulated TensorRT and CUDA: the plumbing, not a GPU result ------------------------------------------------
+# A stand-in `tensorrt` module and cuda-python runtime that follow the real APIs' names and call conventions
+# (TensorRT 10/11 name-based I/O, cudart's (error, value) tuples). "Device" memory is host memory and the "engine"
+# computes 2 * x, so these tests check how edgepix drives the APIs (profiles, shapes, buffers, copies, graph
+# capture, caching, manifests); they say nothing about TensorRT's numbers, which only the `gpu` tests measure.
+
+
+
+class _FakeCuda:
+    cudaStreamNonBlocking = 1
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeGlobal = 0
+
+    def __init__(self):
+        self.blocks, self.capturing, self.freed = {}, {}, 0
+
+    def _alloc(self, n):
+        block = (ctypes.c_uint8 * n)()
+        self.blocks[ctypes.addressof(block)] = block
+        return (0, ctypes.addressof(block))
+
+    def _free(self, ptr):
+        self.blocks.pop(ptr)
+        self.freed += 1
+        return (0,)
+
+    cudaMalloc = cudaMallocHost = _alloc
+    cudaFree = cudaFreeHost = _free
+
+    def cudaSetDevice(self, d):
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaMemcpy(self, dst, src, n, kind):
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return (0, 7)
+
+    def cudaStreamSynchronize(self, s):
+        return (0,)
+
+    def cudaStreamDestroy(self, s):
+        return (0,)
+
+    def cudaEventCreate(self):
+        return (0, [0.0])
+
+    def cudaEventRecord(self, e, s):
+        e[0] = _time.perf_counter()
+        return (0,)
+
+    def cudaEventElapsedTime(self, a, b):
+        return (0, (b[0] - a[0]) * 1e3)
+
+    def cudaEventDestroy(self, e):
+        return (0,)
+
+    def cudaStreamBeginCapture(self, s, mode):
+        self.capturing[s] = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, s):
+        return (0, self.capturing.pop(s))
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return (0, list(graph))
+
+    def cudaGraphLaunch(self, graph_exec, s):
+        for op in graph_exec:
+            op()
+        return (0,)
+
+    def cudaGraphDestroy(self, g):
+        return (0,)
+
+    cudaGraphExecDestroy = cudaGraphDestroy
+
+
+def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    built = {"profiles": [], "flags": [], "network_flags": None, "monitor_calls": 0}
+    trt.built = built
+
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
+    trt.nptype = lambda dt: dt
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
+
+    class Tensor:
+        def __init__(self, name, shape):
+            self.name, self.shape, self.dtype = name, shape, np.float32
+
+    class Network:
+        num_inputs = num_outputs = 1
+
+        def get_input(self, i):
+            return Tensor("images", (-1, 3, 64, 64))
+
+        def get_output(self, i):
+            return Tensor("output", (-1, 6, 64, 64))
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.num_errors = len(parse_errors)
+
+        def parse_from_file(self, path):
+            return not parse_errors
+
+        def get_error(self, i):
+            return _ParserError(*parse_errors[i])
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, mid, hi):
+            self.shapes[name] = (tuple(lo), tuple(mid), tuple(hi))
+
+    class Config:
+        progress_monitor = None
+
+        def set_memory_pool_limit(self, pool, size):
+            built["workspace"] = size
+
+        def set_flag(self, f):
+            built["flags"].append(f)
+
+        def add_optimization_profile(self, p):
+            built["profiles"].append(p.shapes)
+
+        def create_timing_cache(self, blob):
+            return types.SimpleNamespace(serialize=lambda: memoryview(bytes(blob) + b"+timings"))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self._cache
+
+    class Builder:
+        num_DLA_cores = 0
+
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            built["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            m = config.progress_monitor
+            if m is not None:
+                m.phase_start("Building engine", None, 2)
+                built["monitor_calls"] += int(m.step_complete("Building engine", 0))
+                m.phase_finish("Building engine")
+            profile = built["profiles"][-1]["images"]
+            return memoryview(b"FAKEPLAN" + json.dumps(profile).encode())
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.addresses, self.shape, self.profile = engine, {}, None, 0
+
+        def set_optimization_profile_async(self, index, stream):
+            self.profile = index
+            return True
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.engine.profile
+            self.shape = tuple(shape)
+            return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+
+        def get_tensor_shape(self, name):
+            n, _, h, w = self.shape
+            return (n, 6, h, w)
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def execute_async_v3(self, stream):
+            def run():
+                n = int(np.prod(self.shape))
+                x = np.frombuffer((ctypes.c_float * n).from_address(self.addresses["images"]), np.float32)
+                out = (ctypes.c_float * (n * 2)).from_address(self.addresses["output"])
+                y = np.frombuffer(out, np.float32).reshape(self.get_tensor_shape("output"))
+                y[:] = 2 * np.concatenate([x.reshape(self.shape)] * 2, axis=1)
+            self.engine.runs += 1
+            if stream in cuda.capturing:
+                cuda.capturing[stream].append(run)
+            else:
+                run()
+            return True
+
+    class Engine:
+        num_io_tensors, num_optimization_profiles = 2, 1
+
+        def __init__(self, profile):
+            self.profile, self.runs = profile, 0
+
+        def get_tensor_name(self, i):
+            return ("images", "output")[i]
+
+        def get_tensor_mode(self, name):
+            return "in" if name == "images" else "out"
+
+        def get_tensor_dtype(self, name):
+            return np.float32
+
+        def get_tensor_shape(self, name):
+            n = self.profile[0][0] if self.profile[0] == self.profile[2] else -1  # dynamic only when it varies
+            return (n, 3, 64, 64) if name == "images" else (n, 6, 64, 64)
+
+        def get_tensor_profile_shape(self, name, p):
+            return self.profile
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            if not data.startswith(b"FAKEPLAN"):
+                self.logger.log(ILogger.Severity.ERROR, "magic tag does not match")
+                return None
+            return Engine(tuple(tuple(s) for s in json.loads(data[8:])))
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
+    return trt
+
+
+@pytest.fixture
+def simulated(monkeypatch, tmp_path):
+    import edgepix.runtime.backends.tensorrt as backend_mod
+    import edgepix.runtime.cudart as cudart_mod
+    import edgepix.runtime.trt_build as build_mod
+
+    cuda = _FakeCuda()
+    trt = _fake_tensorrt(cuda)
+    facts = DeviceFacts(trt.__version__, "12.9", "Simulated GPU", "8.9")
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(build_mod, "running_device_facts", lambda device=0: facts)
+    monkeypatch.setattr(backend_mod, "running_device_facts", lambda device=0: facts)
+    monkeypatch.setattr(cudart_mod, "import_cudart", lambda: cuda)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"an onnx file")
+    return types.SimpleNamespace(trt=trt, cuda=cuda, onnx=onnx, tmp=tmp_path)
+
+
+def _build(sim, out="model.engine", **kwargs):
+    from edgepix.runtime.trt_build import build_engine_file
+
+    options = kwargs.pop("options", EngineBuildOptions(precision=Precision.FP32,
+                                                       timing_cache=sim.tmp / "timing.cache"))
+    profile = (ProfileShapes("images", (1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64)),)
+    return build_engine_file(sim.onnx, sim.tmp / out, spec=SPEC, options=options, profiles=[profile],
+                             cache_dir=sim.tmp / "cache", **kwargs)
+
+
+def test_simulated_build_writes_engine_manifest_cache_and_timing_cache(simulated):
+    first = _build(simulated)
+    assert not first.reused and first.path.read_bytes().startswith(b"FAKEPLAN")
+    built = simulated.trt.built
+    assert built["network_flags"] == 1  # STRONGLY_TYPED on TensorRT 10
+    assert built["profiles"] == [{"images": ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))}]
+    assert built["monitor_calls"] == 1  # the IProgressMonitor was attached and answered "go on"
+    assert (simulated.tmp / "timing.cache").read_bytes() == b"+timings"
+    m = read_manifest(first.path)
+    assert m.onnx == "model.onnx" and m.gpu == "Simulated GPU" and m.builder["plan"] == "FP32, strongly typed"
+    assert [t.to_dict() for t in m.io] == [
+        {"name": "images", "mode": "input", "dtype": "float32", "shape": [-1, 3, 64, 64]},
+        {"name": "output", "mode": "output", "dtype": "float32", "shape": [-1, 6, 64, 64]}]
+    again = _build(simulated, "copy.engine")
+    assert again.reused and again.path.read_bytes() == first.path.read_bytes()
+    assert read_manifest(again.path).onnx == "model.onnx"
+    assert not _build(simulated, "copy.engine", rebuild=True).reused
+    assert len(list((simulated.tmp / "cache").glob("*.engine"))) == 1
+
+
+def test_simulated_parser_errors_are_all_shown(simulated, monkeypatch):
+    import edgepix.runtime.trt_build as build_mod
+
+    trt = _fake_tensorrt(simulated.cuda, parse_errors=[(3, "Resize", "up", "cubic mode"), (9, "NonZero", "nz", "x")])
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
+    with pytest.raises(ExportError) as e:
+        _build(simulated)
+    lines = str(e.value).splitlines()
+    assert "could not parse" in lines[0] and "(2 errors)" in lines[0]
+    assert lines[1:] == ["  node 3, Resize 'up': cubic mode", "  node 9, NonZero 'nz': x"]
+
+
+def test_simulated_tensorrt_11_refuses_weak_typing(simulated, monkeypatch):
+    import edgepix.runtime.trt_build as build_mod
+
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: _fake_tensorrt(simulated.cuda, version="11.4.0.106"))
+    monkeypatch.setattr(build_mod, "running_device_facts", lambda device=0: DeviceFacts("11.4.0", None, "G", "9.0"))
+    with pytest.raises(ExportError, match="TensorRT 11 has no FP16 builder flag"):
+        _build(simulated, options=EngineBuildOptions(precision=Precision.FP16))
+
+
+def test_simulated_backend_runs_profiles_pinned_copies_timings_and_cuda_graph(simulated):
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    engine = _build(simulated).path
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    with TensorRTBackend.load(engine) as b:
+        assert b.spec == SPEC and [m.name for m in b.inputs] == ["images"] and b.inputs[0].shape[0] is None
+        out = b.infer(x)["output"]
+        assert out.shape == (3, 6, 64, 64) and np.array_equal(out[:, :3], 2 * x)
+        assert b.last_timings is not None and b.last_timings.compute_ms >= 0
+        assert np.array_equal(b.infer(x[:1])["output"][:, 3:], 2 * x[:1])  # a new shape re-binds
+        with pytest.raises(EdgepixError, match=r"outside the engine's optimization profile.*--batch"):
+            b.infer(np.zeros((5, 3, 64, 64), np.float32))
+        assert b.optimal_shape("images") == (2, 3, 64, 64)
+    assert simulated.cuda.blocks == {}  # every device and pinned buffer was freed
+
+
+def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    from edgepix.runtime.trt_build import build_engine_file
+
+    profile = (ProfileShapes("images", (2, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64)),)
+
+    engine = build_engine_file(simulated.onnx, simulated.tmp / "static.engine", spec=SPEC,
+                               options=EngineBuildOptions(precision=Precision.FP32), profiles=[profile],
+                               cache_dir=simulated.tmp / "cache").path
+    x = np.ones((2, 3, 64, 64), np.float32)
+    with TensorRTBackend.load(engine, cuda_graph=True) as b:
+        for i in range(4):
+            assert np.array_equal(b.infer(x * i)["output"][:, 3:], 2 * x * i)
+        assert b._graph_exec is not None and "CUDA graph" in b.description
+        assert b.engine.runs == 2  # one plain run, one captured; the other calls replayed the graph
+
+
+def test_simulated_backend_rebuilds_a_mismatched_engine_when_asked(simulated, caplog):
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    engine = _build(simulated).path
+    old = read_manifest(engine)
+    write_manifest(engine, dataclasses.replace(old, tensorrt="10.3.0", gpu="Orin", compute_capability="8.7"))
+    with pytest.raises(BackendError, match=r"TensorRT 10\.3\.0 on Orin.*rebuild"):
+        TensorRTBackend.load(engine)
+    with caplog.at_level(logging.WARNING):
+        with TensorRTBackend.load(engine, rebuild=True, cache_dir=simulated.tmp / "cache") as b:
+            assert b.manifest.gpu == "Simulated GPU"
+    assert read_manifest(engine).compute_capability == "8.9"
+    assert any("rebuilding from model.onnx" in r.getMessage() for r in caplog.records)
+    engine.write_bytes(b"garbage")  # a corrupt plan: TensorRT's reason comes through
+    with pytest.raises(BackendError, match="could not deserialize model.engine: magic tag does not match"):
+        TensorRTBackend.load(engine)
