@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_model
-from .layers import ConvBNAct, DSConv, InvertedResidual, init_weights, resize_to
+from .layers import ConvBNAct, DSConv, InvertedResidual, init_classifier, init_weights, resize_to
 
 
 class LearningToDownsample(nn.Sequential):
@@ -127,6 +127,7 @@ class FastSCNN(nn.Module):
         self.fusion = FeatureFusion(downsample_channels[-1], fusion_channels, fusion_channels)
         self.classifier = Classifier(fusion_channels, num_classes, dropout)
         init_weights(self)
+        init_classifier(self.classifier[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         high = self.downsample(x)

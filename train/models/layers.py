@@ -105,6 +105,13 @@ def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def init_classifier(conv: nn.Conv2d) -> None:
+    """Small logits at the start (std 0.01, zero bias): the first loss is ~ln(num_classes), not a large number."""
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 def init_weights(module: nn.Module) -> None:
     """Kaiming-normal convolutions, unit BatchNorm, zero biases: the usual start for ReLU networks."""
     for m in module.modules():

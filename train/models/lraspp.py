@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .layers import ConvBNAct, SqueezeExcite, init_weights, make_divisible, resize_to
+from .layers import ConvBNAct, SqueezeExcite, init_classifier, init_weights, make_divisible, resize_to
 
 # (kernel, expanded channels, out channels, squeeze-excite, activation, stride) of MobileNetV3-Small.
 _SMALL = (
@@ -117,6 +117,8 @@ class LRASPP(nn.Module):
         self.encoder = MobileNetV3SmallEncoder(width_mult, reduced_tail=reduced_tail)
         self.head = LRASPPHead(self.encoder.low_channels, self.encoder.high_channels, num_classes, head_channels)
         init_weights(self)
+        init_classifier(self.head.low_classifier)
+        init_classifier(self.head.high_classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.encoder(x)

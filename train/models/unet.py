@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .layers import ConvBNAct, init_weights, resize_to
+from .layers import ConvBNAct, init_classifier, init_weights, resize_to
 
 
 class DoubleConv(nn.Sequential):
@@ -48,6 +48,7 @@ class UNet(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         init_weights(self)
+        init_classifier(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.stem(x)]

@@ -1,0 +1,772 @@
+"""Segmentation training and evaluation.
+
+`train_segmentation(config)` runs the whole job: check the data, build the model from the registry, train with
+AdamW or SGD under a warm-up + cosine/poly schedule (per iteration), clip gradients, use AMP on CUDA, validate every
+epoch (mIoU, per-class IoU, pixel accuracy over a confusion matrix summed across processes), and keep the run folder
+up to date: `last.pt` and `best.pt` (atomic, with the ModelSpec inside), `metrics.csv`, `curves.png`, `train.log`.
+`--resume` reloads `last.pt` and continues with the same optimizer, scheduler, scaler, EMA and RNG state; samples and
+their augmentation are seeded by (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted
+run would have seen.
+
+Under `torchrun --nproc_per_node N` the same call uses DistributedDataParallel (gloo on CPU, NCCL on GPU); `batch`
+is the global batch, split evenly over the processes, so a command means the same training at any N. Only rank 0
+logs and writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from edgepix import __version__
+from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
+from edgepix.runtime.fileio import atomic_write_text
+from edgepix.runtime.progress import progress_bar
+from edgepix.runtime.spec import ModelSpec, Task
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
+from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, init_distributed, shutdown_distributed
+from .losses import LossKind, SegmentationLoss
+from .metrics import SegmentationMeter, SegmentationMetrics
+from .registry import create_model, get_entry
+from .transforms import AugmentConfig, EvalTransform, TrainTransform
+
+log = logging.getLogger("edgepix.train")
+
+
+class OptimizerKind(str, enum.Enum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"
+    POLY = "poly"
+
+
+@dataclass
+class SegTrainConfig:
+    """Everything that defines a segmentation run. Saved in every checkpoint as `train_config`."""
+
+    data: str = "synthetic"
+    out: str = "runs/seg"
+    model: str = "fastscnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    imgsz: tuple[int, int] = (256, 256)  # (H, W), the model's input size
+    epochs: int = 8
+    batch: int = 16  # global: split over the processes of a torchrun job
+    lr: float = 4e-3
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    schedule: Schedule = Schedule.COSINE
+    warmup_epochs: float = 0.3
+    warmup_start: float = 0.05  # the first iteration's lr as a fraction of `lr`
+    min_lr_ratio: float = 0.01  # the final lr as a fraction of `lr`
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    loss: LossKind = LossKind.CE
+    dice_weight: float = 0.0
+    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    ema: bool = False
+    ema_decay: float = 0.999
+    seed: int = 0
+    deterministic: bool = False
+    workers: int | None = None  # DataLoader workers per process; None: 1 on CPU, 4 on CUDA
+    device: str = "auto"
+    synthetic_n: int = 2000  # scenes in the synthetic training set
+    synthetic_val_n: int = 200  # held-out scenes (a fixed seed no training run uses)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    val_every: int = 1
+    channels_last: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.imgsz = tuple(int(v) for v in self.imgsz)  # type: ignore[assignment]
+        self.optimizer = OptimizerKind(self.optimizer)
+        self.schedule = Schedule(self.schedule)
+        self.loss = LossKind(self.loss)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.augment.items()})
+        checks = [
+            (len(self.imgsz) == 2 and all(v >= 32 and v % 32 == 0 for v in self.imgsz),
+             f"imgsz must be one or two multiples of 32 (>= 32), got {self.imgsz}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 < self.warmup_start <= 1, f"warmup start must be in (0, 1], got {self.warmup_start}"),
+            (0 <= self.min_lr_ratio <= 1, f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.grad_clip >= 0, f"grad clip must be >= 0, got {self.grad_clip}"),
+            (self.dice_weight >= 0, f"dice weight must be >= 0, got {self.dice_weight}"),
+            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
+            (self.synthetic_n >= 1 and self.synthetic_val_n >= 1, "synthetic set sizes must be at least 1"),
+            (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
+            (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgepixError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (tuple, list)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegTrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# The options `--resume` may change; everything else comes from the checkpoint.
+RESUME_OVERRIDABLE = ("device", "workers", "quiet", "out")
+
+
+# ---- schedule, EMA -------------------------------------------------------------------------------------
+
+
+def lr_factor(iteration: int, *, total: int, warmup: int, schedule: Schedule, warmup_start: float,
+              min_ratio: float) -> float:
+    """The learning rate at `iteration` as a fraction of the base rate: linear warm-up, then cosine or poly(0.9)."""
+    if warmup > 0 and iteration < warmup:
+        return warmup_start + (1.0 - warmup_start) * iteration / warmup
+    t = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    if schedule is Schedule.COSINE:
+        decay = 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        decay = (1.0 - t) ** 0.9
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+class ModelEMA:
+    """Exponential moving average of the weights (timm/YOLO style: the decay ramps up over the first updates)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / 2000))
+        source = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
+            else:
+                value.copy_(source[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.module.state_dict(), "updates": self.updates}
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EdgepixError("--device cuda: this PyTorch has no usable CUDA device (CPU build or no GPU); "
+                               "use --device cpu")
+        return torch.device("cuda", info.local_rank if info.enabled else (torch.device(name).index or 0))
+    if name != "cpu":
+        raise EdgepixError(f"--device must be cpu, cuda or auto, got {name!r}")
+    return torch.device("cpu")
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_spec(arch: str, imgsz: tuple[int, int], source: SegmentationSource) -> ModelSpec:
+    c = source.classes
+    return ModelSpec(task=Task.SEGMENTATION, model_name=arch, input_size=tuple(imgsz), class_names=c.names,
+                     palette=c.palette, ignore_index=c.ignore_index)
+
+
+def _worker_init(_: int) -> None:
+    # OpenCV's thread count is set to 1 in the parent before the workers fork: calling cv2.setNumThreads in a
+    # forked child can deadlock on the parent's thread-pool state.
+    torch.set_num_threads(1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def load_model_weights(ckpt: dict[str, Any], *, prefer_ema: bool = True) -> nn.Module:
+    """Rebuild a checkpoint's model from the registry with its weights (the EMA weights when there are some)."""
+    model = create_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    weights = ckpt.get("ema") if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ModelFormatError(f"checkpoint weights do not fit {ckpt['arch']}({ckpt['arch_kwargs']}): "
+                               f"{str(e).strip().splitlines()[0]}") from e
+    return model
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, meter: SegmentationMeter, device: torch.device, *,
+             criterion: nn.Module | None = None, channels_last: bool = True, amp: bool = False,
+             progress=None) -> tuple[SegmentationMetrics, float]:
+    """Run `model` over `loader`; return (metrics reduced over all ranks, mean loss over the labelled pixels).
+
+    Logits are computed at the model's input size and resized (bilinear) to each mask's own size before the argmax,
+    so IoU is measured at the resolution of the labels, as a deployed model's output is used.
+    """
+    was_training = model.training
+    model.eval()
+    meter.reset()
+    loss_sum, loss_n = 0.0, 0.0
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            logits = model(images)
+        logits = logits.float()
+        masks_list = list(masks) if isinstance(masks, list) else None
+        if masks_list is None and masks.shape[-2:] == logits.shape[-2:]:
+            target = masks.to(device).long()
+            meter.update(logits, target)
+            if criterion is not None:
+                loss_sum += float(criterion(logits, target)) * len(target)
+                loss_n += len(target)
+        else:
+            for i, mask in enumerate(masks_list if masks_list is not None else masks):
+                target = mask.to(device).long()[None]
+                out = logits[i:i + 1]
+                if out.shape[-2:] != target.shape[-2:]:
+                    out = F.interpolate(out, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                meter.update(out, target)
+                if criterion is not None:
+                    loss_sum += float(criterion(out, target))
+                    loss_n += 1
+        if progress is not None:
+            progress(len(images))
+    meter.all_reduce()
+    loss_sum, loss_n = all_reduce_sum([loss_sum, loss_n], device)
+    model.train(was_training)
+    return meter.compute(), (loss_sum / loss_n if loss_n else float("nan"))
+
+
+# ---- the run folder ------------------------------------------------------------------------------------
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
+    """Training loss and validation mIoU / pixel accuracy per epoch; False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipping %s (pip install 'edgepix[plot]')", path.name)
+        return False
+    from edgepix.runtime.fileio import atomic_output
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    if any(math.isfinite(r.get("val_loss", float("nan"))) for r in history):
+        ax1.plot(epochs, [r.get("val_loss", float("nan")) for r in history], "s-", label="val loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend()
+    ax2.plot(epochs, [r.get("val_miou", float("nan")) for r in history], "o-", label="val mIoU")
+    ax2.plot(epochs, [r.get("val_pixel_accuracy", float("nan")) for r in history], "s-", label="val pixel acc")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"{path.parent.name}")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+class _FileLog:
+    """Sends the run's log lines to out/train.log (rank 0); with `quiet` they go only there, not to the console."""
+
+    def __init__(self, path: Path, *, quiet: bool) -> None:
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        self.quiet = quiet
+
+    def __enter__(self):
+        self._saved = (log.level, log.propagate)
+        log.addHandler(self.handler)
+        log.setLevel(logging.INFO)
+        if self.quiet:
+            log.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self.handler)
+        self.handler.close()
+        log.setLevel(self._saved[0])
+        log.propagate = self._saved[1]
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int
+    best_miou: float
+    best_epoch: int
+    final_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    images_per_s: float
+    wall_s: float
+
+
+def _open_sources(cfg: SegTrainConfig, info: DistInfo) -> tuple[SegmentationSource, SegmentationSource]:
+    train_src = open_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
+                            synthetic_val_n=cfg.synthetic_val_n, synthetic_size=cfg.imgsz)
+    val_src = open_source(cfg.data, "val", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
+                          synthetic_val_n=cfg.synthetic_val_n, synthetic_size=cfg.imgsz)
+    t0 = time.perf_counter()
+    if isinstance(train_src, SyntheticSource):
+        n = len(train_src) + len(val_src)
+        with progress_bar(n, desc="render scenes", unit="scene", quiet=cfg.quiet or not info.is_main) as bar:
+            for src in (train_src, val_src):
+                src.pregenerate(workers=max(1, cpu_cores() // info.local_world_size), progress=bar.update)
+        if info.is_main:
+            log.info("rendered %d training scenes and %d held-out scenes (seed %d) of %dx%d in %.1f s",
+                     len(train_src), len(val_src), val_src.seed, *cfg.imgsz, time.perf_counter() - t0)
+    else:
+        if train_src.classes != val_src.classes:
+            raise DataError(f"{cfg.data}: the train and val splits disagree on the classes")
+        train_src.scan()
+        val_src.scan()
+        if info.is_main:
+            log.info("checked %d training and %d validation pairs of %s in %.1f s (%d classes)", len(train_src),
+                     len(val_src), cfg.data, time.perf_counter() - t0, train_src.classes.num_classes)
+    return train_src, val_src
+
+
+def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: bool = False,
+                       on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult | None:
+    """Train (or resume) a segmentation model; returns the result on rank 0 and None on the other ranks."""
+    info = dist_info_from_env()
+    out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        if not last_path.exists():
+            raise ModelFormatError(f"nothing to resume: {last_path} does not exist; start the run without --resume")
+        ckpt = load_checkpoint(last_path)
+        saved = SegTrainConfig.from_dict(ckpt["train_config"])
+        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE}
+        cfg = dataclasses.replace(saved, **overrides)
+        if ckpt["epoch"] >= cfg.epochs:
+            if info.is_main:
+                log.info("%s already finished %d of %d epochs; nothing to resume", last_path, ckpt["epoch"],
+                         cfg.epochs)
+            return None
+    elif last_path.exists() and not exist_ok:
+        raise EdgepixError(f"{out} already holds a run (last.pt); continue it with --resume, or choose another "
+                           "--out (or pass --exist-ok to overwrite it)")
+    get_entry(cfg.model)  # an unknown model name fails before any data work
+
+    device = resolve_device(cfg.device, info)
+    saved_threads = torch.get_num_threads(), cv2.getNumThreads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
+    # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the training
+    # threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
+    cv2.setNumThreads(1)
+    init_distributed(info, device)
+    try:
+        return _train(cfg, info, device, ckpt, on_epoch_end)
+    finally:
+        shutdown_distributed()
+        torch.set_num_threads(saved_threads[0])
+        cv2.setNumThreads(saved_threads[1])
+
+
+def _train(cfg: SegTrainConfig, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None,
+           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult | None:
+    wall0 = time.perf_counter()
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    file_log = _FileLog(out / "train.log", quiet=cfg.quiet) if info.is_main else None
+    if file_log:
+        file_log.__enter__()
+    try:
+        return _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0)
+    finally:
+        if file_log:
+            file_log.__exit__()
+
+
+def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | None:
+    main = info.is_main
+    out = Path(cfg.out)
+    if cfg.batch % info.world_size:
+        raise EdgepixError(f"--batch {cfg.batch} must be divisible by the number of processes ({info.world_size})")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+    seed_everything(cfg.seed)
+
+    train_src, val_src = _open_sources(cfg, info)
+    spec = make_spec(cfg.model, cfg.imgsz, train_src)
+    if ckpt is not None and ckpt["spec"].class_names != spec.class_names:
+        raise DataError(f"{cfg.data}: classes {list(spec.class_names)} differ from the checkpoint's "
+                        f"{list(ckpt['spec'].class_names)}; resume with the same data")
+    arch_kwargs = {**cfg.model_kwargs, "num_classes": spec.num_classes}
+    model = create_model(cfg.model, **arch_kwargs)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.updates = int(ckpt.get("ema_updates", 0))
+    if info.enabled and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else model
+    torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout differs per rank; weights came from cfg.seed
+
+    # ---- data
+    ignore = spec.ignore_index if spec.ignore_index is not None else 255
+    train_ds = SegmentationDataset(
+        train_src, TrainTransform(cfg.imgsz, cfg.augment, ignore_index=ignore, pad_value=spec.pad_value), spec,
+        seed=cfg.seed)
+    val_ds = SegmentationDataset(val_src, EvalTransform(cfg.imgsz), spec, seed=cfg.seed)
+    per_rank_batch = cfg.batch // info.world_size
+    if len(train_ds) < cfg.batch:
+        raise DataError(f"{cfg.data}: {len(train_ds)} training samples is fewer than one batch ({cfg.batch}); "
+                        "lower --batch or add data")
+    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 1)
+    loader_kw = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                     worker_init_fn=_worker_init if workers else None)
+    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_kw)
+    val_part = Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
+    val_loader = DataLoader(val_part, batch_size=max(1, per_rank_batch), shuffle=False, **loader_kw)
+    iters_per_epoch = len(train_loader)
+
+    # ---- optimisation
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer is OptimizerKind.ADAMW:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    total_iters = cfg.epochs * iters_per_epoch
+    warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
+        it, total=total_iters, warmup=warmup_iters, schedule=cfg.schedule, warmup_start=cfg.warmup_start,
+        min_ratio=cfg.min_lr_ratio))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = SegmentationLoss(cfg.loss, ignore_index=spec.ignore_index, dice_weight=cfg.dice_weight)
+    eval_criterion = SegmentationLoss(LossKind.CE, ignore_index=spec.ignore_index)
+    meter = SegmentationMeter(spec.num_classes, ignore_index=spec.ignore_index, device=device)
+
+    start_epoch, history, best_miou, best_epoch = 0, [], -1.0, 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if use_amp and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+        history = list(ckpt.get("history", []))
+        best_miou = float(ckpt.get("best_miou", -1.0))
+        best_epoch = int(ckpt.get("best_epoch", 0))
+        rng = ckpt.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"][info.rank] if info.rank < len(rng["torch"]) else rng["torch"][0])
+        if device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][min(info.rank, len(rng["cuda"]) - 1)], device)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if main:
+        log.info("%s %s: %.2fM parameters, %d classes, input %dx%d; %d processes (%s), device %s, %d threads, "
+                 "%d workers", "resuming" if ckpt else "training", cfg.model, n_params / 1e6, spec.num_classes,
+                 *cfg.imgsz, info.world_size, "gloo" if device.type == "cpu" else "nccl" if info.enabled else "-",
+                 device, torch.get_num_threads(), workers)
+        log.info("%d training samples, %d validation samples; batch %d (%d per process), %d iterations per epoch, "
+                 "epochs %d-%d of %d", len(train_ds), len(val_ds), cfg.batch, per_rank_batch, iters_per_epoch,
+                 start_epoch + 1, cfg.epochs, cfg.epochs)
+
+    train_time_total, train_images_total = 0.0, 0
+    metrics: SegmentationMetrics | None = None
+    for epoch in range(start_epoch, cfg.epochs):
+        train_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        net.train()
+        loss_sum, loss_count, n_images = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = progress_bar(iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                           quiet=cfg.quiet or not main)
+        with bar:
+            for step, (images, masks) in enumerate(train_loader):
+                images = images.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                masks = masks.to(device, non_blocking=True).long()
+                with torch.autocast(device.type, enabled=use_amp):
+                    logits = net(images)
+                    loss = criterion(logits, masks)
+                if not torch.isfinite(loss):
+                    raise EdgepixError(f"the loss became {loss.item()} at epoch {epoch + 1}, iteration {step + 1}; "
+                                       f"lower --lr (now {cfg.lr}) or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                loss_sum += float(loss.detach()) * len(images)
+                loss_count += len(images)
+                n_images += len(images) * info.world_size
+                bar.update(1)
+                if step % 5 == 0 or step == iters_per_epoch - 1:
+                    rate = n_images / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"loss {loss_sum / loss_count:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                                        f"{rate:.1f} img/s")
+        train_time = time.perf_counter() - t0
+        loss_sum, loss_count = all_reduce_sum([loss_sum, float(loss_count)], device)
+        train_loss = loss_sum / max(loss_count, 1)
+        train_time_total += train_time
+        train_images_total += n_images
+        images_per_s = n_images / max(train_time, 1e-9)
+
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+                               "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": images_per_s,
+                               "train_time_s": train_time}
+        validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        if validate:
+            t1 = time.perf_counter()
+            eval_model = ema.module if ema is not None else model
+            metrics, val_loss = evaluate(eval_model, val_loader, meter, device, criterion=eval_criterion,
+                                         channels_last=cfg.channels_last, amp=use_amp)
+            row.update({"val_loss": val_loss, "val_miou": metrics.miou,
+                        "val_pixel_accuracy": metrics.pixel_accuracy})
+            row.update({f"iou_{n}": v for n, v in zip(spec.class_names, metrics.iou)})
+            row["val_time_s"] = time.perf_counter() - t1
+        row["elapsed_s"] = time.perf_counter() - wall0
+        history.append(row)
+        rng_states = _gather_rng_states(info, device)
+
+        improved = validate and metrics is not None and metrics.miou > best_miou
+        if improved:
+            best_miou, best_epoch = metrics.miou, epoch + 1
+        if main:
+            state = _checkpoint(cfg, spec, arch_kwargs, model, ema, optimizer, scheduler, scaler if use_amp else None,
+                                epoch + 1, row, history, best_miou, best_epoch, rng_states, info)
+            save_checkpoint(out / "last.pt", state)
+            if improved:
+                save_checkpoint(out / "best.pt", state)
+            write_metrics_csv(out / "metrics.csv", history)
+            plot_curves(out / "curves.png", history)
+            message = (f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  lr {row['lr']:.2e}  "
+                       f"{images_per_s:.1f} img/s  ({train_time:.0f} s)")
+            if validate:
+                message += (f"  val loss {row['val_loss']:.4f}  mIoU {metrics.miou:.4f}  "
+                            f"pixel acc {metrics.pixel_accuracy:.4f}" + ("  *best*" if improved else ""))
+            log.info(message)
+        barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+
+    if not main:
+        return None
+    wall = time.perf_counter() - wall0
+    throughput = train_images_total / max(train_time_total, 1e-9)
+    if metrics is not None:
+        per_class = "  ".join(f"{n} {v:.3f}" for n, v in zip(spec.class_names, metrics.iou))
+        log.info("per-class IoU (epoch %d): %s", cfg.epochs, per_class)
+    log.info("done: %d epochs in %.1f s (%.1f min); best val mIoU %.4f at epoch %d; training %.1f images/s; "
+             "checkpoints %s, %s", cfg.epochs, wall, wall / 60, best_miou, best_epoch, throughput,
+             out / "best.pt", out / "last.pt")
+    final = history[-1] if history else {}
+    return TrainResult(out, cfg.epochs, best_miou, best_epoch, final, history, throughput, wall)
+
+
+def _gather_rng_states(info: DistInfo, device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Every rank's torch (and CUDA) RNG state, gathered on all ranks so rank 0 can save them."""
+    states = {"torch": [torch.get_rng_state()]}
+    if device.type == "cuda":
+        states["cuda"] = [torch.cuda.get_rng_state(device)]
+    if not info.enabled:
+        return states
+    gathered: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, {k: v[0] for k, v in states.items()})
+    return {k: [g[k] for g in gathered] for k in states}
+
+
+def _checkpoint(cfg, spec, arch_kwargs, model, ema, optimizer, scheduler, scaler, epoch, row, history, best_miou,
+                best_epoch, rng_states, info) -> dict[str, Any]:
+    state = {
+        "arch": cfg.model,
+        "arch_kwargs": arch_kwargs,
+        "spec": spec,
+        "model": _cpu_state(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+        "best_miou": best_miou,
+        "best_epoch": best_epoch,
+        "history": history,
+        "train_config": cfg.to_dict(),
+        "rng": rng_states,
+        "world_size": info.world_size,
+        "edgepix_version": __version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it
+    }
+    if ema is not None:
+        state["ema"] = _cpu_state(ema.module.state_dict())
+        state["ema_updates"] = ema.updates
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+# ---- evaluation of a checkpoint ------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    checkpoint: str
+    data: str
+    split: str
+    samples: int
+    class_names: tuple[str, ...]
+    metrics: SegmentationMetrics
+    loss: float
+    seconds: float
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val", batch: int = 16,
+                        device: str = "auto", workers: int = 0, synthetic_n: int = 200, quiet: bool = False,
+                        prefer_ema: bool = True) -> EvalResult:
+    """mIoU, per-class IoU and pixel accuracy of a checkpoint on a dataset ('synthetic': the held-out scenes)."""
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(path)
+    spec: ModelSpec = ckpt["spec"]
+    if spec.task is not Task.SEGMENTATION:
+        raise ModelFormatError(f"{path}: a {spec.task.value} checkpoint; `val seg` needs a segmentation model")
+    info = DistInfo()
+    dev = resolve_device(device, info)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_cores())
+    if str(data) == "synthetic" and split == "train":
+        seed = int(ckpt.get("train_config", {}).get("seed", 0))
+        source: SegmentationSource = open_source("synthetic", "train", seed=seed, synthetic_n=synthetic_n,
+                                                 synthetic_size=spec.input_size)
+    else:
+        source = open_source(data, split, synthetic_val_n=synthetic_n, synthetic_size=spec.input_size)
+    if source.classes.names != spec.class_names:
+        raise DataError(f"{data}: the dataset's classes {list(source.classes.names)} differ from the model's "
+                        f"{list(spec.class_names)}")
+    source.scan()
+    model = load_model_weights(ckpt, prefer_ema=prefer_ema).to(dev).to(memory_format=torch.channels_last)
+    dataset = SegmentationDataset(source, EvalTransform(spec.input_size), spec)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
+                        worker_init_fn=_worker_init if workers else None)
+    meter = SegmentationMeter(spec.num_classes, ignore_index=spec.ignore_index, device=dev)
+    with progress_bar(len(dataset), desc="val", unit="img", quiet=quiet) as bar:
+        metrics, loss = evaluate(model, loader, meter, dev, criterion=SegmentationLoss(ignore_index=spec.ignore_index),
+                                 progress=bar.update)
+    return EvalResult(str(path), str(data), split, len(dataset), spec.class_names, metrics, loss,
+                      time.perf_counter() - t0)
+
+
+def format_iou_table(result: EvalResult) -> str:
+    m = result.metrics
+    width = max(12, max(len(n) for n in result.class_names) + 2)
+    lines = [f"{'class':<{width}}{'IoU':>8}{'pixels':>12}"]
+    for name, iou, pixels in zip(result.class_names, m.iou, m.pixels):
+        lines.append(f"{name:<{width}}{'n/a' if math.isnan(iou) else f'{iou:.4f}':>8}{pixels:>12}")
+    lines.append(f"{'mIoU':<{width}}{m.miou:>8.4f}")
+    lines.append(f"{'pixel acc':<{width}}{m.pixel_accuracy:>8.4f}")
+    return "\n".join(lines)
