@@ -122,7 +122,8 @@ class EngineBuildOptions:
         return {"precision": self.precision.value, "int8_mode": self.int8_mode.value,
                 "workspace_mb": self.workspace_mb, "opt_level": self.opt_level,
                 "timing_cache": str(self.timing_cache) if self.timing_cache else None, "dla_core": self.dla_core,
-                "device": self.device, "hardware_compatibility": "none"}
+                "device": self.device, "hardware_compatibility": "none",
+                "calibration_cache": str(self.calibration_cache) if self.calibration_cache else None}
 
     def key_options(self) -> dict[str, Any]:
         """The options that change the engine itself (part of the cache key)."""
@@ -132,7 +133,8 @@ class EngineBuildOptions:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> EngineBuildOptions:
         """Options from a manifest's "builder" record (what `rebuild` uses)."""
-        known = {"precision", "int8_mode", "workspace_mb", "opt_level", "timing_cache", "dla_core", "device"}
+        known = {"precision", "int8_mode", "workspace_mb", "opt_level", "timing_cache", "dla_core", "device",
+                 "calibration_cache"}
         kwargs = {k: v for k, v in record.items() if k in known}
         return cls(**kwargs)
 
@@ -596,7 +598,9 @@ def build_engine_file(onnx_path: str | Path, out: str | Path, *, spec: ModelSpec
     calibrator = None
     if plan.calibrate:
         trt = import_tensorrt()
-        cal_cache = options.calibration_cache or out.with_name(out.name + ".calib")
+        # keyed like the engine: other calibration images never reuse this table
+        cal_cache = options.calibration_cache or (cache_dir / (Path(name).stem + ".calib"))
+        options = dataclasses.replace(options, calibration_cache=cal_cache)
         calibrator = make_entropy_calibrator(trt, batches, cal_cache)
     try:
         built = build_serialized_engine(onnx_path, plan=plan, options=options, profiles=profiles,

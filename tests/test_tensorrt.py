@@ -655,7 +655,11 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
         def __init__(self):
             pass
 
-    trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
+    class IInt8EntropyCalibrator2:
+        def __init__(self):
+            pass
+
+    trt.ILogger, trt.IProgressMonitor, trt.IInt8EntropyCalibrator2 = ILogger, IProgressMonitor, IInt8EntropyCalibrator2
     trt.nptype = lambda dt: dt
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
@@ -694,7 +698,10 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
             self.shapes[name] = (tuple(lo), tuple(mid), tuple(hi))
 
     class Config:
-        progress_monitor = None
+        progress_monitor = int8_calibrator = None
+
+        def set_calibration_profile(self, profile):
+            built["calibration_profile"] = profile.shapes
 
         def set_memory_pool_limit(self, pool, size):
             built["workspace"] = size
@@ -737,6 +744,13 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
                 m.phase_start("Building engine", None, 2)
                 built["monitor_calls"] += int(m.step_complete("Building engine", 0))
                 m.phase_finish("Building engine")
+            cal = config.int8_calibrator
+            if cal is not None:  # what TensorRT does with a calibrator: read the cache, else pull batches
+                if cal.read_calibration_cache() is None:
+                    while (ptrs := cal.get_batch(["images"])) is not None:
+                        built.setdefault("calibration_sums", []).append(float(np.frombuffer(
+                            (ctypes.c_float * (3 * 64 * 64)).from_address(ptrs[0]), np.float32).sum()))
+                    cal.write_calibration_cache(memoryview(b"calibration table"))
             profile = built["profiles"][-1]["images"]
             return memoryview(b"FAKEPLAN" + json.dumps(profile).encode())
 
@@ -933,3 +947,20 @@ def test_simulated_backend_rebuilds_a_mismatched_engine_when_asked(simulated, ca
     engine.write_bytes(b"garbage")  # a corrupt plan: TensorRT's reason comes through
     with pytest.raises(BackendError, match="could not deserialize model.engine: magic tag does not match"):
         TensorRTBackend.load(engine)
+
+
+def test_simulated_implicit_int8_calibration_on_tensorrt_10(simulated):
+    options = EngineBuildOptions(precision=Precision.INT8, int8_mode=Int8Mode.CALIBRATE)
+    batches = [np.full((1, 3, 64, 64), i, np.float32) for i in (1, 2, 3)]
+    first = _build(simulated, options=options, calibration=batches)
+    built = simulated.trt.built
+    assert built["flags"] == ["INT8", "FP16"] and built["network_flags"] == 0  # weak typing for implicit INT8
+    assert built["calibration_sums"] == [3 * 64 * 64 * i for i in (1, 2, 3)]  # every batch reached the "device"
+    assert built["calibration_profile"]["images"][1] == (2, 3, 64, 64)
+    calib = Path(read_manifest(first.path).builder["calibration_cache"])
+    assert calib.parent == simulated.tmp / "cache" and calib.read_bytes() == b"calibration table"
+    assert simulated.cuda.blocks == {}  # the calibrator's device buffer was freed
+    assert _build(simulated, "b.engine", options=options, calibration=batches).reused
+    other = [b + 1 for b in batches]  # other calibration images: another engine
+    assert not _build(simulated, "c.engine", options=options, calibration=other).reused
+    assert read_manifest(first.path).builder["plan"].startswith("FP32 ONNX, implicit INT8")
