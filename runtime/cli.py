@@ -1,0 +1,174 @@
+"""Runtime verbs: `edgepix segment` (the stream pipeline). Nothing heavy is imported until a handler runs, so
+the command starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+VIS_MODES = ("overlay", "mask", "side")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .sources import parse_size
+
+    try:
+        return parse_size(text)
+    except Exception as e:  # argparse turns this into a usage error (exit 2)
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _class_key(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment live streams, videos or images in real time (sources -> model -> sinks)",
+        description="Segment frames from one or more sources and send the rendered results to sinks, with "
+                    "capture, inference, rendering and encoding in parallel threads. Sources: a camera number, "
+                    "/dev/videoN, v4l2://, csi://N, rtsp://, rtmp://, http(s)://, gst://PIPELINE, a video, an image, "
+                    "a folder, a glob, synthetic:// (the default). Sinks: display:// (the default when there is a "
+                    "screen), a video file (.mp4 .avi .mkv .webm), a folder/, http://HOST:PORT (MJPEG + page; "
+                    "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.")
+    p.add_argument("model", type=Path, help="an exported .onnx file (or a TensorRT .engine)")
+    p.add_argument("--source", "-s", action="append", default=[], metavar="URI",
+                   help="where frames come from (repeat for several streams, batched together)")
+    p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
+                   help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
+    p.add_argument("--backend", default="auto", help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
+    p.add_argument("--vis", choices=VIS_MODES, default="overlay", help="how to draw the classes")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay (0..1)")
+    p.add_argument("--classes", nargs="+", type=_class_key, metavar="CLASS",
+                   help="draw only these classes (names or indices)")
+    p.add_argument("--hide", nargs="+", type=_class_key, default=(), metavar="CLASS", help="never draw these classes")
+    p.add_argument("--legend", action="store_true", help="draw a legend of the classes")
+    p.add_argument("--realtime", action="store_true",
+                   help="read video files at their frame rate and keep only the newest frame, like a camera "
+                        "(default: every frame, as fast as the model goes)")
+    p.add_argument("--loop", action="store_true", help="restart video files and image lists at their end")
+    p.add_argument("--stats", type=Path, metavar="FILE", help="write the statistics as JSON at the end")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (all streams together)")
+    p.add_argument("--no-hud", action="store_true", help="display:// without the FPS and timing overlay")
+    g = p.add_argument_group("inference")
+    g.add_argument("--workers", type=int, help="inference workers sharing the model (default: by backend and cores)")
+    g.add_argument("--threads", type=int, help="threads per inference call (default: by backend and cores)")
+    g.add_argument("--batch-timeout", type=float, default=40.0, metavar="MS",
+                   help="multi-stream: push a partial batch after MS milliseconds (default 40)")
+    g.add_argument("--max-batch", type=int, help="multi-stream: frames per inference call (default: one per stream)")
+    g = p.add_argument_group("sources")
+    g.add_argument("--input-size", type=_size, metavar="WxH", help="requested camera mode, e.g. 1280x720")
+    g.add_argument("--input-fps", type=float, metavar="FPS", help="requested camera frame rate")
+    g.add_argument("--input-codec", metavar="FOURCC", help="requested camera pixel format, e.g. MJPG")
+    g.add_argument("--open-timeout", type=float, default=10.0, metavar="S", help="network streams: open timeout (10)")
+    g.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
+                   help="network streams: a read that blocks this long counts as an outage (5)")
+    g.add_argument("--rtsp-transport", choices=("tcp", "udp"), default="tcp")
+    g.add_argument("--reconnect-attempts", type=int, metavar="N",
+                   help="live sources: reopen tries per outage (default unlimited; 0: end the stream)")
+    g.add_argument("--backoff-max", type=float, default=2.0, metavar="S",
+                   help="longest wait between reopen tries (the wait doubles from 0.25 s)")
+    p.set_defaults(func=cmd_segment)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import os
+    import signal
+
+    from .errors import InputError, ModelFormatError
+    from .fileio import atomic_write_text
+    from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, summary_line
+    from .render import RenderOptions
+    from .segmenter import Segmenter
+    from .sinks import display_available, make_sink
+    from .sources import SourceOptions, open_source
+
+    log = logging.getLogger("edgepix.segment")
+    model: Path = args.model
+    if model.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        raise ModelFormatError(f"{model} is a training checkpoint; the runtime runs exported models: "
+                               f"edgepix export {model} (then pass the .onnx)")
+    if not model.exists():
+        raise ModelFormatError(f"model file not found: {model}")
+    for name in ("workers", "threads", "max_frames", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+
+    source_options = SourceOptions(
+        size=args.input_size, fps=args.input_fps, codec=args.input_codec.upper() if args.input_codec else None,
+        open_timeout=args.open_timeout, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport,
+        reconnect_attempts=args.reconnect_attempts, backoff_max=args.backoff_max, realtime=args.realtime,
+        loop=args.loop)
+    # Parse every URI before loading the model, so a typo fails in milliseconds.
+    sources = [open_source(uri, source_options, stream_id=i) for i, uri in enumerate(args.source or ["synthetic://"])]
+    sink_uris = list(args.sink)
+    if not sink_uris:
+        reason = display_available()
+        if reason is None:
+            sink_uris = ["display://"]
+        else:
+            sink_uris = ["null://"]
+            log.info("no --sink and no screen (%s): frames are only counted; add --sink http://0.0.0.0:8080 to "
+                     "watch in a browser or --sink out.mp4 to keep them", reason)
+    sinks = [make_sink(u, hud=not args.no_hud) for u in sink_uris]
+
+    backend = resolve_backend(model, args.backend)
+    workers, threads = choose_workers(backend)
+    workers = args.workers or workers
+    threads = args.threads or threads
+    options = {"threads": threads} if threads else {}
+    render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
+                           hide=tuple(args.hide), legend=args.legend)
+    seg = Segmenter.load(model, backend, render=render, **options)
+    if backend == "opencv":
+        workers = 1  # an OpenCV net is not thread-safe
+    if not args.quiet:
+        log.info("%s; %d inference worker(s)", seg.describe(), workers)
+
+    status = None if args.quiet else (lambda line: _status(line))
+    pipeline = Pipeline(seg, sources, sinks, PipelineOptions(
+        workers=workers, batch_timeout=args.batch_timeout / 1000.0, max_batch=args.max_batch,
+        max_frames=args.max_frames, duration=args.duration, status_interval=1.0 if sys.stderr.isatty() else 5.0),
+        title=f"edgepix segment {model.name}", status=status,
+        info={"threads_per_worker": threads, "vis": args.vis, "pid": os.getpid()})
+
+    interrupts = {"n": 0}
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+        interrupts["n"] += 1
+        if interrupts["n"] > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: give up on a clean finish
+        pipeline.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = pipeline.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        seg.close()
+        if args.stats is not None:
+            atomic_write_text(args.stats, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
+    if not args.quiet:
+        print(summary_line(stats), file=sys.stderr)
+    return 0
+
+
+_last_len = [0]
+
+
+def _status(line: str) -> None:
+    """A status line: rewritten in place on a terminal, one line per update in a log."""
+    if sys.stderr.isatty():
+        text = line.rstrip("\n")
+        pad = max(0, _last_len[0] - len(text))
+        sys.stderr.write("\r" + text + " " * pad + ("\n" if line.endswith("\n") else ""))
+        _last_len[0] = 0 if line.endswith("\n") else len(text)
+    else:
+        sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
