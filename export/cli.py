@@ -20,7 +20,11 @@ def register(subparsers) -> None:
     p.add_argument("--argmax", action="store_true", help="end with ArgMax + Cast: the graph outputs a uint8 class map")
     p.add_argument("--uint8-output", action="store_true", help="generators: the graph outputs uint8 images")
     p.add_argument("--train-mode", action="store_true",
-                   help="generators: export dropout and normalisation in training mode (pix2pix practice)")
+                   help="generators: normalise each image with its own statistics, as in training (pix2pix "
+                        "practice); dropout stays off unless --dropout")
+    p.add_argument("--dropout", action="store_true",
+                   help="with --train-mode: keep dropout active (new random masks on every run; the gate then "
+                        "compares output distributions)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the checkpoint has EMA")
     p.add_argument("--calib", default="synthetic", help="INT8 calibration images: a folder, or 'synthetic'")
@@ -44,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", default="synthetic", help="validation data: a dataset folder or 'synthetic'")
     p.add_argument("--verify-n", type=int, default=20)
     p.add_argument("--train-mode", action="store_true", help="run PyTorch in training mode (train-mode exports)")
+    p.add_argument("--dropout", action="store_true", help="the artifact keeps dropout active (--train-mode --dropout)")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -99,6 +104,7 @@ def export_request(args: argparse.Namespace):
             argmax=args.argmax,
             uint8_output=args.uint8_output,
             train_mode=args.train_mode,
+            dropout=args.dropout,
             simplify=not args.no_simplify,
             exporter=Exporter(args.exporter),
         ),
@@ -129,8 +135,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if spec is None:
         raise ModelFormatError(f"{args.artifact} has no edgepix spec in its metadata; export it with edgepix export")
     ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).train(args.train_mode)
+    from .generators import reference_mode
+
+    model = reference_mode(model_from_checkpoint(ckpt, use_ema=not args.no_ema), train_mode=args.train_mode,
+                           dropout=args.dropout)
     samples = load_samples(args.data, args.verify_n, spec.input_size, seed=VERIFY_SEED)
-    report = verify(args.artifact, model, spec, samples)
+    report = verify(args.artifact, model, spec, samples, stochastic=args.train_mode and args.dropout)
     print(report.format())
     return 0 if report.passed else 1

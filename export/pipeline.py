@@ -21,6 +21,7 @@ from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.spec import ModelSpec, Task
 from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
 
+from .generators import generator_input_image, reference_mode
 from .precision import Int8Options, convert_fp16, quantize_int8
 from .to_onnx import OnnxExportOptions, export_onnx
 from .verify import VERIFY_SEED, GateReport, Sample, folder_samples, preprocess, synthetic_samples, verify
@@ -87,7 +88,7 @@ def calibration_batches(request: ExportRequest, spec: ModelSpec) -> list[np.ndar
         rng = np.random.default_rng(CALIB_SEED)
         return [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(request.calib_n)]
     samples = load_samples(request.calib, request.calib_n, spec.input_size, seed=CALIB_SEED)
-    return [preprocess(s.image, spec) for s in samples]
+    return [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples]
 
 
 def check_writable(path: Path) -> None:
@@ -127,8 +128,9 @@ def run_export(request: ExportRequest) -> ExportResult:
         report = None
         if request.verify:
             samples = load_samples(request.data, request.verify_n, artifact_spec.input_size, seed=VERIFY_SEED)
-            model.train(request.onnx.train_mode)
-            report = verify(artifact, model, artifact_spec, samples)
+            reference_mode(model, train_mode=request.onnx.train_mode, dropout=request.onnx.dropout)
+            report = verify(artifact, model, artifact_spec, samples,
+                            stochastic=request.onnx.train_mode and request.onnx.dropout)
             report.artifact = str(out)  # the gate ran on the temporary file that becomes `out`
             if not report.passed:
                 raise VerificationFailed(report)

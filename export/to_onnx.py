@@ -45,7 +45,8 @@ class OnnxExportOptions:
     dynamic_size: bool = False
     argmax: bool = False  # segmentation: end the graph with ArgMax + Cast(uint8)
     uint8_output: bool = False  # generators: end the graph with a uint8 image
-    train_mode: bool = False  # generators: export dropout and normalisation as in training (pix2pix practice)
+    train_mode: bool = False  # generators: normalise with each image's own statistics, as in training (pix2pix)
+    dropout: bool = False  # with train_mode: keep dropout active (random masks on every run); see generators.py
     simplify: bool = True
     exporter: Exporter = Exporter.TORCHSCRIPT
 
@@ -125,7 +126,13 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, optio
         )
     out_spec = exported_spec(spec, options)
     model = model.cpu().float()
-    model.train(options.train_mode)
+    if options.dropout and not options.train_mode:
+        raise ExportError("--dropout applies to --train-mode exports; add --train-mode")
+    if options.train_mode:  # an eval-mode copy that computes the train-mode forward image by image
+        from .generators import train_mode_graph
+
+        model = train_mode_graph(model, dropout=options.dropout)
+    model.eval()
     x = example_input(out_spec)
 
     findings = audit_model(model, x, dynamic_size=options.dynamic_size)
@@ -141,7 +148,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, optio
         wrapped = ArgmaxHead(model)
     elif options.uint8_output:
         wrapped = Uint8ImageHead(model, out_spec.output_range)
-    wrapped.train(options.train_mode)
+    wrapped.eval()
 
     names_in, names_out = [out_spec.input_name], [out_spec.output_name]
     dynamic_axes: dict[str, dict[int, str]] = {}
@@ -169,6 +176,8 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
             # The TorchScript exporter announces its deprecation on every call; the choice is deliberate here.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
             warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+            # Per-image normalisation (train-mode exports) is instance_norm with input statistics, on purpose.
+            warnings.filterwarnings("ignore", message=r".*'instance_norm' is set to train=True.*")
             if options.exporter is Exporter.DYNAMO:
                 dynamic_shapes = None
                 if dynamic_axes:
@@ -178,10 +187,10 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
                                   input_names=names_in, output_names=names_out, dynamic_shapes=dynamic_shapes,
                                   external_data=False)
             else:
-                mode = torch.onnx.TrainingMode.TRAINING if options.train_mode else torch.onnx.TrainingMode.EVAL
+                # Train-mode exports arrive as eval-mode graphs (generators.train_mode_graph), so one mode serves.
                 torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=options.opset,
                                   input_names=names_in, output_names=names_out, dynamic_axes=dynamic_axes or None,
-                                  do_constant_folding=not options.train_mode, training=mode)
+                                  do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; keep the reason on one line

@@ -232,7 +232,9 @@ def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelS
     if spec.task is Task.GENERATION_NOISE:
         inputs = [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(n_random)]
     else:
-        inputs = [preprocess(s.image, spec) for s in samples]
+        from .generators import generator_input_image  # a mask -> image model is fed palette-coloured masks
+
+        inputs = [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples]
         inputs += [np.clip(rng.standard_normal((1, 3, *spec.input_size), dtype=np.float32), -1, 1)
                    for _ in range(2)]
     refs, outs = [], []
@@ -244,9 +246,48 @@ def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelS
     return GateReport(str(artifact), spec.precision.value, [Check("PSNR vs PyTorch (dB)", value, threshold, True)])
 
 
+def verify_stochastic_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec,
+                                samples: list[Sample], *, n_inputs: int = 3, k: int = 12,
+                                margin_db: float = 1.0) -> GateReport:
+    """The gate for graphs with active dropout (`--train-mode --dropout`), whose outputs are random: per input, the
+    mean of k artifact outputs must be as close to the mean of k PyTorch outputs as a second, independent PyTorch
+    mean is (PSNR within `margin_db`), and the per-pixel spread of the outputs must match (std ratio 0.8-1.25)."""
+    from .generators import generator_input_image
+
+    session = open_session(artifact)
+    model = model.float()
+    rng = np.random.default_rng(0)
+    if spec.task is Task.GENERATION_NOISE:
+        inputs = [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(n_inputs)]
+    else:
+        inputs = [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples[:n_inputs]]
+    torch_a, torch_b, onnx_m, std_t, std_o = [], [], [], [], []
+    for x in inputs:
+        ta = np.stack([_run_torch(model, x) for _ in range(k)]).astype(np.float64)
+        tb = np.stack([_run_torch(model, x) for _ in range(k)]).astype(np.float64)
+        oo = np.stack([_run_onnx(session, spec, x) for _ in range(k)]).astype(np.float64)
+        torch_a.append(to_uint8_image(ta.mean(0), spec))
+        torch_b.append(to_uint8_image(tb.mean(0), spec))
+        onnx_m.append(to_uint8_image(oo.mean(0), spec))
+        std_t.append(float(ta.std(0).mean()))
+        std_o.append(float(oo.std(0).mean()))
+    a, b, o = np.concatenate(torch_a), np.concatenate(torch_b), np.concatenate(onnx_m)
+    torch_vs_torch = psnr(a, b)
+    ratio = float(np.mean(std_o) / max(np.mean(std_t), 1e-12))
+    checks = [Check(f"PSNR mean of {k} ONNX vs PyTorch (dB)", psnr(a, o), torch_vs_torch - margin_db, True),
+              Check("output std ratio ONNX / PyTorch", ratio, 0.8, True),
+              Check("output std ratio ONNX / PyTorch ", ratio, 1.25, False)]
+    info = {f"PSNR mean of {k} PyTorch vs PyTorch (dB)": torch_vs_torch, "mean per-pixel std, PyTorch": float(
+        np.mean(std_t))}
+    return GateReport(str(artifact), spec.precision.value, checks, info)
+
+
 def verify(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-           *, thresholds: Thresholds = Thresholds()) -> GateReport:
+           *, thresholds: Thresholds = Thresholds(), stochastic: bool = False) -> GateReport:
+    """`stochastic`: the artifact samples random dropout masks (a `--train-mode --dropout` export)."""
     require("onnxruntime", extra="cpu", purpose="Verifying exported models")
     if spec.task is Task.SEGMENTATION:
         return verify_segmentation(artifact, model, spec, samples, thresholds=thresholds)
+    if stochastic:
+        return verify_stochastic_generator(artifact, model, spec, samples)
     return verify_generator(artifact, model, spec, samples, thresholds=thresholds)
