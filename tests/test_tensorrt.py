@@ -424,15 +424,18 @@ def test_registry_says_how_to_get_the_tensorrt_backend(tmp_path):
 # ---- doctor and the CLI (subprocesses, as a user runs them) ---------------------------------------------------
 
 
-def test_doctor_engines_reports_each_engine(tmp_path):
-    fake_engine(tmp_path, "model.engine")
+def test_doctor_engines_reports_each_engine(tmp_path, capsys):
+    from edgepix.cli import main
+
+    fake_engine(tmp_path, "model.engine", tensorrt="9.9.9", gpu="Imaginary GPU")  # loads on no real machine
     (tmp_path / "foreign.plan").write_bytes(b"plan")
-    r = run_edgepix("doctor", "--engines", str(tmp_path))
-    assert r.returncode == 1, r.stderr  # an engine that cannot load here makes doctor --engines fail
+    code = main(["doctor", "--engines", str(tmp_path)])
+    r = types.SimpleNamespace(stdout=capsys.readouterr().out)
+    assert code == 1  # an engine that cannot load here makes doctor --engines fail
     lines = r.stdout.splitlines()
     model = next(line for line in lines if "model.engine:" in line)
     foreign = next(line for line in lines if "foreign.plan:" in line)
-    assert model.split()[0] == "NO" and "TensorRT 10.3.0 on Orin (sm 8.7)" in model
+    assert model.split()[0] == "NO" and "TensorRT 9.9.9 on Imaginary GPU (sm 8.7)" in model
     assert foreign.split()[0] == "NO" and "no manifest" in foreign
     assert "2 engine(s), 2 cannot load here" in r.stdout
     assert "tensorrt" in r.stdout and "gpu" in r.stdout  # the usual doctor table comes first
@@ -836,7 +839,10 @@ def simulated(monkeypatch, tmp_path):
     cuda = _FakeCuda()
     trt = _fake_tensorrt(cuda)
     facts = DeviceFacts(trt.__version__, "12.9", "Simulated GPU", "8.9")
+    import edgepix.export.tensorrt as export_mod
+
     monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(export_mod, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(build_mod, "running_device_facts", lambda device=0: facts)
     monkeypatch.setattr(backend_mod, "running_device_facts", lambda device=0: facts)
     monkeypatch.setattr(cudart_mod, "import_cudart", lambda: cuda)
@@ -964,3 +970,43 @@ def test_simulated_implicit_int8_calibration_on_tensorrt_10(simulated):
     other = [b + 1 for b in batches]  # other calibration images: another engine
     assert not _build(simulated, "c.engine", options=options, calibration=other).reused
     assert read_manifest(first.path).builder["plan"].startswith("FP32 ONNX, implicit INT8")
+
+
+def _tiny_onnx(path: Path, spec: ModelSpec) -> Path:
+    """A 1x1 convolution 3 -> 6 channels with a dynamic batch, carrying `spec`: enough for the export wiring."""
+    onnx = pytest.importorskip("onnx", reason="the onnx package makes the test model")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepix.export.to_onnx import set_spec_metadata
+
+    w = numpy_helper.from_array(np.ones((6, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["output"])], "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 6, 64, 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_spec_metadata(model, spec)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_simulated_cli_builds_from_an_onnx_then_reuses_the_cache(simulated, capsys):
+    from edgepix.cli import main
+
+    onnx = _tiny_onnx(simulated.tmp / "tiny.onnx", SPEC)
+    args = ["export", str(onnx), "--format", "engine", "--precision", "fp32", "--batch", "1", "2", "4",
+            "--cache", str(simulated.tmp / "cache"), "--no-verify"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    engine = simulated.tmp / "tiny.engine"
+    assert f"wrote {engine}" in out and "built in" in out and "Simulated GPU sm 8.9" in out
+    m = read_manifest(engine)
+    assert m.profiles[0][0].min == (1, 3, 64, 64) and m.profiles[0][0].max == (4, 3, 64, 64)
+    assert m.spec.precision is Precision.FP32 and m.onnx == "tiny.onnx"
+    assert main(args) == 0
+    assert "reused from the engine cache" in capsys.readouterr().out
+    # FP16 from this FP32 ONNX: TensorRT 10's weak-typing flag (TensorRT 11 refuses; see the test above)
+    assert main([*args[:4], "--precision", "fp16", *args[6:]]) == 0
+    assert "FP16" in simulated.trt.built["flags"]
+    assert read_manifest(simulated.tmp / "tiny.fp16.engine").builder["plan"].startswith("FP32 ONNX, BuilderFlag.FP16")

@@ -256,6 +256,9 @@ class TensorRTBackend(Backend):
         all_shapes = dict(shapes)
         for meta in self.outputs:
             all_shapes[meta.name] = tuple(int(d) for d in ctx.get_tensor_shape(meta.name))
+            if any(d < 0 for d in all_shapes[meta.name]):
+                raise BackendError(f"output {meta.name!r} has a data-dependent shape {all_shapes[meta.name]}; the "
+                                   "tensorrt backend supports outputs whose shape follows from the input shapes")
         for meta in (*self.inputs, *self.outputs):
             nbytes = _volume(all_shapes[meta.name]) * meta.dtype.itemsize
             buf = self._buffers.get(meta.name)
