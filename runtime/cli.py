@@ -78,6 +78,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import logging
     import os
     import signal
+    import threading
 
     from .errors import InputError, ModelFormatError
     from .fileio import atomic_write_text
@@ -88,6 +89,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .sources import SourceOptions, open_source
 
     log = logging.getLogger("edgepix.segment")
+    if not args.verbose:
+        # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
+        # the pipeline reports outages itself. --verbose keeps their logs.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     model: Path = args.model
     if model.suffix.lower() in (".pt", ".pth", ".ckpt"):
         raise ModelFormatError(f"{model} is a training checkpoint; the runtime runs exported models: "
@@ -105,7 +113,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         reconnect_attempts=args.reconnect_attempts, backoff_max=args.backoff_max, realtime=args.realtime,
         loop=args.loop)
     # Parse every URI before loading the model, so a typo fails in milliseconds.
-    sources = [open_source(uri, source_options, stream_id=i) for i, uri in enumerate(args.source or ["synthetic://"])]
+    cond = threading.Condition()  # shared by the streams' buffers: the pipeline's mux waits on all of them
+    sources = [open_source(uri, source_options, stream_id=i, cond=cond)
+               for i, uri in enumerate(args.source or ["synthetic://"])]
     sink_uris = list(args.sink)
     if not sink_uris:
         reason = display_available()
@@ -113,18 +123,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
             sink_uris = ["display://"]
         else:
             sink_uris = ["null://"]
-            log.info("no --sink and no screen (%s): frames are only counted; add --sink http://0.0.0.0:8080 to "
-                     "watch in a browser or --sink out.mp4 to keep them", reason)
+            log.info("no --sink and no display:// (%s): frames are only counted; add --sink http://0.0.0.0:8080 "
+                     "to watch in a browser or --sink out.mp4 to keep them", reason)
     sinks = [make_sink(u, hud=not args.no_hud) for u in sink_uris]
-
+    render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
+                           hide=tuple(args.hide), legend=args.legend)
     backend = resolve_backend(model, args.backend)
     workers, threads = choose_workers(backend)
     workers = args.workers or workers
     threads = args.threads or threads
     options = {"threads": threads} if threads else {}
-    render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
-                           hide=tuple(args.hide), legend=args.legend)
-    seg = Segmenter.load(model, backend, render=render, **options)
+
+    # Open the sources first: a camera or stream that does not open fails before the model loads, and live
+    # ones connect (and files start decoding) while it does.
+    try:
+        for source in sources:
+            source.start()
+        seg = Segmenter.load(model, backend, render=render, **options)
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
     if backend == "opencv":
         workers = 1  # an OpenCV net is not thread-safe
     if not args.quiet:

@@ -246,12 +246,22 @@ class Pipeline:
             sources = ["synthetic://"]
         self.seg = segmenter
         self.options = options
-        self.cond = threading.Condition()
+        given = [s for s in sources if isinstance(s, Source)]
+        shared = {id(s.buffer.cond) for s in given}
+        # One condition for every stream, so the mux can wait on all of them: the one sources share already
+        # (open_sources, or the CLI, which starts them early), else a new one given to sources not yet started.
+        self.cond = given[0].buffer.cond if given and len(shared) == 1 else threading.Condition()
         self.sources: list[Source] = []
         for i, s in enumerate(sources):
-            src = s if isinstance(s, Source) else open_source(s, source_options, stream_id=i)
+            src = s if isinstance(s, Source) else open_source(s, source_options, stream_id=i, cond=self.cond)
+            if src.buffer.cond is not self.cond:
+                if src.running:
+                    raise InputError("sources already started must share one threading.Condition "
+                                     "(open them with open_sources or pass cond=)")
+                src.buffer.cond = self.cond
+            if src.stream_id != i and src.running:
+                raise InputError(f"source {src.label}: started as stream {src.stream_id}, given as stream {i}")
             src.stream_id = i
-            src.buffer.cond = self.cond  # one condition for every stream, so the mux can wait on all of them
             self.sources.append(src)
         self.sinks: list[Sink] = [s if isinstance(s, Sink) else make_sink(s) for s in (sinks or ["null://"])]
         for sink in self.sinks:

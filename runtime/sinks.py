@@ -458,6 +458,7 @@ class HttpSink(Sink):
         self.closed = False
         self.clients = 0
         self.clients_total = 0
+        self.clients_timed_out = 0
         self.frames_sent = 0
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -539,7 +540,7 @@ class HttpSink(Sink):
 
     def stats(self) -> dict:
         return {**super().stats(), "url": self.url, "clients": self.clients, "clients_total": self.clients_total,
-                "frames_sent": self.frames_sent}
+                "clients_timed_out": self.clients_timed_out, "frames_sent": self.frames_sent}
 
 
 def _html(text: str) -> str:
@@ -590,8 +591,11 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(200, "image/jpeg", data)
             else:
                 self._send(404, "text/plain", b"not found: try / , /stream.mjpg, /frame.jpg or /stats.json\n")
-        except (OSError, socket.timeout):
-            pass  # the client went away or stopped reading: its problem, not the pipeline's
+        except socket.timeout:  # the client stopped reading: drop it, the pipeline never waited for it
+            with sink.cond:
+                sink.clients_timed_out += 1
+        except OSError:
+            pass  # the client went away
 
     def _mjpeg(self, stream_id: int) -> None:
         sink = self.sink

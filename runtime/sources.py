@@ -365,10 +365,12 @@ def _ffmpeg_capture_options(options: dict[str, str]) -> Iterator[None]:
 
 
 def opencv_has_gstreamer() -> bool:
-    try:
-        return "GSTREAMER" in {cv2.videoio_registry.getBackendName(b) for b in cv2.videoio_registry.getBackends()}
-    except Exception:  # very old OpenCV without videoio_registry: look in the build information
-        return bool(re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()))
+    # getBackends() also lists backends that could only be loaded as plugins; hasBackend() says whether one is
+    # built in or its plugin actually loaded.
+    registry = getattr(cv2, "videoio_registry", None)
+    if registry is not None and hasattr(registry, "hasBackend"):
+        return bool(registry.hasBackend(cv2.CAP_GSTREAMER))
+    return bool(re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()))
 
 
 def csi_pipeline(sensor: int, options: SourceOptions) -> str:
@@ -716,6 +718,11 @@ class Source:
     @property
     def dropped(self) -> int:
         return self.buffer.dropped
+
+    @property
+    def running(self) -> bool:
+        """`start()` was called (the reader thread exists)."""
+        return self._thread is not None
 
     @property
     def ended(self) -> bool:

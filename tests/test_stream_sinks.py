@@ -1,0 +1,189 @@
+"""Sinks: video files (codec by extension, fps, size, constant frame rate for live sources), image folders, the
+MJPEG server (protocol, statistics, slow and vanishing clients, a real browser), URI parsing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+from test_stream_support import channel_model, video_info, write_scene_video
+
+from edgepix.runtime import Segmenter
+from edgepix.runtime.errors import SinkError
+from edgepix.runtime.pipeline import Pipeline, PipelineOptions
+from edgepix.runtime.sinks import HttpSink, Output, SinkContext, StreamInfo, VideoFileSink, parse_http_address, parse_sink
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory):
+    with Segmenter.load(channel_model(tmp_path_factory.mktemp("sink_model") / "c.onnx"), "ort-cpu", threads=1) as s:
+        yield s
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.avi", "out.mkv"])
+def test_video_sink_keeps_fps_size_and_every_frame_of_a_file(seg, tmp_path, name):
+    video = write_scene_video(tmp_path / "in.mp4", n=20, size=(176, 144), fps=15)
+    stats = Pipeline(seg, [str(video)], [str(tmp_path / name)], PipelineOptions(workers=2)).run()
+    n, fps, size = video_info(tmp_path / name)
+    assert (n, size) == (20, (176, 144)) and fps == pytest.approx(15)
+    assert stats["sinks"][0]["files"][str(tmp_path / name)]["frames"] == 20
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_live_frames_are_placed_by_timestamp_at_a_constant_rate(tmp_path):
+    sink = VideoFileSink("v.avi", tmp_path / "v.avi")
+    sink.open(SinkContext([StreamInfo(0, "cam", 10.0, True)]))
+    image = np.zeros((32, 48, 3), np.uint8)
+    # 10 fps nominal; frames arrive at t = 0, 0.1, 0.4 (an outage of two frames) and 0.42 (too early: dropped)
+    for i, t in enumerate((0.0, 0.1, 0.4, 0.42)):
+        sink.write(Output(image + 40 * i, 0, i, 100.0 + t))
+    sink.close()
+    n, fps, size = video_info(tmp_path / "v.avi")
+    assert n == 5 and fps == pytest.approx(10) and size == (48, 32)  # slots 0, 1, 2 (repeat), 3 (repeat), 4
+
+
+def test_odd_and_changing_frame_sizes_are_written_at_the_first_even_size(tmp_path):
+    sink = VideoFileSink("v.avi", tmp_path / "v.avi")
+    sink.open(SinkContext([StreamInfo(0, "f", None, False)]))
+    for i, (h, w) in enumerate(((31, 47), (60, 80), (31, 47))):
+        sink.write(Output(np.full((h, w, 3), 100, np.uint8), 0, i, float(i)))
+    sink.close()
+    n, fps, size = video_info(tmp_path / "v.avi")
+    assert n == 3 and size == (48, 32) and fps == pytest.approx(30)  # unknown source rate: 30
+
+
+def test_image_pattern_sink_names_files_by_frame_index(seg, tmp_path):
+    Pipeline(seg, ["synthetic://?size=64x48&fps=0&frames=5"], [str(tmp_path / "f_%03d.png")]).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f_{i:03d}.png" for i in range(5)]
+
+
+@pytest.mark.parametrize("uri, kind", [("display://", "display"), ("null://", "null"), ("x.mp4", "video"),
+                                       ("x.webm", "video"), ("dir/", "images"), ("d/%04d.jpg", "images"),
+                                       ("http://0.0.0.0:8080", "http"), ("x.mp4?stream=1", "video")])
+def test_sink_uris(uri, kind):
+    spec = parse_sink(uri)
+    assert spec.kind == kind
+    assert spec.streams == (frozenset({1}) if "stream=1" in uri else None)
+
+
+def test_bad_sink_uris_and_the_default_http_address():
+    with pytest.raises(SinkError, match="unknown sink scheme"):
+        parse_sink("ftp://x")
+    with pytest.raises(SinkError, match="cannot tell"):
+        parse_sink("out.xyz")
+    assert parse_http_address(":8080", "u") == ("127.0.0.1", 8080)
+    assert parse_http_address("localhost:9", "u") == ("127.0.0.1", 9)
+    assert parse_http_address("0.0.0.0:8080", "u") == ("0.0.0.0", 8080)
+
+
+def test_a_busy_port_is_a_sink_error(seg):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SinkError, match="cannot listen"):
+            Pipeline(seg, ["synthetic://?fps=0&frames=1&size=32x32"], [f"http://127.0.0.1:{port}"]).run()
+
+
+def read_mjpeg_frames(response, n: int) -> list[np.ndarray]:
+    frames = []
+    while len(frames) < n:
+        line = response.readline()
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+            response.readline()  # blank line
+            frames.append(cv2.imdecode(np.frombuffer(response.read(length), np.uint8), cv2.IMREAD_COLOR))
+    return frames
+
+
+def run_in_thread(pipeline: Pipeline) -> threading.Thread:
+    t = threading.Thread(target=pipeline.run, daemon=True)
+    t.start()
+    return t
+
+
+def test_mjpeg_stream_page_and_statistics(seg):
+    sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0)
+    p = Pipeline(seg, ["synthetic://?size=96x64&fps=30"], [sink], PipelineOptions(duration=10))
+    t = run_in_thread(p)
+    try:
+        while sink.server is None:
+            time.sleep(0.01)
+        base = sink.url
+        with urllib.request.urlopen(base + "stream.mjpg", timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            frames = read_mjpeg_frames(r, 3)
+        assert all(f.shape == (64, 96, 3) for f in frames)
+        page = urllib.request.urlopen(base, timeout=5).read().decode()
+        assert 'src="stream/0.mjpg"' in page and "stats.json" in page
+        stats = json.loads(urllib.request.urlopen(base + "stats.json", timeout=5).read())
+        assert stats["frames"] > 0 and "infer" in stats["stages"] and stats["streams"][0]["state"] == "up"
+        jpg = urllib.request.urlopen(base + "frame/0.jpg", timeout=5).read()
+        assert cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape == (64, 96, 3)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "nothing", timeout=5)
+    finally:
+        p.stop()
+        t.join(10)
+    assert sink.server is None  # closed with the pipeline
+
+
+def test_slow_and_vanishing_clients_never_hold_up_the_pipeline(seg):
+    sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0, client_timeout=1.0, quality=100)
+    p = Pipeline(seg, ["synthetic://?size=320x240&fps=0&frames=150"], [sink, "null://"], PipelineOptions(workers=2))
+    p.start()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", sink.port))
+    stalled.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")  # ... and never reads
+    vanishing = socket.create_connection(("127.0.0.1", sink.port))
+    vanishing.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+    vanishing.recv(100)
+    vanishing.close()
+    t0 = time.monotonic()
+    try:
+        assert p.wait(30), "the pipeline stalled"
+        stats = p.run()
+        assert stats["frames"] == 150 and time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 5
+        while sink.clients and time.monotonic() < deadline:  # the stalled client is still connected, not reading
+            time.sleep(0.05)
+    finally:
+        stalled.close()
+    assert sink.clients_total == 2 and sink.clients == 0
+    assert sink.clients_timed_out == 1  # the stalled client really blocked its sender, and only it
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="chromium is not installed (make setup installs it; or apt-get install chromium)")
+def test_the_page_shows_live_frames_in_a_headless_browser(seg, tmp_path):
+    sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0)
+    p = Pipeline(seg, ["synthetic://?size=320x240&fps=25"], [sink], PipelineOptions(duration=60))
+    t = run_in_thread(p)
+    shot = tmp_path / "page.png"
+    try:
+        while sink.server is None:
+            time.sleep(0.01)
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=640,480",
+                        f"--screenshot={shot}", "--virtual-time-budget=2000", sink.url],
+                       capture_output=True, timeout=90, check=True)
+    finally:
+        p.stop()
+        t.join(10)
+    image = cv2.imread(str(shot))
+    assert image is not None and image.shape[:2] == (480, 640)
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    colourful = ((hsv[..., 1] > 80) & (hsv[..., 2] > 40)).mean()
+    # The page itself is grey on black; the class colours of the live view make a large colourful area.
+    assert colourful > 0.05, f"the screenshot has no live view ({colourful:.3f} colourful)"
+    assert p.stats()["sinks"][0]["frames_sent"] > 0
