@@ -19,7 +19,7 @@ endif
 STAMP := $(VENV)/.edgepix-installed
 DEMO_DIR ?= .demo
 
-.PHONY: setup demo test clean
+.PHONY: setup system-tools demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,plot,dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The stream tests serve a real network stream with ffmpeg and screenshot the MJPEG page in headless Chromium.
+# Installed with apt-get when missing and running as root; otherwise this says how (the tests skip without them).
+SYSTEM_TOOLS := ffmpeg chromium
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing (for the stream tests)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null) \
+			|| echo "could not install$$missing; the stream tests that need them will be skipped"; \
+	else \
+		echo "note: the stream tests need$$missing: sudo apt-get install$$missing (they are skipped without)"; \
+	fi
+
+setup: $(STAMP) system-tools
 
 test: setup
 	$(PY) -m pytest -q
