@@ -1,0 +1,328 @@
+"""How fast is the stream pipeline, against a naive loop and against this machine's bound for the same work.
+
+    python -m edgepix.benchmarks.stream_bound MODEL.onnx [--video V.mp4] [--frames 300] [--rounds 2]
+
+1. A naive sequential loop as users write it: cv2.VideoCapture read, resize + cvtColor + /255 + mean/std +
+   transpose in numpy, ONNX Runtime with default session options, numpy argmax, nearest resize, palette lookup by
+   numpy indexing, cv2.addWeighted overlay, cv2.VideoWriter. (`naive_loop`, reused by `edgepix bench stream`.)
+2. The pipeline (`edgepix.runtime.pipeline`) on the same model file, video and output file type.
+3. The machine's bound for the pipeline's work: cores / (sum over the stages of the CPU time per frame each takes
+   when measured alone: decode, pre-process, inference with its threads, post-process + render, encode). CPU time
+   is `time.process_time()` of this process, so decoder threads and ONNX Runtime pool threads (spinning included)
+   count. On a CPU-only device every stage competes for the same cores, so no schedule beats this bound.
+
+Naive and pipeline runs alternate (`--rounds`), so background load hits both; the median of each is reported.
+The test video is a moving synthetic scene written with cv2.VideoWriter (mp4v) unless `--video` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edgepix.runtime.stats import LatencyStats
+
+
+# ---- the test video -----------------------------------------------------------------------------------------
+
+
+def make_video(path: str | os.PathLike, *, frames: int = 300, size: tuple[int, int] = (640, 480), fps: float = 30.0,
+               seed: int = 0) -> Path:
+    """A moving synthetic scene (textured background, noise, blur) as an mp4v video; size is (W, H)."""
+    from edgepix.runtime.synthetic import MovingScene, SceneConfig
+
+    w, h = size
+    scene = MovingScene(seed=seed, config=SceneConfig(size=(h, w)))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"cannot write {path}")
+    for image, _ in scene.frames(frames):
+        writer.write(image)
+    writer.release()
+    return Path(path)
+
+
+# ---- the naive loop -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopResult:
+    frames: int
+    seconds: float
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def stage_stats(self) -> dict[str, dict]:
+        return {k: LatencyStats.from_samples(v).as_dict() for k, v in self.stages_ms.items() if v}
+
+
+def naive_loop(model: str | os.PathLike, video: str | os.PathLike, out: str | os.PathLike | None, *,
+               max_frames: int | None = None, alpha: float = 0.5) -> LoopResult:
+    """The loop a user writes first, timed per stage (decode, preprocess, infer, postprocess, render, encode).
+
+    Reads the model's mean/std/size/palette from its edgepix spec, as a user would copy them from training code.
+    `out=None` skips writing (and its stage)."""
+    import onnxruntime as ort
+
+    from edgepix.runtime.spec import ModelSpec
+
+    spec = ModelSpec.from_onnx(model)
+    if spec is None:
+        raise SystemExit(f"{model} has no edgepix spec")
+    h_in, w_in = spec.input_size
+    mean = np.array(spec.mean, np.float32)
+    std = np.array(spec.std, np.float32)
+    palette = np.array([c[::-1] for c in spec.colours()], np.uint8)  # RGB -> BGR
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    cap = cv2.VideoCapture(str(video))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h)) if out else None
+    stages: dict[str, list[float]] = {k: [] for k in ("decode", "preprocess", "infer", "postprocess", "render",
+                                                      "encode")}
+    n = 0
+    t_start = time.perf_counter()
+    while max_frames is None or n < max_frames:
+        t0 = time.perf_counter()
+        ok, frame = cap.read()
+        if not ok:
+            break
+        t1 = time.perf_counter()
+        img = cv2.resize(frame, (w_in, h_in))
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        img = (img - mean) / std
+        x = np.ascontiguousarray(img.transpose(2, 0, 1)[None], dtype=np.float32)
+        t2 = time.perf_counter()
+        logits = session.run(None, {name: x})[0]
+        t3 = time.perf_counter()
+        mask = np.argmax(logits[0], axis=0).astype(np.uint8)
+        mask = cv2.resize(mask, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
+        t4 = time.perf_counter()
+        overlay = cv2.addWeighted(frame, 1 - alpha, palette[mask], alpha, 0)
+        t5 = time.perf_counter()
+        if writer is not None:
+            writer.write(overlay)
+        t6 = time.perf_counter()
+        for key, a, b in (("decode", t0, t1), ("preprocess", t1, t2), ("infer", t2, t3), ("postprocess", t3, t4),
+                          ("render", t4, t5), ("encode", t5, t6)):
+            stages[key].append((b - a) * 1e3)
+        n += 1
+    if writer is not None:
+        writer.release()
+    cap.release()
+    return LoopResult(n, time.perf_counter() - t_start, {k: v for k, v in stages.items() if v})
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+
+
+def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | os.PathLike | None, *,
+                 backend: str = "auto", workers: int | None = None, threads: int | None = None,
+                 max_frames: int | None = None, realtime: bool = False) -> dict:
+    """The stream pipeline over `video` into `out` (or null://); returns its statistics."""
+    from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
+    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.sources import SourceOptions
+
+    name = resolve_backend(model, backend)
+    auto_workers, auto_threads = choose_workers(name)
+    workers, threads = workers or auto_workers, threads or auto_threads
+    with Segmenter.load(model, name, **({"threads": threads} if threads else {})) as seg:
+        pipeline = Pipeline(seg, [str(video)], [str(out) if out else "null://"],
+                            PipelineOptions(workers=workers, max_frames=max_frames),
+                            source_options=SourceOptions(realtime=realtime),
+                            info={"threads_per_worker": threads})
+        return pipeline.run()
+
+
+# ---- each stage alone -------------------------------------------------------------------------------------------
+
+
+def _cpu_per_item(fn: Callable[[int], None], n: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per call of fn(i) for i in range(n)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.process_time() - c0) * 1e3 / n, (time.perf_counter() - t0) * 1e3 / n
+
+
+def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: str = "auto",
+                threads: int | None = None, frames: int = 60, out_suffix: str = ".mp4") -> dict:
+    """CPU milliseconds per frame of each pipeline stage measured alone, on the first `frames` frames."""
+    from edgepix.runtime.pipeline import choose_workers, cpu_count, resolve_backend
+    from edgepix.runtime.segmenter import Segmenter
+
+    name = resolve_backend(model, backend)
+    threads = threads or choose_workers(name)[1]
+    terms: dict[str, dict] = {}
+
+    cap = cv2.VideoCapture(str(video))
+    images = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    while len(images) < frames:
+        ok, image = cap.read()
+        if not ok:
+            break
+        images.append(image)
+    n = len(images)
+    terms["decode"] = {"cpu_ms": (time.process_time() - c0) * 1e3 / n, "wall_ms": (time.perf_counter() - t0) * 1e3 / n}
+    cap.release()
+
+    with Segmenter.load(model, name, **({"threads": threads} if threads else {})) as seg:
+        buf = seg.normalizer.empty(max(1, seg.static_batch or 1))
+        prepared = [None] * n
+
+        def pre(i: int) -> None:
+            prepared[i] = seg.preprocess([images[i]], out=buf)
+            prepared[i].tensor = prepared[i].tensor.copy()
+
+        seg.preprocess([images[0]], out=buf)  # warm-up
+        cpu, wall = _cpu_per_item(pre, n)
+        # the copy that keeps each tensor is not pipeline work: measure it alone and take it out
+        ccpu, cwall = _cpu_per_item(lambda i: buf.copy(), n)
+        terms["preprocess"] = {"cpu_ms": cpu - ccpu, "wall_ms": wall - cwall}
+
+        raws = [None] * n
+        for _ in range(3):
+            seg.run(prepared[0].tensor)  # warm-up
+
+        def infer(i: int) -> None:
+            raws[i] = seg.run(prepared[i].tensor)
+
+        cpu, wall = _cpu_per_item(infer, n)
+        terms["infer"] = {"cpu_ms": cpu, "wall_ms": wall, "threads": threads or "default",
+                          "wall_x_threads_ms": wall * (threads or cpu_count())}
+
+        rendered = [None] * n
+
+        def post(i: int) -> None:
+            result = seg.postprocess(raws[i], prepared[i])[0]
+            rendered[i] = seg.render(images[i], result)
+
+        cpu, wall = _cpu_per_item(post, n)
+        terms["postprocess+render"] = {"cpu_ms": cpu, "wall_ms": wall}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        h, w = rendered[0].shape[:2]
+        writer = cv2.VideoWriter(os.path.join(tmp, "enc" + out_suffix), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (w, h))
+        cpu, wall = _cpu_per_item(lambda i: writer.write(rendered[i]), n)
+        writer.release()
+        terms["encode"] = {"cpu_ms": cpu, "wall_ms": wall}
+
+    cores = cpu_count()
+    total = sum(t["cpu_ms"] for t in terms.values())
+    return {"terms": terms, "cores": cores, "cpu_ms_per_frame": total, "bound_fps": cores * 1e3 / total,
+            "frames_measured": n, "backend": name, "threads": threads}
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path, help="the exported .onnx (the naive loop and the pipeline both run it)")
+    ap.add_argument("--pipeline-model", type=Path, help="another export of the same checkpoint for the pipeline")
+    ap.add_argument("--video", type=Path, help="input video (default: a 640x480 synthetic scene, --frames long)")
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2, help="naive/pipeline runs, alternating")
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--json", type=Path, help="write everything measured here")
+    args = ap.parse_args(argv)
+
+    from edgepix.benchmarks.environment import describe, environment
+
+    tmp = tempfile.TemporaryDirectory(prefix="stream_bound_")
+    work = Path(tmp.name)
+    video = args.video
+    if video is None:
+        print(f"writing a {args.frames}-frame 640x480 synthetic video ...", file=sys.stderr)
+        video = make_video(work / "scene.mp4", frames=args.frames)
+    cap = cv2.VideoCapture(str(video))
+    vw, vh, vn = (int(cap.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT,
+                                             cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    pmodel = args.pipeline_model or args.model
+    env = environment()
+    print(describe(env))
+    print(f"video {video} {vw}x{vh}, {vn} frames; model {args.model}" +
+          (f", pipeline model {pmodel}" if pmodel != args.model else ""))
+    print(f"load average before: {load_average()}")
+
+    naive, piped = [], []
+    for r in range(args.rounds):
+        res = naive_loop(args.model, video, work / "naive.mp4")
+        naive.append(res)
+        print(f"round {r + 1}: naive loop {res.frames} frames in {res.seconds:.2f} s = {res.fps:.1f} fps")
+        st = pipeline_run(pmodel, video, work / "pipeline.mp4", backend=args.backend, workers=args.workers,
+                          threads=args.threads)
+        piped.append(st)
+        print(f"round {r + 1}: pipeline   {st['frames']} frames in {st['elapsed_s']:.2f} s = {st['fps']:.1f} fps "
+              f"({st['config']['workers']} workers x {st['config'].get('threads_per_worker')} threads, "
+              f"{st['config']['backend']})")
+    naive_fps = statistics.median(r.fps for r in naive)
+    pipe_fps = statistics.median(s["fps"] for s in piped)
+    bound = stage_costs(pmodel, video, backend=args.backend, threads=args.threads)
+    print(f"load average after: {load_average()}")
+    print()
+    print("stage alone (CPU ms per frame):  " + ", ".join(
+        f"{k} {v['cpu_ms']:.2f}" for k, v in bound["terms"].items())
+        + f"  = {bound['cpu_ms_per_frame']:.2f} ms")
+    inf = bound["terms"]["infer"]
+    print(f"  inference: {inf['wall_ms']:.2f} ms wall x {inf['threads']} thread(s) = {inf['wall_x_threads_ms']:.2f} "
+          f"ms; CPU time {inf['cpu_ms']:.2f} ms")
+    print(f"bound = {bound['cores']} cores / {bound['cpu_ms_per_frame']:.2f} ms = {bound['bound_fps']:.1f} fps")
+    print()
+    naive_stats = naive[-1].stage_stats()
+    pipe_stats = piped[-1]["stages"]
+    keys = ["decode", "preprocess", "infer", "postprocess", "render", "encode"]
+    print("per stage p50 / p90 / p99 ms (last round)      naive loop                pipeline")
+    for k in keys:
+        pk = k if k != "encode" else next((s for s in pipe_stats if s.startswith("sink ")), "")
+        a = naive_stats.get(k)
+        b = pipe_stats.get(pk)
+        fa = f"{a['p50']:6.2f} {a['p90']:6.2f} {a['p99']:6.2f}" if a else " " * 20
+        fb = f"{b['p50']:6.2f} {b['p90']:6.2f} {b['p99']:6.2f}" if b else ""
+        print(f"  {k:<12} {fa:>40}    {fb}")
+    print()
+    print(f"naive loop:  {naive_fps:.1f} fps (median of {args.rounds})")
+    print(f"pipeline:    {pipe_fps:.1f} fps (median of {args.rounds})")
+    print(f"pipeline / naive = {pipe_fps / naive_fps:.2f}x (target >= 1.5x)")
+    print(f"pipeline / bound = {pipe_fps / bound['bound_fps']:.2f} (target >= 0.8; bound {bound['bound_fps']:.1f} fps)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "environment": env, "video": {"path": str(video), "size": [vw, vh], "frames": vn},
+            "naive": [{"fps": r.fps, "frames": r.frames, "seconds": r.seconds, "stages": r.stage_stats()}
+                      for r in naive],
+            "pipeline": piped, "bound": bound, "naive_fps": naive_fps, "pipeline_fps": pipe_fps,
+            "ratio_naive": pipe_fps / naive_fps, "ratio_bound": pipe_fps / bound["bound_fps"]},
+            indent=2, default=str) + "\n")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
