@@ -117,7 +117,8 @@ class Segmenter:
         self.normalizer = Normalizer(spec, self.input_size)
         self._buffer: np.ndarray | None = None
         self._checked_shape: tuple[int, ...] | None = None
-        self.renderer = Renderer(spec.class_names, spec.colours(), render)
+        self.renderer = Renderer(spec.class_names, spec.colours(), render)  # for the Segmenter's own options
+        self._renderers: dict[RenderOptions, Renderer] = {}
 
     # ---- construction --------------------------------------------------------------------------------------
 
@@ -275,9 +276,14 @@ class Segmenter:
         return image
 
     def renderer_for(self, options: RenderOptions) -> Renderer:
-        if options != self.renderer.options:
-            self.renderer = Renderer(self.spec.class_names, self.spec.colours(), options)
-        return self.renderer
+        """A renderer (lookup tables, legend) for `options`, built once and kept."""
+        if options == self.renderer.options:
+            return self.renderer
+        if options not in self._renderers:
+            if len(self._renderers) >= 16:
+                self._renderers.clear()
+            self._renderers[options] = Renderer(self.spec.class_names, self.spec.colours(), options)
+        return self._renderers[options]
 
     # ---- description and resources ------------------------------------------------------------------------
 
