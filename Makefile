@@ -32,11 +32,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,plot,dev]"
 	touch $(STAMP)
 
-# The stream tests serve a real network stream with ffmpeg and screenshot the MJPEG page in headless Chromium.
-# Installed with apt-get when missing and running as root; otherwise this says how (the tests skip without them).
-SYSTEM_TOOLS := ffmpeg chromium
+# The stream tests serve a real network stream with ffmpeg, screenshot the MJPEG page in headless Chromium and
+# open display:// windows on Xvfb. Installed with apt-get when missing and running as root; otherwise this says
+# how (the tests that need them skip). Entries are command:package.
+SYSTEM_TOOLS := ffmpeg:ffmpeg chromium:chromium Xvfb:xvfb
 system-tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing (for the stream tests)"; \

@@ -300,6 +300,8 @@ class Pipeline:
         self.batches = 0
         self.batch_sizes: dict[int, int] = {}
         self._recent: deque[float] = deque(maxlen=1024)
+        self._ages: list[deque[float]] = [deque(maxlen=options.stats_window) for _ in range(n)]
+        self._stats_cache: tuple[float, dict] | None = None
         self._last_status = 0.0
         self._status_len = 0
 
@@ -312,7 +314,7 @@ class Pipeline:
         opened: list[Sink] = []
         try:
             ctx = SinkContext([StreamInfo(s.stream_id, s.label, None, s.live) for s in self.sources],
-                              stats=self.stats, request_stop=self.stop, title=self.title)
+                              stats=lambda: self.stats(max_age=0.5), request_stop=self.stop, title=self.title)
             for sink in self.sinks:
                 sink.open(ctx)
                 opened.append(sink)
@@ -480,7 +482,9 @@ class Pipeline:
                 seq, frames = got
                 start = time.monotonic()
                 for f in frames:
-                    self.recorder.add("frame_age", (start - f.timestamp) * 1e3)
+                    age = (start - f.timestamp) * 1e3
+                    self.recorder.add("frame_age", age)
+                    self._ages[f.stream_id].append(age)
                 chunks = []
                 for i in range(0, len(frames), step):
                     part = [f.image for f in frames[i:i + step]]
@@ -585,8 +589,17 @@ class Pipeline:
         span = max(now - recent[0], 1e-6)
         return (len(recent) - 1) / span if span < window else len(recent) / window
 
-    def stats(self) -> dict:
-        """Everything measured so far, JSON-ready."""
+    def stats(self, *, max_age: float = 0.0) -> dict:
+        """Everything measured so far, JSON-ready. `max_age`: a snapshot up to that many seconds old will do
+        (a HUD drawn on every frame must not sort thousands of samples each time)."""
+        cached = self._stats_cache
+        if max_age > 0 and cached is not None and time.monotonic() - cached[0] <= max_age:
+            return cached[1]
+        snapshot = self._stats()
+        self._stats_cache = (time.monotonic(), snapshot)
+        return snapshot
+
+    def _stats(self) -> dict:
         now = self.t_end or time.monotonic()
         elapsed = (now - self.t_start) if self.t_start else 0.0
         stages = self.recorder.summary()
@@ -597,9 +610,15 @@ class Pipeline:
         if self.t_first_output is not None and self.t_last_output and self.frames > 1:
             steady = (self.frames - 1) / max(self.t_last_output - self.t_first_output, 1e-9)
         streams = []
-        for s, n in zip(self.sources, self.per_stream):
+        for s, n, ages in zip(self.sources, self.per_stream, self._ages):
             d = s.stats()
             d.update(stream_id=s.stream_id, frames_processed=n, state_text=s.describe_state())
+            samples = list(ages)
+            if samples:
+                a = LatencyStats.from_samples(samples)
+                d["frame_age_ms"] = {"p50": a.p50, "p90": a.p90, "p99": a.p99, "max": a.max}
+            if s.read_ms:
+                d["decode_ms_p50"] = LatencyStats.from_samples(list(s.read_ms)).p50
             streams.append(d)
         return {
             "elapsed_s": elapsed,

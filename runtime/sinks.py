@@ -385,6 +385,7 @@ class DisplaySink(Sink):
         for name in self.windows.values():
             try:
                 cv2.destroyWindow(name)
+                cv2.waitKey(1)  # let the GUI toolkit process the close in this (the window's) thread
             except cv2.error:
                 pass
         self.windows.clear()

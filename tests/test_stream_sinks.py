@@ -4,6 +4,7 @@ MJPEG server (protocol, statistics, slow and vanishing clients, a real browser),
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -187,3 +188,33 @@ def test_the_page_shows_live_frames_in_a_headless_browser(seg, tmp_path):
     # The page itself is grey on black; the class colours of the live view make a large colourful area.
     assert colourful > 0.05, f"the screenshot has no live view ({colourful:.3f} colourful)"
     assert p.stats()["sinks"][0]["frames_sent"] > 0
+
+
+def test_display_without_a_screen_points_to_the_browser_view(seg, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(SinkError, match="http://0.0.0.0:8080"):
+        Pipeline(seg, ["synthetic://?fps=0&frames=1&size=32x32"], ["display://"]).run()
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
+def test_display_shows_frames_with_a_hud_on_a_virtual_screen(seg, tmp_path, monkeypatch):
+    from edgepix.runtime.sinks import display_available
+
+    number = 90 + os.getpid() % 50
+    xvfb = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(f"/tmp/.X11-unix/X{number}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.setenv("DISPLAY", f":{number}")
+        monkeypatch.setenv("QT_LOGGING_RULES", "*=false")
+        if display_available() is not None:
+            pytest.skip(f"no usable display: {display_available()}")
+        video = write_scene_video(tmp_path / "v.mp4", n=20, size=(160, 120))
+        stats = Pipeline(seg, [str(video)], ["display://"], PipelineOptions()).run()
+    finally:
+        xvfb.kill()
+        xvfb.wait(5)
+    assert stats["frames"] == 20 and stats["sinks"][0]["frames_written"] >= 1 and not stats["errors"]
