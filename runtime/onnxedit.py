@@ -15,6 +15,10 @@ the edit does not touch, so the weights are copied as bytes.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
+
 from .errors import ModelFormatError
 from .onnxproto import _fields, _fields_with_spans, _ParseError, _text, _value_info
 
@@ -131,6 +135,21 @@ def append_argmax(model: bytes, logits_output: str) -> tuple[bytes, str]:
     if not seen_graph:
         raise ModelFormatError("not an ONNX model (no graph)")
     return b"".join(parts), class_map
+
+
+def append_argmax_file(path: str | os.PathLike, logits_output: str) -> tuple[bytes, str]:
+    """`append_argmax` on a file, read through a memory map so that the only full copy made is the result."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    error = None
+    try:
+        return append_argmax(memoryview(mapped), logits_output)  # type: ignore[arg-type]
+    except ModelFormatError as e:
+        error = str(e)  # the traceback holds views into the mapping: keep the message, let the views go
+    finally:
+        with contextlib.suppress(BufferError):
+            mapped.close()
+    raise ModelFormatError(f"{path}: {error}")
 
 
 def output_names(model: bytes) -> list[str]:

@@ -11,6 +11,8 @@ Field numbers are those of onnx/onnx.proto (IR version 3 and later).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +218,19 @@ def read_onnx_header(path: str | os.PathLike) -> OnnxHeader:
 
     path = check_model_path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ModelFormatError(f"{path} is not an ONNX model (the file is empty)")
+            # Mapped, not read: only the pages holding the fields parsed here are touched, the weights are not.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ModelFormatError(f"cannot read model file {path}: {e.strerror or e}") from e
-    return parse_onnx_header(data, path=path)
+    error = None
+    try:
+        return parse_onnx_header(memoryview(mapped), path=path)
+    except ModelFormatError as e:
+        error = str(e)  # the traceback holds views into the mapping: keep the message, let the views go
+    finally:
+        with contextlib.suppress(BufferError):  # a view still alive: the mapping closes when it is freed
+            mapped.close()
+    raise ModelFormatError(error)

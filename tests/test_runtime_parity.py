@@ -207,6 +207,15 @@ def test_a_fresh_runtime_process_segments_without_torch(fitted):
     assert out["frames"] == 10 and out["shape"] == list(FRAME) and out["torch"] == []
 
 
+def test_importing_the_runtime_package_loads_nothing_heavy():
+    code = ("import sys, edgepix.runtime as rt; before = sorted(m for m in ('numpy', 'cv2', 'onnxruntime', 'torch') "
+            "if m in sys.modules); rt.Segmenter; print(before, 'onnxruntime' in sys.modules, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # The package itself is free; naming Segmenter loads numpy and OpenCV, and ONNX Runtime only when a model loads.
+    assert r.stdout.strip() == "[] False False"
+
+
 def test_report(fitted, capsys):
     """Print the measured numbers (run with -s to see them)."""
     with capsys.disabled():
