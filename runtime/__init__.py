@@ -33,6 +33,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    # the names __getattr__ below exports lazily
     from .backends import Backend, available_backends, backend_names, load_backend
     from .errors import EdgepixError
     from .foreign import ForeignModelWarning

@@ -150,7 +150,7 @@ class Normalizer:
 
     @staticmethod
     def _fill_border(plane: np.ndarray, g: Geometry, value: np.float32) -> None:
-        (H, W), (nh, nw), t, l = g.input_hw, g.content_hw, g.top, g.left
+        (nh, nw), t, l = g.content_hw, g.top, g.left
         plane[:t] = value
         plane[t + nh:] = value
         plane[t:t + nh, :l] = value

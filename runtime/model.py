@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,6 @@ def static_batch(meta: TensorMeta) -> int | None:
     return meta.dim(0)
 
 
-def chunks(n: int, size: int | None) -> Iterator[tuple[int, int]]:
-    """(start, stop) pairs covering range(n) in chunks of `size` (one chunk when size is None)."""
-    step = n if not size else size
-    for start in range(0, n, max(step, 1)):
-        yield start, min(n, start + step)
-
-
 def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
     """Pad a batch along dim 0 to `size` by repeating its last sample (a static-batch model needs a full batch)."""
     if batch.shape[0] == size:
@@ -140,7 +133,3 @@ def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
 def tile_count(n: int, cols: int | None) -> tuple[int, int]:
     cols = cols or max(1, math.ceil(math.sqrt(n)))
     return cols, max(1, math.ceil(n / cols))
-
-
-def as_class_names(classes: Sequence[str] | None) -> tuple[str, ...] | None:
-    return None if classes is None else tuple(str(c) for c in classes)

@@ -81,8 +81,6 @@ def reference_input(frame: np.ndarray, size=SIZE) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
-
     tmp = tmp_path_factory.mktemp("parity")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OpenMP threads on a busy 2-core machine stall each other (20x slower, measured)
