@@ -139,6 +139,8 @@ def test_class_maps_are_right_at_the_frame_size(models, kind):
     edge[:, 47:53] = True
     assert not (wrong & ~edge).any(), np.argwhere(wrong & ~edge)[:5]
     assert wrong.mean() < 0.03
+    fractions = r.class_fractions(3)
+    assert fractions.sum() == pytest.approx(1.0) and np.abs(fractions - [0.5 * 40 / 60, 1 / 3, 0.5 * 40 / 60]).max() < 0.03
     if kind == "letterbox":
         g = r.geometry
         assert g.padded and g.content_hw == (29, 48) and (g.top, g.left) == (1, 0)
@@ -187,6 +189,26 @@ def test_timings_cover_each_stage(models):
     t = r.timings
     assert t.preprocess > 0 and t.infer > 0 and t.postprocess > 0 and t.render > 0
     assert t.total == pytest.approx(t.preprocess + t.infer + t.postprocess + t.render)
+
+
+def test_a_dynamic_size_model_runs_at_the_size_asked_for(tmp_path):
+    from edgepix.runtime.errors import SpecError
+    from test_runtime_models import ChannelLogits
+
+    spec = seg_spec(dynamic_size=True, dynamic_batch=True)
+    path = export(ChannelLogits(), tmp_path / "dyn.onnx", torch.zeros(1, 3, 32, 48), spec=spec, dynamic_batch=True,
+                  dynamic_size=True)
+    with Segmenter.load(path, input_size=(64, 96)) as seg:
+        assert seg.input_size == (64, 96)
+        prepared = seg.preprocess([halves_frame()])
+        assert prepared.tensor.shape == (1, 3, 64, 96)
+        r = seg.segment(halves_frame())
+        assert r.model_map.shape == (64, 96) and (r.class_map[:, :45] == 0).all() and (r.class_map[:, 55:] == 2).all()
+    with pytest.raises(SpecError, match="input_size: expected multiples of 32, got 60x96"):
+        Segmenter.load(path, input_size=(60, 96))
+    fixed = channel_model(tmp_path, name="fixed.onnx")
+    with pytest.raises(SpecError, match="exported at a fixed 32x48"):
+        Segmenter.load(fixed, input_size=(64, 96))
 
 
 # ---- batches --------------------------------------------------------------------------------------------------
