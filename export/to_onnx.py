@@ -178,6 +178,7 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
             warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
             # Per-image normalisation (train-mode exports) is instance_norm with input statistics, on purpose.
             warnings.filterwarnings("ignore", message=r".*'instance_norm' is set to train=True.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
             if options.exporter is Exporter.DYNAMO:
                 dynamic_shapes = None
                 if dynamic_axes:
