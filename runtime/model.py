@@ -32,12 +32,13 @@ _TASK_CLASS = {Task.SEGMENTATION: "Segmenter", Task.GENERATION_NOISE: "NoiseGene
 
 def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, overrides: dict[str, Any],
                backend_options: dict[str, Any],
-               fuse_argmax: Callable[[ModelSpec], str | None] | None = None) -> tuple[Backend, ModelSpec]:
+               fuse_argmax: Callable[[ModelSpec, Sequence[TensorMeta]], str | None] | None = None
+               ) -> tuple[Backend, ModelSpec]:
     """Load `model` (a path, or an already-loaded Backend) and return it with its spec for `task`.
 
     For an ONNX file the spec is read from the file's header first (runtime.onnxproto, a few milliseconds), so
-    a wrong task or a bad override fails before any session is built, and `fuse_argmax(spec)` can name a logits
-    output for the backend to end in an in-graph argmax.
+    a wrong task or a bad override fails before any session is built, and `fuse_argmax(spec, outputs)` can check
+    the graph's outputs and name a logits output for the backend to end in an in-graph argmax.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(model, Backend):
@@ -47,9 +48,10 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
     path = Path(model)
     if path.suffix.lower() in ONNX_SUFFIXES:
         header = read_onnx_header(path)
+        outputs = [_meta(v) for v in header.outputs]
         spec = _spec_for(path, ModelSpec.from_onnx_metadata(header.metadata, source=str(path)),
-                         [_meta(v) for v in header.inputs], [_meta(v) for v in header.outputs], task, overrides)
-        fuse = fuse_argmax(spec) if fuse_argmax is not None else None
+                         [_meta(v) for v in header.inputs], outputs, task, overrides)
+        fuse = fuse_argmax(spec, outputs) if fuse_argmax is not None else None
         return load_backend(path, backend, fuse_argmax=fuse, **backend_options), spec
     b = load_backend(path, backend, **backend_options)
     try:

@@ -31,11 +31,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, TensorMeta
 from .errors import InputError, ModelFormatError
 from .imageops import Geometry, Normalizer, argmax_classes, as_bgr, map_to_frame, softmax_confidence
 from .model import input_meta, open_model, output_meta, split_overrides, static_batch
@@ -93,6 +94,14 @@ class Prepared:
         return len(self.geometries)
 
 
+def check_logits(out: TensorMeta, spec: ModelSpec, name: str) -> None:
+    if len(out.shape) != 4:
+        raise ModelFormatError(f"{name}: expected logits (N, C, H, W), found {out.describe()}")
+    if out.dim(1) is not None and out.dim(1) != spec.num_classes:
+        raise ModelFormatError(f"{name}: the spec lists {spec.num_classes} classes, the output has "
+                               f"{out.dim(1)} channels ({out.describe()})")
+
+
 class Segmenter:
     def __init__(self, backend: Backend, spec: ModelSpec, *, confidence: bool = False, max_batch: int | None = None,
                  render: RenderOptions = RenderOptions()) -> None:
@@ -142,9 +151,15 @@ class Segmenter:
         overrides, backend_options = split_overrides(dict(options))
         overrides.update(classes=classes, mean=mean, std=std)
 
-        def fusable(spec: ModelSpec) -> str | None:
-            ok = fuse_argmax and not confidence and spec.output_kind is OutputKind.LOGITS and spec.num_classes <= 255
-            return spec.output_name if ok else None
+        def fusable(spec: ModelSpec, outputs: Sequence[TensorMeta]) -> str | None:
+            if not (fuse_argmax and not confidence and spec.output_kind is OutputKind.LOGITS
+                    and spec.num_classes <= 255):
+                return None
+            logits = next((t for t in outputs if t.name == spec.output_name), None)
+            if logits is None:
+                return None
+            check_logits(logits, spec, Path(str(model)).name)  # the fused graph will not show the logits again
+            return spec.output_name
 
         b, spec = open_model(model, backend, task=Task.SEGMENTATION, overrides=overrides,
                              backend_options=backend_options, fuse_argmax=fusable)
@@ -172,11 +187,7 @@ class Segmenter:
     def _check_output(self) -> None:
         out, spec, name = self._out, self.spec, self.backend.path.name
         if not self.graph_class_map:
-            if len(out.shape) != 4:
-                raise ModelFormatError(f"{name}: expected logits (N, C, H, W), found {out.describe()}")
-            if out.dim(1) is not None and out.dim(1) != spec.num_classes:
-                raise ModelFormatError(f"{name}: the spec lists {spec.num_classes} classes, the output has "
-                                       f"{out.dim(1)} channels ({out.describe()})")
+            check_logits(out, spec, name)
         elif len(out.shape) not in (3, 4) or (len(out.shape) == 4 and out.dim(1) not in (1, None)):
             raise ModelFormatError(f"{name}: expected a class map (N, H, W), found {out.describe()}")
 

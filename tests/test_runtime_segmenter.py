@@ -369,8 +369,9 @@ def test_a_foreign_class_map_model_needs_class_names(tmp_path):
 def test_spec_and_graph_disagreements_are_model_format_errors(tmp_path):
     five = export(small_seg_net(4), tmp_path / "five.onnx", torch.zeros(1, 3, 32, 48),
                   spec=seg_spec(classes=tuple("abcde")))
-    with pytest.raises(ModelFormatError, match="spec lists 5 classes, the output has 4 channels"):
-        Segmenter.load(five, fuse_argmax=False)
+    for fuse in (True, False):
+        with pytest.raises(ModelFormatError, match="spec lists 5 classes, the output has 4 channels"):
+            Segmenter.load(five, fuse_argmax=fuse)
     size = export(small_seg_net(3), tmp_path / "size.onnx", torch.zeros(1, 3, 32, 48), spec=seg_spec(input_size=(64, 64)))
     with pytest.raises(ModelFormatError, match=r"spec says input \(64, 64\).*fixed at \(32, 48\)"):
         Segmenter.load(size)
