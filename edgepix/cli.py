@@ -18,7 +18,7 @@ from edgepix import __version__
 # Packages that contribute verbs, in the order their verbs appear in --help. A module that does not exist yet is
 # simply not listed here; every listed one must import.
 VERB_MODULES = ("edgepix.commands", "edgepix.train.cli", "edgepix.export.cli", "edgepix.runtime.cli",
-                "edgepix.benchmarks.cli")
+                "edgepix.runtime.generate_cli", "edgepix.benchmarks.cli")
 
 EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
 
