@@ -82,13 +82,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from .errors import InputError, ModelFormatError
     from .fileio import atomic_write_text
-    from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, summary_line
+    from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, summary_line, tune_malloc
     from .render import RenderOptions
     from .segmenter import Segmenter
     from .sinks import display_available, make_sink
     from .sources import SourceOptions, open_source
 
     log = logging.getLogger("edgepix.segment")
+    tune_malloc()  # before any thread or frame exists
     if not args.verbose:
         # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
         # the pipeline reports outages itself. --verbose keeps their logs.

@@ -391,6 +391,13 @@ class CaptureReader(Reader):
         self.cap: cv2.VideoCapture | None = None
         self.nominal_fps = None
         self.frame_count: int | None = None
+        # A network URL with a known length (an .mp4 over HTTP, a finished HLS playlist) is a file that happens
+        # to be remote: read frame by frame like a file, resumed where it broke off after a reconnect.
+        self.remote_file = False
+        self.last_pts: float | None = None
+        # Live HLS arrives a segment (seconds of video) at a time: frames are paced by their timestamps so the
+        # newest-frame policy does not throw most of each segment away.
+        self.pace_by_pts = spec.kind is SourceKind.NETWORK and ".m3u8" in urllib.parse.urlsplit(spec.target).path
 
     def _needs_gstreamer(self) -> None:
         if not opencv_has_gstreamer():
@@ -424,8 +431,10 @@ class CaptureReader(Reader):
             pipeline = csi_pipeline(int(spec.target), o) if kind is SourceKind.CSI else spec.target
             cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
         elif kind is SourceKind.NETWORK:
+            # A live HLS read waits for the next segment to be published: allow a few segments' time.
+            read_timeout = max(o.read_timeout, 20.0) if self.pace_by_pts else o.read_timeout
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(o.open_timeout * 1000),
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(o.read_timeout * 1000)]
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout * 1000)]
             ffmpeg_options = {}
             if spec.target.lower().startswith(("rtsp://", "rtsps://")):
                 ffmpeg_options["rtsp_transport"] = o.rtsp_transport
@@ -441,7 +450,14 @@ class CaptureReader(Reader):
         self.cap = cap
         self.nominal_fps = sane_fps(cap.get(cv2.CAP_PROP_FPS))
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        self.frame_count = int(count) if kind is SourceKind.VIDEO and count and count > 0 else None
+        known = count is not None and 0 < count < 1e9
+        self.frame_count = int(count) if kind in (SourceKind.VIDEO, SourceKind.NETWORK) and known else None
+        if kind is SourceKind.NETWORK:
+            self.remote_file = self.frame_count is not None
+            self.live = not self.remote_file or o.realtime
+            self.pace_by_pts = self.pace_by_pts and not self.remote_file
+            if self.remote_file and self.last_pts:  # a reconnect: resume where the stream broke off
+                cap.set(cv2.CAP_PROP_POS_MSEC, self.last_pts)
 
     def _open_failure(self) -> str:
         spec, o = self.spec, self.spec.options
@@ -460,10 +476,18 @@ class CaptureReader(Reader):
             return None
         ok, image = self.cap.read()
         if not ok or image is None or image.size == 0:
-            self.ended_cleanly = self.spec.kind is SourceKind.VIDEO
+            self.ended_cleanly = self.spec.kind is SourceKind.VIDEO or (self.remote_file and self._near_end())
             return None
         pts = self.cap.get(cv2.CAP_PROP_POS_MSEC) if self.spec.kind in (SourceKind.VIDEO, SourceKind.NETWORK) else None
+        self.last_pts = pts
         return image, pts
+
+    def _near_end(self) -> bool:
+        """A remote file that stopped within a second of its length ended; earlier, the connection broke."""
+        if self.frame_count is None or self.last_pts is None:
+            return True
+        duration_ms = self.frame_count / (self.nominal_fps or 30.0) * 1000.0
+        return self.last_pts >= duration_ms - 1000.0
 
     def rewind(self) -> bool:
         if self.spec.kind is not SourceKind.VIDEO or self.cap is None:
@@ -745,11 +769,16 @@ class Source:
         if self._thread is not None:
             return self
         self.reader.open()  # SourceError on a bad source: fail before anything runs
+        if self.reader.live != self.live:  # only known once open (a network URL that is a file)
+            self.live = self.reader.live
+            o = self.spec.options
+            self.buffer = FrameBuffer(1 if self.live else o.queue_size, drop=self.live, cond=self.buffer.cond)
         self.state = SourceState.UP
         self.started_at = time.monotonic()
         if self.spec.kind is SourceKind.SYNTHETIC and self.live:
             self._pace_fps = self.reader.fps  # type: ignore[attr-defined]
-        elif self.spec.options.realtime:
+        elif self.spec.options.realtime and (self.spec.kind in (SourceKind.VIDEO, SourceKind.IMAGES)
+                                             or getattr(self.reader, "remote_file", False)):
             self._pace_fps = self.spec.options.fps or self.reader.nominal_fps or 30.0
         self._thread = threading.Thread(target=self._run, name=f"source-{self.stream_id}", daemon=True)
         self._thread.start()
@@ -803,16 +832,21 @@ class Source:
         o = self.spec.options
         index = 0
         next_due = time.monotonic()
+        pts_clock: tuple[float, float] | None = None  # (pts ms, monotonic s) of the frame the schedule started at
+        reconnects_live = self.spec.kind in (SourceKind.CAMERA, SourceKind.CSI, SourceKind.GSTREAMER,
+                                             SourceKind.NETWORK)
         while not self._stop.is_set():
-            if self.state is SourceState.DOWN and not self._reconnect():
-                return
+            if self.state is SourceState.DOWN:
+                if not self._reconnect():
+                    return
+                pts_clock = None
             t0 = time.perf_counter()
             got = self.reader.read()
             ms = (time.perf_counter() - t0) * 1e3
             if got is None:
                 if self._stop.is_set():
                     return
-                if self.reader.ended_cleanly or not self.live or self.spec.kind is SourceKind.SYNTHETIC:
+                if self.reader.ended_cleanly or not reconnects_live:
                     if o.loop and self.reader.rewind():
                         continue
                     if not self.reader.ended_cleanly and self.frames_read == 0:
@@ -829,6 +863,16 @@ class Source:
                         return
                 else:
                     next_due = time.monotonic()  # fell behind: do not try to catch up in a burst
+            elif getattr(self.reader, "pace_by_pts", False) and pts is not None:
+                now = time.monotonic()
+                if pts_clock is None:
+                    pts_clock = (pts, now)
+                delay = (pts - pts_clock[0]) / 1000.0 - (now - pts_clock[1])
+                if delay < -1.0 or delay > 2.0:  # late (never catch up) or a timestamp jump: restart the clock
+                    pts_clock = (pts, now)
+                elif delay > 0:  # ahead of the stream's own clock (a segment arrived at once)
+                    if self._stop.wait(delay):
+                        return
             try:
                 image = to_bgr8(image)
             except InputError as e:

@@ -3,9 +3,11 @@ The pipeline reconnects, keeps counting frames, reports the outage, and the othe
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 from test_stream_support import StreamServer, channel_model, free_port, need_ffmpeg, write_scene_video
 
@@ -102,3 +104,64 @@ def test_an_unreachable_stream_fails_at_start_within_the_open_timeout():
     with pytest.raises(Exception, match="cannot open"):
         open_source(f"http://127.0.0.1:{free_port()}/none.ts", SourceOptions(open_timeout=2.0)).start()
     assert time.monotonic() - t0 < 5
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A plain HTTP file server on 127.0.0.1 for a folder (in this process)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_video_file_over_http_is_read_frame_by_frame(http_folder):
+    folder, base = http_folder
+    raw = write_scene_video(folder.parent / "raw.mp4", n=40, size=(160, 120), fps=FPS)
+    # The stdlib's file server cannot serve byte ranges, so put the index first (as web videos have it).
+    subprocess.run([need_ffmpeg(), "-loglevel", "error", "-i", str(raw), "-c", "copy", "-movflags", "+faststart",
+                    str(folder / "clip.mp4")], check=True)
+    source = open_source(f"{base}/clip.mp4")
+    frames = []
+    for frame in source:
+        frames.append(frame.index)
+        time.sleep(0.005)  # a consumer slower than the download: a live source would drop frames
+    assert not source.live and source.dropped == 0 and frames == list(range(40))
+
+
+def test_live_hls_is_paced_by_its_timestamps_not_dropped_segment_by_segment(http_folder):
+    folder, base = http_folder
+    video = write_scene_video(folder.parent / "camera.mp4", n=50, size=(160, 120), fps=FPS)
+    writer = subprocess.Popen(
+        [need_ffmpeg(), "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i",
+         str(video), "-an", "-c:v", "mpeg2video", "-g", "25", "-f", "hls", "-hls_time", "1", "-hls_list_size", "4",
+         "-hls_flags", "delete_segments", str(folder / "live.m3u8")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(list(folder.glob("live*.ts"))) >= 2, 15)
+        source = open_source(f"{base}/live.m3u8").start()
+        assert source.live
+        arrivals = []
+        for frame in source:
+            arrivals.append(frame.timestamp)
+            if arrivals[-1] - arrivals[0] > 3.0:
+                break
+        source.close()
+    finally:
+        writer.kill()
+        writer.wait(5)
+    gaps = np.diff(arrivals[1:])  # after the first frame
+    # Segments of 25 frames arrive at once; paced by their timestamps they come out one per 40 ms.
+    assert len(arrivals) >= 0.8 * FPS * 3 and source.dropped <= 3
+    assert np.percentile(gaps, 90) < 0.08
