@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     g.add_argument("--open-timeout", type=float, default=10.0, metavar="S", help="network streams: open timeout (10)")
     g.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
                    help="network streams: a read that blocks this long counts as an outage (5)")
-    g.add_argument("--rtsp-transport", choices=("tcp", "udp"), default="tcp")
+    g.add_argument("--rtsp-transport", choices=("auto", "tcp", "udp"), default="auto",
+                   help="auto: TCP, or UDP when the server refuses TCP")
     g.add_argument("--reconnect-attempts", type=int, metavar="N",
                    help="live sources: reopen tries per outage (default unlimited; 0: end the stream)")
     g.add_argument("--backoff-max", type=float, default=2.0, metavar="S",

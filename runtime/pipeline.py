@@ -404,6 +404,9 @@ class Pipeline:
             self.stop()
         if self._stop.is_set() and not self._stopped_sources:
             self._close_sources()
+        elif not self._stop.is_set():
+            for s in self.sources:
+                s.check_stall(now)
         if self.status_fn is not None and self.options.status_interval and now - self._last_status >= \
                 self.options.status_interval:
             self._last_status = now

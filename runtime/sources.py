@@ -124,7 +124,8 @@ class SourceOptions:
     codec: str | None = None  # requested camera pixel format / FourCC, e.g. "MJPG" (USB cameras need it for 30 fps HD)
     open_timeout: float = 10.0  # seconds allowed to open a network stream
     read_timeout: float = 5.0  # seconds a network read may block before the stream counts as stalled
-    rtsp_transport: str = "tcp"  # "tcp" (no smeared frames on lossy links) or "udp"
+    # "auto": TCP (no smeared frames from lost packets), UDP if the server refuses TCP; "tcp" or "udp" force one
+    rtsp_transport: str = "auto"
     reconnect_attempts: int | None = None  # live sources: reopen tries per outage; None: unlimited, 0: never
     backoff_initial: float = 0.25  # seconds before the first reopen; doubles on each failure ...
     backoff_max: float = 2.0  # ... up to this
@@ -143,8 +144,8 @@ class SourceOptions:
         for name in ("open_timeout", "read_timeout", "backoff_initial", "backoff_max"):
             if getattr(self, name) <= 0:
                 raise SourceError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")
-        if self.rtsp_transport not in ("tcp", "udp"):
-            raise SourceError(unknown_name("RTSP transport", self.rtsp_transport, ("tcp", "udp")))
+        if self.rtsp_transport not in ("auto", "tcp", "udp"):
+            raise SourceError(unknown_name("RTSP transport", self.rtsp_transport, ("auto", "tcp", "udp")))
         if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
             raise SourceError(f"reconnect_attempts: expected >= 0 or None (unlimited), got {self.reconnect_attempts}")
         if self.queue_size < 1:
@@ -395,6 +396,7 @@ class CaptureReader(Reader):
         # to be remote: read frame by frame like a file, resumed where it broke off after a reconnect.
         self.remote_file = False
         self.last_pts: float | None = None
+        self.transport: str | None = None  # the RTSP transport that opened
         # Live HLS arrives a segment (seconds of video) at a time: frames are paced by their timestamps so the
         # newest-frame policy does not throw most of each segment away.
         self.pace_by_pts = spec.kind is SourceKind.NETWORK and ".m3u8" in urllib.parse.urlsplit(spec.target).path
@@ -435,11 +437,20 @@ class CaptureReader(Reader):
             read_timeout = max(o.read_timeout, 20.0) if self.pace_by_pts else o.read_timeout
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(o.open_timeout * 1000),
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout * 1000)]
-            ffmpeg_options = {}
+            transports: list[str | None] = [None]
             if spec.target.lower().startswith(("rtsp://", "rtsps://")):
-                ffmpeg_options["rtsp_transport"] = o.rtsp_transport
-            with _ffmpeg_capture_options(ffmpeg_options):
-                cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, params)
+                transports = ["tcp", "udp"] if o.rtsp_transport == "auto" else [o.rtsp_transport]
+                if self.transport in transports:  # a reconnect: what worked before first
+                    transports.remove(self.transport)
+                    transports.insert(0, self.transport)
+            for transport in transports:
+                with _ffmpeg_capture_options({"rtsp_transport": transport} if transport else {}):
+                    cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, params)
+                if cap.isOpened():
+                    if transport and transport != transports[0]:
+                        log.info("%s: the server refused RTSP over %s; using %s", spec.uri, transports[0], transport)
+                    self.transport = transport
+                    break
         else:  # a video file
             cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG)
             if not cap.isOpened():
@@ -727,6 +738,10 @@ class Source:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pace_fps: float | None = None
+        self._generation = 0  # the reader thread's number; a thread from an older generation was abandoned
+        self._lock = threading.Lock()
+        self._next_index = 0
+        self.last_frame_at: float | None = None
 
     # ---- description -------------------------------------------------------------------------------------
 
@@ -774,24 +789,65 @@ class Source:
             o = self.spec.options
             self.buffer = FrameBuffer(1 if self.live else o.queue_size, drop=self.live, cond=self.buffer.cond)
         self.state = SourceState.UP
-        self.started_at = time.monotonic()
+        self.started_at = self.last_frame_at = time.monotonic()
         if self.spec.kind is SourceKind.SYNTHETIC and self.live:
             self._pace_fps = self.reader.fps  # type: ignore[attr-defined]
         elif self.spec.options.realtime and (self.spec.kind in (SourceKind.VIDEO, SourceKind.IMAGES)
                                              or getattr(self.reader, "remote_file", False)):
             self._pace_fps = self.spec.options.fps or self.reader.nominal_fps or 30.0
-        self._thread = threading.Thread(target=self._run, name=f"source-{self.stream_id}", daemon=True)
-        self._thread.start()
+        self._spawn(self.reader)
         return self
 
+    def _spawn(self, reader: Reader) -> None:
+        self._generation += 1
+        self._thread = threading.Thread(target=self._run, args=(self._generation, reader),
+                                        name=f"source-{self.stream_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds without a frame after which a live source that says it is up counts as stuck."""
+        timeout = self.spec.options.read_timeout
+        if getattr(self.reader, "pace_by_pts", False):
+            timeout = max(timeout, 20.0)
+        return max(1.0, 2.0 * timeout)
+
+    def check_stall(self, now: float | None = None) -> bool:
+        """Watchdog, called periodically (the pipeline does, ten times a second; so does iterating).
+
+        A live source that is up but has delivered no frame for `stall_timeout` seconds is stuck in a read its
+        backend does not time out. Its reader is abandoned (its thread finishes, and releases it, whenever the
+        read returns), the outage is recorded, and a fresh reader reconnects in a new thread. True if so."""
+        if not (self.live and self._reconnects_live()) or self.state is not SourceState.UP or self._stop.is_set():
+            return False
+        now = time.monotonic() if now is None else now
+        quiet = now - (self.last_frame_at or now)
+        if quiet < self.stall_timeout:
+            return False
+        with self._lock:
+            if self.state is not SourceState.UP:
+                return False
+            self.reader = make_reader(self.spec)
+            self.state = SourceState.DOWN
+            self.outages.append(Outage(now, reason=f"no frame for {quiet:.1f} s (a read that never returned)"))
+            log.warning("source %s: no frame for %.1f s; abandoning the stuck read and reconnecting", self.label,
+                        quiet)
+            self._spawn(self.reader)
+        return True
+
+    def _reconnects_live(self) -> bool:
+        return self.spec.kind in (SourceKind.CAMERA, SourceKind.CSI, SourceKind.GSTREAMER, SourceKind.NETWORK)
+
     def close(self, timeout: float = 2.0) -> None:
-        """Stop reading and release the device. A read blocked inside the driver is abandoned after `timeout`."""
+        """Stop reading and release the device. A read blocked inside the driver is abandoned after `timeout`
+        (its thread releases the device when the read returns)."""
         self._stop.set()
         with self.buffer.cond:
             self.buffer.cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        if self._thread is None or not self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
             self.reader.close()
         if self.state is not SourceState.ENDED:
             self.state = SourceState.ENDED
@@ -805,11 +861,12 @@ class Source:
 
     def __iter__(self) -> Iterator[Frame]:
         self.start()
-        cond = self.buffer.cond
         while True:
+            cond = self.buffer.cond
             with cond:
                 while not self.buffer.ready() and not self.buffer.closed:
                     cond.wait(0.5)
+                    self.check_stall()
                 frame = self.buffer.take()
             if frame is None:
                 return
@@ -817,42 +874,45 @@ class Source:
 
     # ---- the reader thread -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as e:  # a bug or an unexpected decoder error: end this stream, keep the others
-            log.exception("source %s failed", self.label)
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.state = SourceState.ENDED
-            self.reader.close()
-            self.buffer.finish()
+    def _current(self, generation: int) -> bool:
+        """This thread is still the source's reader (not abandoned by the watchdog) and not stopped."""
+        return generation == self._generation and not self._stop.is_set()
 
-    def _loop(self) -> None:
+    def _run(self, generation: int, reader: Reader) -> None:
+        try:
+            self._loop(generation, reader)
+        except Exception as e:  # a bug or an unexpected decoder error: end this stream, keep the others
+            if generation == self._generation:
+                log.exception("source %s failed", self.label)
+                self.error = f"{type(e).__name__}: {e}"
+        finally:
+            reader.close()
+            if generation == self._generation:
+                self.state = SourceState.ENDED
+                self.buffer.finish()
+
+    def _loop(self, generation: int, reader: Reader) -> None:
         o = self.spec.options
-        index = 0
         next_due = time.monotonic()
         pts_clock: tuple[float, float] | None = None  # (pts ms, monotonic s) of the frame the schedule started at
-        reconnects_live = self.spec.kind in (SourceKind.CAMERA, SourceKind.CSI, SourceKind.GSTREAMER,
-                                             SourceKind.NETWORK)
-        while not self._stop.is_set():
+        while self._current(generation):
             if self.state is SourceState.DOWN:
-                if not self._reconnect():
+                if not self._reconnect(generation, reader):
                     return
                 pts_clock = None
             t0 = time.perf_counter()
-            got = self.reader.read()
+            got = reader.read()
             ms = (time.perf_counter() - t0) * 1e3
+            if not self._current(generation):
+                return
             if got is None:
-                if self._stop.is_set():
-                    return
-                if self.reader.ended_cleanly or not reconnects_live:
-                    if o.loop and self.reader.rewind():
+                if reader.ended_cleanly or not self._reconnects_live():
+                    if o.loop and reader.rewind():
                         continue
-                    if not self.reader.ended_cleanly and self.frames_read == 0:
+                    if not reader.ended_cleanly and self.frames_read == 0:
                         self.error = "no frame could be read"
                     return
-                self._begin_outage("read failed or timed out")
+                self._begin_outage(reader, "read failed or timed out")
                 continue
             image, pts = got
             if self._pace_fps:  # paced sources: synthetic scenes and files read in real time
@@ -863,7 +923,7 @@ class Source:
                         return
                 else:
                     next_due = time.monotonic()  # fell behind: do not try to catch up in a burst
-            elif getattr(self.reader, "pace_by_pts", False) and pts is not None:
+            elif getattr(reader, "pace_by_pts", False) and pts is not None:
                 now = time.monotonic()
                 if pts_clock is None:
                     pts_clock = (pts, now)
@@ -881,24 +941,26 @@ class Source:
             self.read_ms.append(ms)
             self.read_ms_total += ms
             self.size = (image.shape[1], image.shape[0])
-            frame = Frame(image, index, time.monotonic(), self.stream_id, pts)
-            index += 1
+            now = time.monotonic()
+            frame = Frame(image, self._next_index, now, self.stream_id, pts)
+            self._next_index += 1
             self.frames_read += 1
+            self.last_frame_at = now
             if not self.buffer.put(frame, self._stop):
                 return
 
-    def _begin_outage(self, reason: str) -> None:
+    def _begin_outage(self, reader: Reader, reason: str) -> None:
         log.warning("source %s: %s; reconnecting", self.label, reason)
-        self.reader.close()
+        reader.close()
         self.state = SourceState.DOWN
         self.outages.append(Outage(time.monotonic(), reason=reason))
 
-    def _reconnect(self) -> bool:
+    def _reconnect(self, generation: int, reader: Reader) -> bool:
         """Reopen after an outage with exponential backoff; False when the attempts are used up or on stop."""
         o = self.spec.options
         outage = self.outages[-1]
         delay = 0.0  # the first attempt is immediate: a dropped connection often reopens at once
-        while not self._stop.is_set():
+        while self._current(generation):
             if delay and self._stop.wait(delay):
                 return False
             if o.reconnect_attempts is not None and outage.attempts >= o.reconnect_attempts:
@@ -907,14 +969,17 @@ class Source:
                 return False
             outage.attempts += 1
             try:
-                self.reader.open()
+                reader.open()
             except SourceError as e:
                 outage.reason = str(e)
                 delay = o.backoff_initial if not delay else min(o.backoff_max, delay * 2)
                 log.info("source %s: reconnect attempt %d failed; next in %.2f s", self.label, outage.attempts, delay)
                 continue
+            if not self._current(generation):
+                return False
             outage.end = time.monotonic()
             self.reconnects += 1
+            self.last_frame_at = time.monotonic()  # the new connection gets a full stall timeout
             self.state = SourceState.UP
             log.warning("source %s: reconnected after %.1f s (%d attempt(s))", self.label, outage.duration,
                         outage.attempts)

@@ -156,3 +156,57 @@ def test_newest_frame_buffer_replaces_untaken_frames():
     with buf.cond:
         assert buf.take().index == 4 and buf.take() is None
     assert buf.dropped == 4
+
+
+class HangingReader:
+    """A live reader whose first connection delivers a few frames and then blocks in read() for good, like a
+    network read the backend never times out; later connections deliver normally."""
+
+    live = True
+    nominal_fps = 50.0
+    ended_cleanly = False
+    pace_by_pts = False
+    connections = 0
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+        self.n = 0
+        self.closed = False
+
+    def open(self) -> None:
+        HangingReader.connections += 1
+        self.connection = HangingReader.connections
+
+    def read(self):
+        self.n += 1
+        if self.connection == 1 and self.n > 3:
+            self.release.wait(30)  # stuck
+            return None
+        time.sleep(0.02)
+        return np.full((8, 8, 3), self.connection, np.uint8), None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_read_that_never_returns_is_abandoned_and_the_source_reconnects(monkeypatch):
+    import edgepix.runtime.sources as sources
+
+    release = threading.Event()
+    HangingReader.connections = 0
+    monkeypatch.setattr(sources, "make_reader", lambda spec: HangingReader(release))
+    spec = parse_source("rtsp://127.0.0.1:9/cam", SourceOptions(read_timeout=0.5))
+    source = sources.Source(spec)
+    assert source.stall_timeout == 1.0
+    got = []
+    t0 = time.monotonic()
+    for frame in source:
+        got.append(int(frame.image[0, 0, 0]))
+        if got.count(2) >= 5 or time.monotonic() - t0 > 10:
+            break
+    stuck = source.outages[0]
+    source.close()
+    release.set()
+    assert got[:3] == [1, 1, 1] and got.count(2) >= 5  # frames from the second connection after the stall
+    assert source.reconnects == 1 and "no frame for" in stuck.reason and stuck.end is not None
+    assert 0.9 < stuck.start - t0 < 3.0
