@@ -79,10 +79,10 @@ def test_verify_rejects_a_perturbed_model(edgepix_cli, seg_checkpoint, tmp_path)
     r = edgepix_cli("verify", str(good), str(seg_checkpoint), "--verify-n", "4")
     assert r.returncode == 0 and "PASS" in r.stdout
     model = onnx.load(str(good))
-    conv_weights = [i for i in model.graph.initializer if len(i.dims) == 4]
-    weight = onnx.numpy_helper.to_array(conv_weights[len(conv_weights) // 2]).copy()
-    weight.flat[0] += 0.05  # one weight, slightly off
-    conv_weights[len(conv_weights) // 2].CopyFrom(onnx.numpy_helper.from_array(weight, conv_weights[len(conv_weights) // 2].name))
+    # Scale the classifier's weights by 0.1%: a drift far below what any eye would notice in the output.
+    last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
+    init = next(i for i in model.graph.initializer if i.name == last_conv.input[1])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(1.001), init.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(model, str(bad))
     r = edgepix_cli("verify", str(bad), str(seg_checkpoint), "--verify-n", "4")
