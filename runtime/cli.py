@@ -177,7 +177,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             atomic_write_text(args.stats, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
     if not args.quiet:
         print(summary_line(stats), file=sys.stderr)
-    return 0
+    failed = [s for s in stats["streams"] if s.get("error")]
+    for s in failed:  # a stream that could not be read or gave up reconnecting fails the run (after the files)
+        print(f"edgepix segment: error: stream {s['stream_id']} ({s['uri']}): {s['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 _last_len = [0]

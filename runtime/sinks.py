@@ -491,7 +491,11 @@ class HttpSink(Sink):
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="http-sink", daemon=True)
         self._thread.start()
-        log.info("watch the stream at %s", self.url)
+        if self.host in ("", "0.0.0.0", "::"):
+            log.info("MJPEG server on all interfaces, port %d: http://<this device's address>:%d/ (here %s)",
+                     self.port, self.port, self.url)
+        else:
+            log.info("watch the stream at %s", self.url)
 
     def write(self, out: Output) -> None:
         slot = self.latest.get(out.stream_id)
