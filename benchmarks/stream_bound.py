@@ -225,9 +225,46 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
         terms["encode"] = {"cpu_ms": cpu, "wall_ms": wall}
 
     cores = cpu_count()
-    total = sum(t["cpu_ms"] for t in terms.values())
+    # The bound's terms: CPU time for every stage, and for inference its wall time x its threads (what the issue
+    # defines: the threads hold their cores for the whole call, spinning or not).
+    for name, t in terms.items():
+        t["bound_ms"] = max(t["cpu_ms"], t["wall_x_threads_ms"]) if name == "infer" else t["cpu_ms"]
+    total = sum(t["bound_ms"] for t in terms.values())
     return {"terms": terms, "cores": cores, "cpu_ms_per_frame": total, "bound_fps": cores * 1e3 / total,
             "frames_measured": n, "backend": name, "threads": threads}
+
+
+# ---- start-up and memory ------------------------------------------------------------------------------------------
+
+
+def startup(model: str | os.PathLike, source: str, *, runs: int = 3, frames: int = 30) -> list[dict]:
+    """`edgepix segment` in a fresh process, as a user starts it: seconds from spawning the process to the first
+    output frame on disk (an image folder sink, polled every 2 ms), the same measured inside the process from
+    its start time, and the peak RSS of the whole run (one stream, `frames` frames)."""
+    import subprocess
+
+    results = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            out, stats_path = Path(tmp) / "frames", Path(tmp) / "stats.json"
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "edgepix", "-q", "segment", str(model), "--source", source,
+                                     "--sink", f"{out}/", "--max-frames", str(frames), "--stats", str(stats_path)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            first = None
+            while first is None and proc.poll() is None:
+                if out.is_dir() and any(out.iterdir()):
+                    first = time.perf_counter() - t0
+                    break
+                time.sleep(0.002)
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"edgepix segment failed: {err}")
+            stats = json.loads(stats_path.read_text())
+            results.append({"first_frame_on_disk_s": first, "first_output_in_process_s":
+                            stats["first_output_since_process_start_s"], "peak_rss_mb": stats["peak_rss_mb"],
+                            "frames": stats["frames"]})
+    return results
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
@@ -251,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--json", type=Path, help="write everything measured here")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="only measure `edgepix segment` start-up time and peak RSS (file and synthetic source)")
     args = ap.parse_args(argv)
+    if args.startup_only:
+        return report_startup(args)
 
     from edgepix.benchmarks.environment import describe, environment
 
@@ -288,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     bound = stage_costs(pmodel, video, backend=args.backend, threads=args.threads)
     print(f"load average after: {load_average()}")
     print()
-    print("stage alone (CPU ms per frame):  " + ", ".join(
-        f"{k} {v['cpu_ms']:.2f}" for k, v in bound["terms"].items())
+    print("each stage alone, ms per frame:  " + ", ".join(
+        f"{k} {v['bound_ms']:.2f}" for k, v in bound["terms"].items())
         + f"  = {bound['cpu_ms_per_frame']:.2f} ms")
     inf = bound["terms"]["infer"]
-    print(f"  inference: {inf['wall_ms']:.2f} ms wall x {inf['threads']} thread(s) = {inf['wall_x_threads_ms']:.2f} "
-          f"ms; CPU time {inf['cpu_ms']:.2f} ms")
+    print(f"  (CPU time, except inference: {inf['wall_ms']:.2f} ms wall x {inf['threads']} thread(s) = "
+          f"{inf['wall_x_threads_ms']:.2f} ms, whose CPU time was {inf['cpu_ms']:.2f} ms)")
     print(f"bound = {bound['cores']} cores / {bound['cpu_ms_per_frame']:.2f} ms = {bound['bound_fps']:.1f} fps")
     print()
     naive_stats = naive[-1].stage_stats()
@@ -321,6 +362,25 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_naive": pipe_fps / naive_fps, "ratio_bound": pipe_fps / bound["bound_fps"]},
             indent=2, default=str) + "\n")
     tmp.cleanup()
+    return 0
+
+
+def report_startup(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="stream_startup_") as tmp:
+        video = args.video or make_video(Path(tmp) / "scene.mp4", frames=60)
+        print(f"load average: {load_average()}")
+        rows = {}
+        for label, source in (("video file 640x480", str(video)), ("live synthetic:// 640x480 30 fps",
+                                                                     "synthetic://?size=640x480&fps=30")):
+            rows[label] = r = startup(args.model, source, runs=3)
+            for x in r:
+                print(f"{label}: first output frame {x['first_frame_on_disk_s']:.3f} s after spawning (in-process "
+                      f"{x['first_output_in_process_s']:.3f} s since process start); peak RSS "
+                      f"{x['peak_rss_mb']:.0f} MB over {x['frames']} frames")
+            print(f"{label}: median first frame {statistics.median(x['first_frame_on_disk_s'] for x in r):.3f} s "
+                  f"(target < 1.5 s), max peak RSS {max(x['peak_rss_mb'] for x in r):.0f} MB (target < 200 MB)")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
