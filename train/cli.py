@@ -86,6 +86,8 @@ def add_train_seg(tasks) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="keep an EMA of the weights, validate and export it (default off)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per training process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch CPU threads per process (default: CPU cores / processes)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
     p.add_argument("--synthetic-n", type=int, default=None, help="synthetic training scenes (default 2000)")
@@ -136,7 +138,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
     if args.deterministic:
         given["deterministic"] = True
     config = SegTrainConfig(data=str(args.data), out=str(args.out), device=args.device, workers=args.workers,
-                            quiet=args.quiet, **given)
+                            threads=args.threads, quiet=args.quiet, **given)
     if args.resume:
         ignored = sorted(k for k in given if k not in RESUME_OVERRIDABLE)
         if ignored:

@@ -213,7 +213,7 @@ def read_classes_json(path: Path) -> ClassInfo:
         raise DataError(f"{path}: at most 255 classes fit 8-bit masks, got {len(names)}")
     palette = data.get("palette")
     if palette is None:
-        palette = default_palette(len(names))
+        palette = [list(c) for c in default_palette(len(names))]
     ok = isinstance(palette, list) and len(palette) == len(names) and all(
         isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette
     )

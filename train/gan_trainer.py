@@ -652,7 +652,7 @@ class _Run:
             "rng": rng_states,
             "world_size": self.info.world_size,
             "edgepix_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         if self.ema is not None:
             state["ema"] = _cpu_state(self.ema.module.state_dict())

@@ -90,6 +90,7 @@ class SegTrainConfig:
     seed: int = 0
     deterministic: bool = False
     workers: int | None = None  # DataLoader workers per process; None: 1 on CPU, 4 on CUDA
+    threads: int | None = None  # torch CPU threads per process; None: the CPU cores / processes on this machine
     device: str = "auto"
     synthetic_n: int = 2000  # scenes in the synthetic training set
     synthetic_val_n: int = 200  # held-out scenes (a fixed seed no training run uses)
@@ -121,6 +122,7 @@ class SegTrainConfig:
             (self.synthetic_n >= 1 and self.synthetic_val_n >= 1, "synthetic set sizes must be at least 1"),
             (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
             (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,7 +149,7 @@ class SegTrainConfig:
 
 
 # The options `--resume` may change; everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("device", "workers", "quiet", "out")
+RESUME_OVERRIDABLE = ("device", "workers", "threads", "quiet", "out")
 
 
 # ---- schedule, EMA -------------------------------------------------------------------------------------
@@ -440,7 +442,7 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
     device = resolve_device(cfg.device, info)
     saved_threads = torch.get_num_threads(), cv2.getNumThreads()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
+        torch.set_num_threads(cfg.threads or max(1, cpu_cores() // info.local_world_size))
     # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the training
     # threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
     cv2.setNumThreads(1)
@@ -621,6 +623,8 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
         validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
         if validate:
             t1 = time.perf_counter()
+            if info.enabled:
+                _broadcast_buffers(model)
             eval_model = ema.module if ema is not None else model
             metrics, val_loss = evaluate(eval_model, val_loader, meter, device, criterion=eval_criterion,
                                          channels_last=cfg.channels_last, amp=use_amp)
@@ -665,6 +669,13 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
              out / "best.pt", out / "last.pt")
     final = history[-1] if history else {}
     return TrainResult(out, cfg.epochs, best_miou, best_epoch, final, history, throughput, wall)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics (the ones rank 0 saves), so validation on every shard uses the
+    weights of the checkpoint and the reduced metrics are those of the saved model."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def _gather_rng_states(info: DistInfo, device: torch.device) -> dict[str, list[torch.Tensor]]:
