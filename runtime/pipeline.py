@@ -39,13 +39,14 @@ from typing import Any
 import numpy as np
 
 from .errors import EdgepixError, InputError
-from .sinks import NullSink, Output, Sink, SinkContext, StreamInfo, make_sink
+from .sinks import Output, Sink, SinkContext, StreamInfo, make_sink
 from .sources import Frame, Source, SourceOptions, SourceState, open_source
 from .stats import LatencyStats
 
 log = logging.getLogger(__name__)
 
 CPU_BACKENDS = ("ort-cpu", "opencv")
+#: the stages whose latencies every run reports (plus "infer_call" per inference call and "sink URI" per sink)
 STAGES = ("decode", "frame_age", "preprocess", "infer", "postprocess", "render", "latency")
 
 
@@ -56,7 +57,7 @@ class PipelineOptions:
     max_batch: int | None = None  # frames per inference call; None: one per stream
     max_frames: int | None = None  # stop after this many frames (all streams together)
     duration: float | None = None  # stop after this many seconds
-    queue_size: int = 4  # frames a lossless sink may lag behind; batches the post stage may hold
+    queue_size: int = 2  # frames a lossless sink may lag behind; batches waiting for the post stage
     status_interval: float = 0.0  # seconds between status lines on stderr; 0: none
     stats_window: int = 4096  # latency samples kept per stage (a rolling window for runs of days)
 
@@ -535,7 +536,7 @@ class Pipeline:
                 self._pending_cond.notify_all()
 
     def _deliver(self, batch: _Batch) -> None:
-        limit = self.options.queue_size + self.options.workers
+        limit = self.options.queue_size
         with self._pending_cond:
             # Back-pressure: wait while the post stage is behind, but the batch it waits for always gets in.
             while (len(self._pending) >= limit and batch.seq != self._next_seq and not self._errors):
@@ -691,6 +692,3 @@ def summary_line(stats: dict) -> str:
     return (f"segmented {stats['frames']} frames from {n} stream{'s' if n != 1 else ''} in {stats['elapsed_s']:.1f} s: "
             f"{stats['fps']:.1f} fps{infer}{age}; dropped {stats['dropped']}, reconnects {stats['reconnects']}")
 
-
-def null_sink() -> Sink:
-    return NullSink("null://")

@@ -131,7 +131,7 @@ class SourceOptions:
     backoff_max: float = 2.0  # ... up to this
     realtime: bool = False  # files: read at their frame rate and keep only the newest frame, like a camera
     loop: bool = False  # files and image lists: start again at the end
-    queue_size: int = 4  # frame-by-frame sources: frames buffered ahead of the consumer
+    queue_size: int = 3  # frame-by-frame sources: frames decoded ahead of the consumer
     flip: int = 0  # CSI: nvvidconv flip-method (0..7)
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from test_stream_support import (
 
 from edgepix.runtime import RenderOptions, Segmenter
 from edgepix.runtime.errors import InputError
-from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, summary_line
+from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers
 from edgepix.runtime.sinks import NullSink
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
