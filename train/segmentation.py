@@ -71,7 +71,7 @@ class SegTrainConfig:
     model: str = "fastscnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     imgsz: tuple[int, int] = (256, 256)  # (H, W), the model's input size
-    epochs: int = 8
+    epochs: int = 4
     batch: int = 16  # global: split over the processes of a torchrun job
     lr: float = 4e-3
     optimizer: OptimizerKind = OptimizerKind.ADAMW
@@ -89,7 +89,7 @@ class SegTrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     deterministic: bool = False
-    workers: int | None = None  # DataLoader workers per process; None: 1 on CPU, 4 on CUDA
+    workers: int | None = None  # DataLoader workers per process; None: see default_workers()
     threads: int | None = None  # torch CPU threads per process; None: the CPU cores / processes on this machine
     device: str = "auto"
     synthetic_n: int = 2000  # scenes in the synthetic training set
@@ -209,6 +209,16 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     if name != "cpu":
         raise EdgepixError(f"--device must be cpu, cuda or auto, got {name!r}")
     return torch.device("cpu")
+
+
+def default_workers(device: torch.device, info: DistInfo) -> int:
+    """Loader processes per training process. On a CPU with few cores per process, loading in the training process
+    is faster: a worker process takes cycles from the training threads (measured on 2 cores: 22 img/s with none,
+    16-20 img/s with one)."""
+    cores = max(1, cpu_cores() // info.local_world_size)
+    if device.type == "cuda":
+        return min(4, cores)
+    return 0 if cores <= 4 else 2
 
 
 def cpu_cores() -> int:
@@ -516,7 +526,7 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
                         "lower --batch or add data")
     sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 1)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device, info)
     loader_kw = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
                      worker_init_fn=_worker_init if workers else None)
     train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_kw)

@@ -6,34 +6,38 @@ always a value that was in the mask. Images are resized with INTER_LINEAR, as th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from edgepix.runtime.spec import ChannelOrder, ModelSpec
+from edgepix.runtime.imageops import Normalizer
+from edgepix.runtime.spec import ModelSpec
 
 
 def normalize(image_bgr: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """BGR uint8 HxWx3 (already at the model's size) -> float32 3xHxW: channel order, scale, mean/std.
+    """BGR uint8 HxWx3 (already at the model's size) -> float32 3xHxW, by the runtime's own `Normalizer`.
 
-    The same arithmetic as the runtime and the export gate: x * (scale / std) - mean / std, in float32.
+    Training feeds the network exactly what the deployed model will get: the channel order, scale and mean/std of
+    the spec, computed by the same code (`x * (scale / std) - mean / std` in float32, tabulated per channel).
     """
-    if spec.channel_order is ChannelOrder.RGB:
-        image_bgr = image_bgr[:, :, ::-1]
-    std = np.asarray(spec.std, np.float32)
-    gain = np.float32(spec.scale) / std
-    shift = -np.asarray(spec.mean, np.float32) / std
-    x = image_bgr.astype(np.float32) * gain + shift
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    h, w = image_bgr.shape[:2]
+    out = np.empty((3, h, w), dtype=np.float32)
+    _normalizer(spec, (h, w)).fill(np.ascontiguousarray(image_bgr), out)
+    return out
 
 
 def preprocess(image_bgr: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """A frame as the runtime feeds it: stretch to spec.input_size (INTER_LINEAR), then `normalize`."""
-    h, w = spec.input_size
-    if image_bgr.shape[:2] != (h, w):
-        image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-    return normalize(image_bgr, spec)
+    """A frame as the runtime feeds it: stretch to spec.input_size (INTER_LINEAR), then normalise -> 3xHxW."""
+    out = np.empty((3, *spec.input_size), dtype=np.float32)
+    _normalizer(spec, spec.input_size).fill(np.ascontiguousarray(image_bgr), out)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _normalizer(spec: ModelSpec, hw: tuple[int, int]) -> Normalizer:
+    return Normalizer(spec, hw)
 
 
 @dataclass(frozen=True)
