@@ -267,6 +267,81 @@ def startup(model: str | os.PathLike, source: str, *, runs: int = 3, frames: int
     return results
 
 
+# ---- a live network stream: frame age and reconnect ------------------------------------------------------------
+
+
+def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float = 30.0, steady_s: float = 8.0,
+               outage_s: float = 3.0) -> dict:
+    """ffmpeg serves `video` in real time as MPEG-TS over HTTP on 127.0.0.1; the pipeline (default options:
+    backoff up to 2 s, read timeout 5 s) segments it. Measures the frame age at steady state, then kills the
+    server for `outage_s`, starts it again and measures how long after its return the first frame arrives."""
+    import shutil
+    import socket
+    import subprocess
+    import threading
+
+    from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
+    from edgepix.runtime.segmenter import Segmenter
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise SystemExit("the live check needs ffmpeg (apt-get install ffmpeg)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/live.ts"
+    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(video),
+           "-an", "-r", str(fps), "-c:v", "mpeg2video", "-q:v", "4", "-g", "15", "-f", "mpegts", "-listen", "1", url]
+
+    def serve() -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        hex_port = f":{port:04X}"
+        for _ in range(500):  # wait until it listens (a probe connection would be taken as the one client)
+            rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+            if any(r[1].endswith(hex_port) and r[3] == "0A" for r in rows):
+                break
+            time.sleep(0.01)
+        return proc
+
+    name = resolve_backend(model, "auto")
+    workers, threads = choose_workers(name)
+    server = serve()
+    seg = Segmenter.load(model, name, **({"threads": threads} if threads else {}))
+    pipeline = Pipeline(seg, [url], ["null://"], PipelineOptions(workers=workers))
+    thread = threading.Thread(target=pipeline.run, daemon=True)
+    thread.start()
+    try:
+        while pipeline.frames < 5:
+            time.sleep(0.05)
+        time.sleep(2.0)  # settle
+        ages = pipeline._ages[0]
+        start_n = len(ages)
+        time.sleep(steady_s)
+        steady = list(ages)[start_n:]
+        source = pipeline.sources[0]
+        server.kill()
+        server.wait()
+        time.sleep(outage_s)
+        read_before = source.frames_read
+        server = serve()
+        t_back = time.monotonic()
+        while source.frames_read == read_before and time.monotonic() - t_back < 30:
+            time.sleep(0.005)
+        first_frame_s = time.monotonic() - t_back
+        outage = source.outages[-1] if source.outages else None
+        time.sleep(2.0)
+    finally:
+        pipeline.stop()
+        thread.join(10)
+        server.kill()
+        seg.close()
+    age = LatencyStats.from_samples(steady)
+    return {"fps": fps, "frame_interval_ms": 1000.0 / fps, "steady_frames": len(steady), "frame_age_ms": age.as_dict(),
+            "reconnect_first_frame_s": first_frame_s, "outage_s": outage.duration if outage else None,
+            "reconnect_attempts": outage.attempts if outage else None, "reconnects": source.reconnects,
+            "state_after": source.state.value, "frames": pipeline.frames}
+
+
 # ---- the report -------------------------------------------------------------------------------------------------
 
 
@@ -290,9 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write everything measured here")
     ap.add_argument("--startup-only", action="store_true",
                     help="only measure `edgepix segment` start-up time and peak RSS (file and synthetic source)")
+    ap.add_argument("--live-only", action="store_true",
+                    help="only measure frame age and reconnect time on a live HTTP stream served by ffmpeg")
     args = ap.parse_args(argv)
     if args.startup_only:
         return report_startup(args)
+    if args.live_only:
+        return report_live(args)
 
     from edgepix.benchmarks.environment import describe, environment
 
@@ -362,6 +441,23 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_naive": pipe_fps / naive_fps, "ratio_bound": pipe_fps / bound["bound_fps"]},
             indent=2, default=str) + "\n")
     tmp.cleanup()
+    return 0
+
+
+def report_live(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="stream_live_") as tmp:
+        video = args.video or make_video(Path(tmp) / "scene.mp4", frames=90)
+        print(f"load average: {load_average()}")
+        r = live_check(args.model, video)
+        a = r["frame_age_ms"]
+        print(f"live HTTP MPEG-TS stream at {r['fps']:.0f} fps (frame interval {r['frame_interval_ms']:.1f} ms), "
+              f"{r['steady_frames']} frames at steady state: frame age p50 {a['p50']:.1f} ms, p90 {a['p90']:.1f}, "
+              f"p99 {a['p99']:.1f}, max {a['max']:.1f} (target < {2 * r['frame_interval_ms']:.1f} ms)")
+        print(f"server killed for 3 s and started again: first frame {r['reconnect_first_frame_s']:.2f} s after it "
+              f"returned (target < 5 s); outage {r['outage_s']:.2f} s, {r['reconnect_attempts']} attempts, "
+              f"reconnects {r['reconnects']}, state {r['state_after']}")
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0
 
 
