@@ -139,14 +139,12 @@ def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | 
     from edgepix.runtime.segmenter import Segmenter
     from edgepix.runtime.sources import SourceOptions
 
-    name = resolve_backend(model, backend)
-    auto_workers, auto_threads = choose_workers(name)
-    workers, threads = workers or auto_workers, threads or auto_threads
-    with Segmenter.load(model, name, **({"threads": threads} if threads else {})) as seg:
+    plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
+    with Segmenter.load(model, plan.backend, **plan.backend_options()) as seg:
         pipeline = Pipeline(seg, [str(video)], [str(out) if out else "null://"],
-                            PipelineOptions(workers=workers, max_frames=max_frames),
+                            PipelineOptions(workers=plan.workers, max_frames=max_frames),
                             source_options=SourceOptions(realtime=realtime),
-                            info={"threads_per_worker": threads})
+                            info={"threads_per_worker": plan.threads, "plan": plan.describe()})
         return pipeline.run()
 
 
@@ -162,13 +160,15 @@ def _cpu_per_item(fn: Callable[[int], None], n: int) -> tuple[float, float]:
 
 
 def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: str = "auto",
-                threads: int | None = None, frames: int = 60, out_suffix: str = ".mp4") -> dict:
-    """CPU milliseconds per frame of each pipeline stage measured alone, on the first `frames` frames."""
+                workers: int | None = None, threads: int | None = None, frames: int = 60,
+                out_suffix: str = ".mp4") -> dict:
+    """CPU milliseconds per frame of each pipeline stage measured alone, on the first `frames` frames, with the
+    pipeline's inference plan (the same threads and spin setting per call)."""
     from edgepix.runtime.pipeline import choose_workers, cpu_count, resolve_backend
     from edgepix.runtime.segmenter import Segmenter
 
-    name = resolve_backend(model, backend)
-    threads = threads or choose_workers(name)[1]
+    plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
+    name, threads = plan.backend, plan.threads
     terms: dict[str, dict] = {}
 
     cap = cv2.VideoCapture(str(video))
@@ -183,7 +183,7 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
     terms["decode"] = {"cpu_ms": (time.process_time() - c0) * 1e3 / n, "wall_ms": (time.perf_counter() - t0) * 1e3 / n}
     cap.release()
 
-    with Segmenter.load(model, name, **({"threads": threads} if threads else {})) as seg:
+    with Segmenter.load(model, name, **plan.backend_options()) as seg:
         buf = seg.normalizer.empty(max(1, seg.static_batch or 1))
         prepared = [None] * n
 
@@ -231,7 +231,7 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
         t["bound_ms"] = max(t["cpu_ms"], t["wall_x_threads_ms"]) if name == "infer" else t["cpu_ms"]
     total = sum(t["bound_ms"] for t in terms.values())
     return {"terms": terms, "cores": cores, "cpu_ms_per_frame": total, "bound_fps": cores * 1e3 / total,
-            "frames_measured": n, "backend": name, "threads": threads}
+            "frames_measured": n, "backend": name, "threads": threads, "plan": plan.describe()}
 
 
 # ---- start-up and memory ------------------------------------------------------------------------------------------
@@ -303,11 +303,10 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
             time.sleep(0.01)
         return proc
 
-    name = resolve_backend(model, "auto")
-    workers, threads = choose_workers(name)
+    plan = choose_workers(resolve_backend(model, "auto"))
     server = serve()
-    seg = Segmenter.load(model, name, **({"threads": threads} if threads else {}))
-    pipeline = Pipeline(seg, [url], ["null://"], PipelineOptions(workers=workers))
+    seg = Segmenter.load(model, plan.backend, **plan.backend_options())
+    pipeline = Pipeline(seg, [url], ["null://"], PipelineOptions(workers=plan.workers))
     thread = threading.Thread(target=pipeline.run, daemon=True)
     thread.start()
     try:
@@ -401,11 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                           threads=args.threads)
         piped.append(st)
         print(f"round {r + 1}: pipeline   {st['frames']} frames in {st['elapsed_s']:.2f} s = {st['fps']:.1f} fps "
-              f"({st['config']['workers']} workers x {st['config'].get('threads_per_worker')} threads, "
-              f"{st['config']['backend']})")
+              f"({st['config']['plan']}, {st['config']['backend']})")
     naive_fps = statistics.median(r.fps for r in naive)
     pipe_fps = statistics.median(s["fps"] for s in piped)
-    bound = stage_costs(pmodel, video, backend=args.backend, threads=args.threads)
+    bound = stage_costs(pmodel, video, backend=args.backend, workers=args.workers, threads=args.threads)
     print(f"load average after: {load_average()}")
     print()
     print("each stage alone, ms per frame:  " + ", ".join(

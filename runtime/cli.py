@@ -130,33 +130,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
     sinks = [make_sink(u, hud=not args.no_hud) for u in sink_uris]
     render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
                            hide=tuple(args.hide), legend=args.legend)
-    backend = resolve_backend(model, args.backend)
-    workers, threads = choose_workers(backend)
-    workers = args.workers or workers
-    threads = args.threads or threads
-    options = {"threads": threads} if threads else {}
+    plan = choose_workers(resolve_backend(model, args.backend), workers=args.workers, threads=args.threads)
 
     # Open the sources first: a camera or stream that does not open fails before the model loads, and live
     # ones connect (and files start decoding) while it does.
     try:
         for source in sources:
             source.start()
-        seg = Segmenter.load(model, backend, render=render, **options)
+        seg = Segmenter.load(model, plan.backend, render=render, **plan.backend_options())
     except BaseException:
         for source in sources:
             source.close()
         raise
-    if backend == "opencv":
-        workers = 1  # an OpenCV net is not thread-safe
     if not args.quiet:
-        log.info("%s; %d inference worker(s)", seg.describe(), workers)
+        log.info("%s; %s", seg.describe(), plan.describe())
 
     status = None if args.quiet else (lambda line: _status(line))
     pipeline = Pipeline(seg, sources, sinks, PipelineOptions(
-        workers=workers, batch_timeout=args.batch_timeout / 1000.0, max_batch=args.max_batch,
+        workers=plan.workers, batch_timeout=args.batch_timeout / 1000.0, max_batch=args.max_batch,
         max_frames=args.max_frames, duration=args.duration, status_interval=1.0 if sys.stderr.isatty() else 5.0),
         title=f"edgepix segment {model.name}", status=status,
-        info={"threads_per_worker": threads, "vis": args.vis, "pid": os.getpid()})
+        info={"threads_per_worker": plan.threads, "spin_wait": plan.spin_wait, "vis": args.vis, "pid": os.getpid()})
 
     interrupts = {"n": 0}
 

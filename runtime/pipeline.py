@@ -52,7 +52,7 @@ STAGES = ("decode", "frame_age", "preprocess", "infer", "postprocess", "render",
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineOptions:
-    workers: int = 1  # inference workers (see choose_workers)
+    workers: int = 1  # inference workers sharing the model (see choose_workers)
     batch_timeout: float = 0.04  # seconds a partial multi-stream batch waits for the other streams
     max_batch: int | None = None  # frames per inference call; None: one per stream
     max_frames: int | None = None  # stop after this many frames (all streams together)
@@ -83,21 +83,49 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def choose_workers(backend: str, *, cores: int | None = None) -> tuple[int, int | None]:
-    """(inference workers, intra-op threads per worker) for a backend name on this machine.
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How inference runs: `workers` threads taking batches, each call with `threads` intra-op threads."""
 
-    CPU backends: two single-threaded runs at once on 2-4 cores (no idle spinning, the other stages fill the
-    gaps), more threads per run on bigger CPUs. The OpenCV backend's net is not thread-safe: one worker. GPU
-    backends: two workers so one copies frames while the other computes; default threads.
+    backend: str
+    workers: int
+    threads: int | None  # None: the backend's default
+    spin_wait: bool | None = None  # ONNX Runtime: idle threads spin between ops; None: the backend's default
+
+    def backend_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.threads is not None:
+            options["threads"] = self.threads
+        if self.spin_wait is not None and self.backend.startswith("ort-"):
+            options["spin_wait"] = self.spin_wait
+        return options
+
+    def describe(self) -> str:
+        threads = self.threads or "default"
+        spin = "" if self.spin_wait is None else f", spinning {'on' if self.spin_wait else 'off'}"
+        return f"{self.workers} inference worker(s) x {threads} thread(s){spin}"
+
+
+def choose_workers(backend: str, *, cores: int | None = None, workers: int | None = None,
+                   threads: int | None = None) -> WorkerPlan:
+    """The inference plan for a backend on this machine (`workers` / `threads` override the choice).
+
+    ONNX Runtime on the CPU: one worker whose calls use every core, with ONNX Runtime's spin-waiting off, so
+    that decoding, rendering and encoding get the cores back between the parallel sections of the model and the
+    frame is done as early as possible (lowest frame age). Two single-threaded workers give a few percent more
+    throughput on an idle 2-core CPU but need a second set of activations (about +40 MB at 512x512) and lose
+    more when other processes compete for the cores; `--workers 2 --threads 1` selects them. The OpenCV
+    backend's net is not thread-safe: one worker. GPU backends: two workers, so one copies frames while the other
+    computes.
     """
     cores = cores or cpu_count()
     if backend == "opencv":
-        return 1, None
-    if backend in CPU_BACKENDS:
-        if cores < 2:
-            return 1, 1
-        return 2, max(1, cores // 2 - (1 if cores >= 8 else 0))
-    return 2, None
+        return WorkerPlan(backend, 1, threads)
+    if backend == "ort-cpu":
+        w = workers or 1
+        t = threads or max(1, cores // w)
+        return WorkerPlan(backend, w, t, spin_wait=False if t > 1 else None)
+    return WorkerPlan(backend, workers or 2, threads)
 
 
 def resolve_backend(model: str | os.PathLike, backend: str) -> str:

@@ -146,10 +146,13 @@ def test_bad_stream_numbers_and_options_are_refused(model):
 
 
 def test_worker_choice_by_backend():
-    assert choose_workers("ort-cpu", cores=2) == (2, 1)
-    assert choose_workers("ort-cpu", cores=1) == (1, 1)
-    assert choose_workers("opencv", cores=8) == (1, None)
-    assert choose_workers("ort-cuda", cores=6)[0] == 2
+    plan = choose_workers("ort-cpu", cores=2)
+    assert (plan.workers, plan.threads, plan.backend_options()) == (1, 2, {"threads": 2, "spin_wait": False})
+    plan = choose_workers("ort-cpu", cores=2, workers=2)
+    assert (plan.workers, plan.threads, plan.backend_options()) == (2, 1, {"threads": 1})
+    assert choose_workers("ort-cpu", cores=1).backend_options() == {"threads": 1}
+    assert choose_workers("opencv", cores=8, workers=3).workers == 1
+    assert choose_workers("ort-cuda", cores=6).workers == 2 and choose_workers("ort-cuda").backend_options() == {}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
