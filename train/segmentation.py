@@ -339,7 +339,11 @@ def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     from edgepix.runtime.fileio import atomic_output
 
     epochs = [r["epoch"] for r in history]
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
     if any(math.isfinite(r.get("val_loss", float("nan"))) for r in history):
         ax1.plot(epochs, [r.get("val_loss", float("nan")) for r in history], "s-", label="val loss")
