@@ -186,3 +186,21 @@ def test_pix2pix_export_modes(pix2pix_run, tmp_path, mode):
         # Per-image statistics: batching images does not change any image's output.
         x2 = np.concatenate([x, -x])
         assert np.allclose(session.run(None, {"images": x2})[0][0], y1[0], atol=1e-5)
+
+
+def test_torchrun_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617", "-m",
+           "edgepix", "-q", "train", "gan", "--data", "synthetic", "--imgsz", "32", "--epochs", "1", "--batch", "8",
+           "--synthetic-n", "32", "--latent-size", "8", "--model-arg", "ngf=4", "--disc-arg", "ndf=4", "--out",
+           str(out), "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["iterations"]) == 32 // 8  # --batch is global: 4 per process
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1 and len(ckpt["rng"]["torch"]) == 2
