@@ -26,8 +26,10 @@ overlap on a multi-core CPU; on a GPU, inference leaves the cores to the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -58,6 +60,7 @@ class PipelineOptions:
     max_frames: int | None = None  # stop after this many frames (all streams together)
     duration: float | None = None  # stop after this many seconds
     queue_size: int = 2  # frames a lossless sink may lag behind; batches waiting for the post stage
+    prefetch: bool = True  # each worker pre-processes the next batch (in a thread of its own) while one runs
     status_interval: float = 0.0  # seconds between status lines on stderr; 0: none
     stats_window: int = 4096  # latency samples kept per stage (a rolling window for runs of days)
 
@@ -522,43 +525,108 @@ class Pipeline:
 
     # ---- inference workers --------------------------------------------------------------------------------------
 
-    def _worker(self, k: int) -> None:
+    def _prepare(self, frames: list[Frame], buffers: dict) -> list:
+        """Pre-process a batch into the worker's buffers: one Prepared per inference call (chunk)."""
         seg = self.seg
-        buffers: dict[tuple[int, ...], np.ndarray] = {}
         step = seg.static_batch or seg.max_batch or self.max_batch
+        prepared = []
+        for c, i in enumerate(range(0, len(frames), step)):
+            part = [f.image for f in frames[i:i + step]]
+            shape = seg.normalizer.tensor_shape(max(len(part), seg.static_batch or 0))
+            buf = buffers.get((c, shape))
+            if buf is None:
+                buf = buffers[(c, shape)] = np.empty(shape, np.float32)
+            p = seg.preprocess(part, out=buf)
+            self.recorder.add("preprocess", p.ms / len(part), len(part))
+            prepared.append(p)
+        return prepared
+
+    def _take(self) -> tuple[int, list[Frame], float] | None:
+        got = self._next_batch()
+        if got is None:
+            return None
+        seq, frames = got
+        start = time.monotonic()
+        for f in frames:
+            age = (start - f.timestamp) * 1e3
+            self.recorder.add("frame_age", age)
+            self._ages[f.stream_id].append(age)
+        return seq, frames, start
+
+    def _prefetch(self, k: int, ready: queue.Queue, stop: threading.Event) -> None:
+        """Worker k's pre-processing thread: takes and prepares the next batch while the current one runs, into
+        the other of two buffer sets (a set is reused only after the batch in it has been inferred: `ready`
+        holds at most one batch, and the worker takes it only when done with the previous one)."""
+        sets: list[dict] = [{}, {}]
+        n = 0
         try:
-            while True:
-                got = self._next_batch()
+            while not stop.is_set():
+                got = self._take()
                 if got is None:
                     break
-                seq, frames = got
-                start = time.monotonic()
-                for f in frames:
-                    age = (start - f.timestamp) * 1e3
-                    self.recorder.add("frame_age", age)
-                    self._ages[f.stream_id].append(age)
+                seq, frames, start = got
+                prepared = self._prepare(frames, sets[n % 2])
+                n += 1
+                while not stop.is_set():
+                    try:
+                        ready.put((seq, frames, start, prepared), timeout=0.25)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e, f"pre-processing {k}")
+        finally:
+            while True:  # the end-of-work marker always gets through
+                try:
+                    ready.put(None, timeout=0.25)
+                    break
+                except queue.Full:
+                    if stop.is_set():
+                        with contextlib.suppress(queue.Empty):
+                            ready.get_nowait()
+
+    def _worker(self, k: int) -> None:
+        seg = self.seg
+        stop = threading.Event()
+        ready: queue.Queue = queue.Queue(maxsize=1)
+        helper = None
+        if self.options.prefetch:
+            helper = threading.Thread(target=self._prefetch, args=(k, ready, stop), name=f"pre-{k}", daemon=True)
+            helper.start()
+        buffers: dict = {}
+        try:
+            while True:
+                if helper is not None:
+                    item = ready.get()
+                    if item is None:
+                        break
+                    seq, frames, start, prepared = item
+                else:
+                    got = self._take()
+                    if got is None:
+                        break
+                    seq, frames, start = got
+                    prepared = self._prepare(frames, buffers)
                 chunks = []
-                for i in range(0, len(frames), step):
-                    part = [f.image for f in frames[i:i + step]]
-                    shape = seg.normalizer.tensor_shape(max(len(part), seg.static_batch or 0))
-                    buf = buffers.get(shape)
-                    if buf is None:
-                        buf = buffers[shape] = np.empty(shape, np.float32)
-                    prepared = seg.preprocess(part, out=buf)
+                for p in prepared:
                     t0 = time.perf_counter()
-                    raw = seg.run(prepared.tensor)
+                    raw = seg.run(p.tensor)
                     infer_ms = (time.perf_counter() - t0) * 1e3
-                    n = len(part)
-                    self.recorder.add("preprocess", prepared.ms / n, n)
-                    self.recorder.add("infer", infer_ms / n, n)
+                    self.recorder.add("infer", infer_ms / p.n, p.n)
                     self.recorder.add("infer_call", infer_ms)
-                    if raw is prepared.tensor or np.shares_memory(raw, buf):
+                    if np.shares_memory(raw, p.tensor):
                         raw = raw.copy()  # a backend that hands back its input buffer must not see it reused
-                    chunks.append((raw, prepared))
+                    chunks.append((raw, p))
                 self._deliver(_Batch(seq, frames, chunks, start))
         except BaseException as e:  # noqa: BLE001 - reported by the pipeline, which stops
             self._fail(e, f"inference worker {k}")
         finally:
+            stop.set()
+            if helper is not None:
+                with contextlib.suppress(queue.Empty):
+                    while ready.get_nowait() is not None:
+                        pass
+                helper.join(5)
             with self._pending_cond:
                 self._workers_done += 1
                 self._pending_cond.notify_all()

@@ -88,12 +88,13 @@ def test_a_partial_batch_is_pushed_after_the_timeout(model, tmp_path):
     assert stats["batches"]["sizes"].get("1", 0) >= 4
 
 
-def test_several_workers_keep_frame_order_in_the_video(model, tmp_path):
+@pytest.mark.parametrize("workers, prefetch", [(3, True), (2, False), (1, True)])
+def test_several_workers_keep_frame_order_in_the_video(model, tmp_path, workers, prefetch):
     colours = [RED, GREEN, BLUE] * 10
     src = write_colour_video(tmp_path / "rgb.avi", colours)
     out = tmp_path / "out.avi"
     with mask_seg(model) as seg:
-        stats = Pipeline(seg, [str(src)], [str(out)], PipelineOptions(workers=3)).run()
+        stats = Pipeline(seg, [str(src)], [str(out)], PipelineOptions(workers=workers, prefetch=prefetch)).run()
     assert stats["frames"] == 30
     cap = cv2.VideoCapture(str(out))
     seen = []
