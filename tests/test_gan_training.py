@@ -102,9 +102,20 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
         assert torch.equal(v, kept["model"][k])
 
 
-def test_pix2pix_run_and_val_gen(pix2pix_run, seg_checkpoint):
+def test_pix2pix_run_and_val_gen(pix2pix_run, tmp_path):
+    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE
+    from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
     from edgepix.train.gan_eval import evaluate_pix2pix
+    from edgepix.train.registry import create_model
 
+    # An untrained segmenter is enough to exercise the consistency score's plumbing (the numbers are in the README).
+    torch.manual_seed(0)
+    seg_checkpoint = tmp_path / "seg.pt"
+    seg_spec = ModelSpec(task="segmentation", model_name="fastscnn", input_size=(64, 64), class_names=CLASS_NAMES,
+                         palette=PALETTE)
+    save_checkpoint(seg_checkpoint, wrap_state_dict(create_model("fastscnn", num_classes=6).state_dict(),
+                                                    arch="fastscnn", arch_kwargs={"num_classes": 6}, spec=seg_spec))
     out, result = pix2pix_run
     assert (out / "best.pt").exists() and (out / "samples" / "epoch_001.png").exists()
     row = result.final_metrics
