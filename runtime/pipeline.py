@@ -554,10 +554,10 @@ class Pipeline:
         return seq, frames, start
 
     def _prefetch(self, k: int, ready: queue.Queue, stop: threading.Event) -> None:
-        """Worker k's pre-processing thread: takes and prepares the next batch while the current one runs, into
-        the other of two buffer sets (a set is reused only after the batch in it has been inferred: `ready`
-        holds at most one batch, and the worker takes it only when done with the previous one)."""
-        sets: list[dict] = [{}, {}]
+        """Worker k's pre-processing thread: takes and prepares the next batch while the current one runs. Three
+        buffer sets rotate: the batch being inferred, the one waiting in `ready` (at most one), the one being
+        prepared; a set is written again only after the batch in it was inferred."""
+        sets: list[dict] = [{}, {}, {}]
         n = 0
         try:
             while not stop.is_set():
@@ -565,7 +565,7 @@ class Pipeline:
                 if got is None:
                     break
                 seq, frames, start = got
-                prepared = self._prepare(frames, sets[n % 2])
+                prepared = self._prepare(frames, sets[n % 3])
                 n += 1
                 while not stop.is_set():
                     try:
