@@ -133,7 +133,7 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike, out: str | os
 
 def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | os.PathLike | None, *,
                  backend: str = "auto", workers: int | None = None, threads: int | None = None,
-                 max_frames: int | None = None, realtime: bool = False) -> dict:
+                 max_frames: int | None = None, realtime: bool = False, prefetch: bool = True) -> dict:
     """The stream pipeline over `video` into `out` (or null://); returns its statistics."""
     from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
     from edgepix.runtime.segmenter import Segmenter
@@ -142,7 +142,7 @@ def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | 
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
     with Segmenter.load(model, plan.backend, **plan.backend_options()) as seg:
         pipeline = Pipeline(seg, [str(video)], [str(out) if out else "null://"],
-                            PipelineOptions(workers=plan.workers, max_frames=max_frames),
+                            PipelineOptions(workers=plan.workers, max_frames=max_frames, prefetch=prefetch),
                             source_options=SourceOptions(realtime=realtime),
                             info={"threads_per_worker": plan.threads, "plan": plan.describe()})
         return pipeline.run()
@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-prefetch", action="store_true", help="workers pre-process in the same thread")
     ap.add_argument("--json", type=Path, help="write everything measured here")
     ap.add_argument("--startup-only", action="store_true",
                     help="only measure `edgepix segment` start-up time and peak RSS (file and synthetic source)")
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         naive.append(res)
         print(f"round {r + 1}: naive loop {res.frames} frames in {res.seconds:.2f} s = {res.fps:.1f} fps")
         st = pipeline_run(pmodel, video, work / "pipeline.mp4", backend=args.backend, workers=args.workers,
-                          threads=args.threads)
+                          threads=args.threads, prefetch=not args.no_prefetch)
         piped.append(st)
         print(f"round {r + 1}: pipeline   {st['frames']} frames in {st['elapsed_s']:.2f} s = {st['fps']:.1f} fps "
               f"({st['config']['plan']}, {st['config']['backend']})")
