@@ -165,3 +165,29 @@ def test_live_hls_is_paced_by_its_timestamps_not_dropped_segment_by_segment(http
     # Segments of 25 frames arrive at once; paced by their timestamps they come out one per 40 ms.
     assert len(arrivals) >= 0.8 * FPS * 3 and source.dropped <= 3
     assert np.percentile(gaps, 90) < 0.08
+
+
+def test_an_mjpeg_http_camera_is_a_live_source(tmp_path):
+    """Many IP cameras serve multipart MJPEG over HTTP; the pipeline's own HTTP sink is one."""
+    from edgepix.runtime.sinks import HttpSink
+
+    seg = Segmenter.load(channel_model(tmp_path / "c.onnx"), "ort-cpu", threads=1)
+    sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0)
+    camera = Pipeline(seg, ["synthetic://?size=160x120&fps=25"], [sink], PipelineOptions(duration=30))
+    thread = threading.Thread(target=camera.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: sink.server is not None, 10)
+        source = open_source(sink.url + "stream.mjpg", SourceOptions(open_timeout=5.0)).start()
+        frames = []
+        for frame in source:
+            frames.append(frame)
+            if len(frames) == 25:
+                break
+        source.close()
+    finally:
+        camera.stop()
+        thread.join(10)
+        seg.close()
+    assert source.live and frames[-1].image.shape == (120, 160, 3)
+    assert frames[-1].timestamp - frames[0].timestamp < 3.0  # about 1 s of a 25 fps camera
