@@ -39,7 +39,16 @@ def count_flops(path: str | os.PathLike, input_shape: tuple[int, ...]) -> GraphF
     for d, size in zip(dims, input_shape):
         d.Clear()
         d.dim_value = int(size)
-    model = onnx.shape_inference.infer_shapes(model)
+    try:
+        # ONNX Runtime's symbolic inference follows Shape -> Resize chains that plain ONNX inference leaves
+        # unknown in dynamic-size and dynamic-batch graphs; without it those convolutions would go uncounted.
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except ImportError:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - its asserts fail on graphs it cannot follow; ONNX's own inference still may
+        model = onnx.shape_inference.infer_shapes(model)
     shapes: dict[str, tuple[int, ...]] = {}
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         t = value.type.tensor_type

@@ -60,3 +60,21 @@ def test_bench_errors_are_one_line(edgepix_cli, tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"not a model")
     r = edgepix_cli("bench", str(tmp_path / "m.onnx"), "--backends", "ort-cpux")
     assert r.returncode == 1 and "Did you mean 'ort-cpu'" in r.stderr
+
+
+def test_flops_count_is_hand_checkable_and_the_same_for_static_and_dynamic_graphs(exported, tmp_path):
+    import torch
+    from torch import nn
+
+    from edgepix.benchmarks.flops import count_flops, flops_per_image
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1, groups=2),
+                          nn.Upsample(scale_factor=2.0, mode="bilinear"), nn.Conv2d(4, 2, 3, stride=2, padding=1))
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    # 2 FLOPs per multiply-add: conv3x3 3->8 at 16x16, grouped 1x1 8->4 (4 inputs per output), 3x3 4->2 at 16x16.
+    expected = 2 * (8 * 256 * 27 + 4 * 256 * 4 + 2 * 256 * 36)
+    assert count_flops(path, (1, 3, 16, 16)).total == expected
+    dynamic, static = exported
+    assert flops_per_image(dynamic, (3, 64, 64)) == flops_per_image(static, (3, 64, 64)) > 0
