@@ -52,9 +52,18 @@ setup: $(STAMP) system-tools
 test: setup
 	$(PY) -m pytest -q
 
+# The main job end to end, small enough for a laptop CPU (a few minutes): data, training, verified export,
+# a live-style stream segmented into a video file, and a benchmark against PyTorch.
 demo: setup
 	$(PY) -m edgepix doctor
 	$(PY) -m edgepix data synth --out $(DEMO_DIR)/data --n 200 --size 256 256 --seed 0
+	$(PY) -m edgepix train seg --data $(DEMO_DIR)/data --model fastscnn --imgsz 256 --epochs 2 --out $(DEMO_DIR)/run --exist-ok
+	$(PY) -m edgepix val seg $(DEMO_DIR)/run/best.pt --data $(DEMO_DIR)/data
+	$(PY) -m edgepix export $(DEMO_DIR)/run/best.pt --format onnx --out $(DEMO_DIR)/fastscnn.onnx
+	$(PY) -m edgepix export $(DEMO_DIR)/run/best.pt --format onnx-int8 --argmax --out $(DEMO_DIR)/fastscnn.int8.argmax.onnx
+	$(PY) -m edgepix info $(DEMO_DIR)/fastscnn.int8.argmax.onnx
+	$(PY) -m edgepix segment $(DEMO_DIR)/fastscnn.int8.argmax.onnx --source "synthetic://?size=640x480" --sink $(DEMO_DIR)/segmented.mp4 --max-frames 150 --stats $(DEMO_DIR)/stream_stats.json
+	$(PY) -m edgepix bench $(DEMO_DIR)/fastscnn.onnx $(DEMO_DIR)/fastscnn.int8.argmax.onnx --torch $(DEMO_DIR)/run/best.pt --runs 30 --out $(DEMO_DIR)/bench
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
