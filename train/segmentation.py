@@ -762,8 +762,18 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val
         raise ModelFormatError(f"{path}: a {spec.task.value} checkpoint; `val seg` needs a segmentation model")
     info = DistInfo()
     dev = resolve_device(device, info)
+    saved_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(cpu_cores())
+    try:
+        return _evaluate_checkpoint(path, ckpt, spec, data, split, batch, dev, workers, synthetic_n, quiet, prefer_ema,
+                                    t0)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _evaluate_checkpoint(path, ckpt, spec, data, split, batch, dev, workers, synthetic_n, quiet, prefer_ema,
+                         t0) -> EvalResult:
     if str(data) == "synthetic" and split == "train":
         seed = int(ckpt.get("train_config", {}).get("seed", 0))
         source: SegmentationSource = open_source("synthetic", "train", seed=seed, synthetic_n=synthetic_n,
