@@ -228,25 +228,37 @@ def test_cli_train_then_val_prints_a_per_class_table(small_data, tmp_path):
     assert sum(data["pixels"].values()) == 4 * 64 * 64
 
 
-def test_cli_errors_are_one_line(small_data, tmp_path):
-    r = run_edgepix("train", "seg", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("edgepix train: error: data folder not found")
-    r = run_edgepix("train", "seg", "--data", str(small_data), "--model", "fastscn", "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "unknown model 'fastscn'" in r.stderr and "Did you mean 'fastscnn'" in r.stderr
-    r = run_edgepix("train", "seg", "--data", "synthetic", "--imgsz", "100", "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "multiples of 32" in r.stderr
-    r = run_edgepix("val", "seg", str(tmp_path / "absent.pt"), "--data", "synthetic")
-    assert r.returncode == 1 and "checkpoint not found" in r.stderr
-    r = run_edgepix("train", "seg")
-    assert r.returncode == 2 and "--data" in r.stderr
-    # A bad mask is found before training starts and named with its value.
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """The `edgepix` entry point in this process (same parser and error handling, no interpreter start-up)."""
+    from edgepix.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: bad usage
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
+    code, err = _cli(capsys, "train", "seg", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert code == 1 and err.strip().splitlines() == [f"edgepix train: error: data folder not found: {tmp_path / 'nope'}"
+                                                       " (expected a dataset folder or 'synthetic')"]
+    code, err = _cli(capsys, "train", "seg", "--data", str(small_data), "--model", "fastscn", "--out", str(tmp_path))
+    assert code == 1 and "unknown model 'fastscn'" in err and "Did you mean 'fastscnn'" in err
+    code, err = _cli(capsys, "train", "seg", "--data", "synthetic", "--imgsz", "100", "--out", str(tmp_path / "x"))
+    assert code == 1 and "multiples of 32" in err
+    code, err = _cli(capsys, "val", "seg", str(tmp_path / "absent.pt"), "--data", "synthetic")
+    assert code == 1 and "checkpoint not found" in err
+    code, err = _cli(capsys, "train", "seg")
+    assert code == 2 and "--data" in err
+    # A bad mask is found before training starts and named with its value, in the real command: one line, no
+    # traceback, exit 1, nothing written.
     bad = make_easy_dataset(tmp_path / "bad", n_train=4, n_val=2)
     mask = cv2.imread(str(bad / "masks" / "001.png"), cv2.IMREAD_UNCHANGED)
     mask[0, 0] = 7
     cv2.imwrite(str(bad / "masks" / "001.png"), mask)
     r = run_edgepix("train", "seg", "--data", str(bad), "--out", str(tmp_path / "y"), "--imgsz", "64")
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "001.png: mask value 7 is not a class" in r.stderr
     assert not (tmp_path / "y" / "last.pt").exists()
 
