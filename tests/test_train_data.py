@@ -292,3 +292,15 @@ def test_dataset_is_reproducible_per_epoch_and_index(synth_folder):
     val = SegmentationDataset(src, EvalTransform((64, 64)), spec)
     images, masks = collate([val[0], val[1]])
     assert images.shape == (2, 3, 64, 64) and masks.shape == (2, 64, 96)  # masks stay at their own size
+
+
+def test_without_an_ignore_index_padding_mirrors_image_and_mask():
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :8] = 2
+    t = TrainTransform((32, 32), AugmentConfig(scale=(0.5, 0.5), hflip=False, jitter_probability=0.0),
+                       ignore_index=None)
+    img, m = t(image, mask, np.random.default_rng(3))
+    assert set(np.unique(m)) == {0, 2}  # no 255 where nothing may be ignored
+    small = cv2.resize(mask, (16, 16), interpolation=cv2.INTER_NEAREST)
+    assert (m == 2).sum() > (small == 2).sum()  # the mirrored border carries labels too

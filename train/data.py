@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset as _TorchDataset
 
 from edgepix.runtime.errors import DataError
@@ -487,8 +488,6 @@ class SegmentationDataset(_TorchDataset):
         return len(self.source)
 
     def __getitem__(self, index: int):
-        import torch
-
         from .transforms import normalize
 
         image, mask = self.source.load(index)
@@ -499,8 +498,6 @@ class SegmentationDataset(_TorchDataset):
 
 def collate(batch):
     """Stack images; stack masks when they share a size, else keep a list (evaluation at original resolution)."""
-    import torch
-
     images = torch.stack([b[0] for b in batch])
     masks = [b[1] for b in batch]
     if all(m.shape == masks[0].shape for m in masks):

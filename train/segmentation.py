@@ -519,10 +519,9 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout differs per rank; weights came from cfg.seed
 
     # ---- data
-    ignore = spec.ignore_index if spec.ignore_index is not None else 255
     train_ds = SegmentationDataset(
-        train_src, TrainTransform(cfg.imgsz, cfg.augment, ignore_index=ignore, pad_value=spec.pad_value), spec,
-        seed=cfg.seed)
+        train_src, TrainTransform(cfg.imgsz, cfg.augment, ignore_index=spec.ignore_index, pad_value=spec.pad_value),
+        spec, seed=cfg.seed)
     val_ds = SegmentationDataset(val_src, EvalTransform(cfg.imgsz), spec, seed=cfg.seed)
     per_rank_batch = cfg.batch // info.world_size
     if len(train_ds) < cfg.batch:

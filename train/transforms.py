@@ -66,8 +66,8 @@ class AugmentConfig:
 class TrainTransform:
     """Random scale + crop to the model's input size, flip, colour jitter. Seeded per call for reproducibility."""
 
-    def __init__(self, size: tuple[int, int], config: AugmentConfig = AugmentConfig(), *, ignore_index: int = 255,
-                 pad_value: int = 114) -> None:
+    def __init__(self, size: tuple[int, int], config: AugmentConfig = AugmentConfig(), *,
+                 ignore_index: int | None = 255, pad_value: int = 114) -> None:
         self.size = tuple(size)
         self.config = config
         self.ignore_index = ignore_index
@@ -86,8 +86,12 @@ class TrainTransform:
             ph, pw = max(0, h - sh), max(0, w - sw)
             top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
             border = (top, ph - top, left, pw - left)
-            image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=(self.pad_value,) * 3)
-            mask = cv2.copyMakeBorder(mask, *border, cv2.BORDER_CONSTANT, value=self.ignore_index)
+            if self.ignore_index is None:  # no label for padding: mirror image and mask alike
+                image = cv2.copyMakeBorder(image, *border, cv2.BORDER_REFLECT_101)
+                mask = cv2.copyMakeBorder(mask, *border, cv2.BORDER_REFLECT_101)
+            else:
+                image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=(self.pad_value,) * 3)
+                mask = cv2.copyMakeBorder(mask, *border, cv2.BORDER_CONSTANT, value=self.ignore_index)
         y0 = int(rng.integers(0, image.shape[0] - h + 1))
         x0 = int(rng.integers(0, image.shape[1] - w + 1))
         image, mask = image[y0:y0 + h, x0:x0 + w], mask[y0:y0 + h, x0:x0 + w]
