@@ -553,23 +553,24 @@ class Pipeline:
             self._ages[f.stream_id].append(age)
         return seq, frames, start
 
-    def _prefetch(self, k: int, ready: queue.Queue, stop: threading.Event) -> None:
-        """Worker k's pre-processing thread: takes and prepares the next batch while the current one runs. Three
-        buffer sets rotate: the batch being inferred, the one waiting in `ready` (at most one), the one being
-        prepared; a set is written again only after the batch in it was inferred."""
-        sets: list[dict] = [{}, {}, {}]
-        n = 0
+    def _prefetch(self, k: int, ready: queue.Queue, free: queue.Queue, stop: threading.Event) -> None:
+        """Worker k's pre-processing thread: takes and prepares the next batch while the current one runs. Two
+        buffer sets alternate; a set comes back through `free` only once the batch in it has been inferred, and
+        the next batch is taken from the streams only then (so a live frame is as fresh as possible)."""
         try:
             while not stop.is_set():
+                try:
+                    buffers = free.get(timeout=0.25)
+                except queue.Empty:
+                    continue
                 got = self._take()
                 if got is None:
                     break
                 seq, frames, start = got
-                prepared = self._prepare(frames, sets[n % 3])
-                n += 1
+                prepared = self._prepare(frames, buffers)
                 while not stop.is_set():
                     try:
-                        ready.put((seq, frames, start, prepared), timeout=0.25)
+                        ready.put((seq, frames, start, prepared, buffers), timeout=0.25)
                         break
                     except queue.Full:
                         continue
@@ -589,18 +590,23 @@ class Pipeline:
         seg = self.seg
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=1)
+        free: queue.Queue = queue.Queue()
         helper = None
         if self.options.prefetch:
-            helper = threading.Thread(target=self._prefetch, args=(k, ready, stop), name=f"pre-{k}", daemon=True)
+            for _ in range(2):
+                free.put({})
+            helper = threading.Thread(target=self._prefetch, args=(k, ready, free, stop), name=f"pre-{k}",
+                                      daemon=True)
             helper.start()
         buffers: dict = {}
         try:
             while True:
+                done_with = None  # with prefetch: the buffer set to hand back once this batch is inferred
                 if helper is not None:
                     item = ready.get()
                     if item is None:
                         break
-                    seq, frames, start, prepared = item
+                    seq, frames, start, prepared, done_with = item
                 else:
                     got = self._take()
                     if got is None:
@@ -617,6 +623,8 @@ class Pipeline:
                     if np.shares_memory(raw, p.tensor):
                         raw = raw.copy()  # a backend that hands back its input buffer must not see it reused
                     chunks.append((raw, p))
+                if done_with is not None:
+                    free.put(done_with)  # post-processing needs the geometries only, not the tensor
                 self._deliver(_Batch(seq, frames, chunks, start))
         except BaseException as e:  # noqa: BLE001 - reported by the pipeline, which stops
             self._fail(e, f"inference worker {k}")

@@ -613,8 +613,9 @@ class SyntheticReader(Reader):
         config = SceneConfig(size=(h, w), blur_probability=0.0, max_noise_sigma=0.0)
         self.scene = MovingScene(seed=self.seed or 0, config=config, max_speed=self.speed)
         rng = np.random.default_rng(self.seed)
-        noise = [rng.normal(0.0, 3.0, size=(h, w, 3)) for _ in range(4)]
-        self._grain = [(np.clip(n, 0, 255).astype(np.uint8), np.clip(-n, 0, 255).astype(np.uint8)) for n in noise]
+        # uint8 grain drawn directly (no float temporaries: a long-running process keeps a low peak)
+        self._grain = [(rng.integers(0, 7, size=(h, w, 3), dtype=np.uint8),
+                        rng.integers(0, 7, size=(h, w, 3), dtype=np.uint8)) for _ in range(4)]
         self.count = 0
 
     def read(self) -> tuple[np.ndarray, float | None] | None:
