@@ -34,6 +34,8 @@ from edgepix.runtime.trt_build import (
     import_tensorrt,
 )
 
+from .gate import Check
+
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = ".engine"
@@ -301,25 +303,11 @@ def export_engine_from_checkpoint(request, out: str | os.PathLike | None, option
 
 
 @dataclass
-class EngineCheck:
-    name: str
-    measured: float
-    threshold: float
-    higher_is_better: bool
-
-    @property
-    def passed(self) -> bool:
-        if np.isnan(self.measured):
-            return False
-        return self.measured >= self.threshold if self.higher_is_better else self.measured <= self.threshold
-
-
-@dataclass
 class EngineReport:
     engine: str
     reference: str
     precision: str
-    checks: list[EngineCheck]
+    checks: list[Check]
     info: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -375,7 +363,7 @@ def compare_engine(engine: str | os.PathLike, reference_onnx: str | os.PathLike,
                 scale = 255.0 / (hi - lo) if spec.output_kind is OutputKind.IMAGE else 1.0
                 worst = min(worst, psnr((a.astype(np.float64) - lo) * scale, (b.astype(np.float64) - lo) * scale))
             return EngineReport(str(engine), str(reference_onnx), precision.value,
-                                [EngineCheck("PSNR vs ONNX Runtime (dB, worst)", float(worst), PSNR_DB[precision], True)])
+                                [Check("PSNR vs ONNX Runtime (dB, worst)", float(worst), PSNR_DB[precision], True)])
         normalizer = Normalizer(spec, spec.input_size)
         cm_ref, cm_trt = (ConfusionMatrix(spec.num_classes, spec.ignore_index) for _ in range(2))
         agree = total = 0
@@ -395,10 +383,10 @@ def compare_engine(engine: str | os.PathLike, reference_onnx: str | os.PathLike,
     drop = cm_ref.miou() - cm_trt.miou()
     info = {"mIoU ONNX Runtime": cm_ref.miou(), "mIoU TensorRT": cm_trt.miou()}
     if precision is Precision.INT8:
-        checks = [EngineCheck("mIoU drop vs ONNX Runtime", drop, INT8_MIOU_DROP, False)]
+        checks = [Check("mIoU drop vs ONNX Runtime", drop, INT8_MIOU_DROP, False)]
         info["argmax agreement"] = agreement
     else:
-        checks = [EngineCheck("argmax agreement", agreement, AGREEMENT[precision], True)]
+        checks = [Check("argmax agreement", agreement, AGREEMENT[precision], True)]
         info["mIoU drop"] = drop
     return EngineReport(str(engine), str(reference_onnx), precision.value, checks, info)
 

@@ -30,6 +30,8 @@ from edgepix.runtime.onnxinfo import open_session
 from edgepix.runtime.spec import ModelSpec, OutputKind, Precision, Task
 from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
 
+from .gate import Check
+
 # Seeds of verification scenes: far from the training (0) and validation (1) seeds of `train seg`.
 VERIFY_SEED = 7_000_003
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -42,20 +44,6 @@ class Thresholds:
     fp16_agreement: float = 0.995
     int8_miou_drop: float = 0.01
     psnr_db: dict = field(default_factory=lambda: {Precision.FP32: 40.0, Precision.FP16: 30.0, Precision.INT8: 25.0})
-
-
-@dataclass
-class Check:
-    name: str
-    measured: float
-    threshold: float
-    higher_is_better: bool
-
-    @property
-    def passed(self) -> bool:
-        if np.isnan(self.measured):
-            return False
-        return self.measured >= self.threshold if self.higher_is_better else self.measured <= self.threshold
 
 
 @dataclass
