@@ -225,13 +225,16 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
         terms["encode"] = {"cpu_ms": cpu, "wall_ms": wall}
 
     cores = cpu_count()
-    # The bound's terms: CPU time for every stage, and for inference its wall time x its threads (what the issue
-    # defines: the threads hold their cores for the whole call, spinning or not).
+    # The bound's terms: CPU time for every stage, and for inference its wall time x its threads (the issue's
+    # definition: the threads hold their cores for the whole call, spinning or not). Also reported: the bound
+    # with inference's measured CPU time instead, which is the stricter of the two when threads sit idle.
     for name, t in terms.items():
         t["bound_ms"] = max(t["cpu_ms"], t["wall_x_threads_ms"]) if name == "infer" else t["cpu_ms"]
     total = sum(t["bound_ms"] for t in terms.values())
+    cpu_total = sum(t["cpu_ms"] for t in terms.values())
     return {"terms": terms, "cores": cores, "cpu_ms_per_frame": total, "bound_fps": cores * 1e3 / total,
-            "frames_measured": n, "backend": name, "threads": threads, "plan": plan.describe()}
+            "cpu_only_ms_per_frame": cpu_total, "cpu_only_bound_fps": cores * 1e3 / cpu_total,
+            "frames_measured": n, "backend": plan.backend, "threads": threads, "plan": plan.describe()}
 
 
 # ---- start-up and memory ------------------------------------------------------------------------------------------
@@ -431,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline:    {pipe_fps:.1f} fps (median of {args.rounds})")
     print(f"pipeline / naive = {pipe_fps / naive_fps:.2f}x (target >= 1.5x)")
     print(f"pipeline / bound = {pipe_fps / bound['bound_fps']:.2f} (target >= 0.8; bound {bound['bound_fps']:.1f} fps)")
+    print(f"pipeline / bound with inference counted by its CPU time = "
+          f"{pipe_fps / bound['cpu_only_bound_fps']:.2f} (bound {bound['cpu_only_bound_fps']:.1f} fps = "
+          f"{bound['cores']} / {bound['cpu_only_ms_per_frame']:.2f} ms)")
     if args.json:
         args.json.write_text(json.dumps({
             "environment": env, "video": {"path": str(video), "size": [vw, vh], "frames": vn},
