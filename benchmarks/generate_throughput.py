@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepix.benchmarks.environment import cpu_model
+
 
 def ort_gemm_gflops(threads: int, n: int = 1024, duration: float = 1.5) -> float:
     """Best float32 MatMul throughput of ONNX Runtime (n x n by n x n) with `threads` intra-op threads."""
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    results: dict = {"threads": args.threads, "num": args.num, "cpu": _cpu_name(),
+    results: dict = {"threads": args.threads, "num": args.num, "cpu": cpu_model(),
                      "versions": {"onnxruntime": onnxruntime.__version__, "torch": str(torch.__version__),
                                   "numpy": np.__version__}}
     with tempfile.TemporaryDirectory(prefix="edgepix-genbench-") as tmp_name:
@@ -232,18 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
