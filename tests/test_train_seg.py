@@ -241,8 +241,9 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
     code, err = _cli(capsys, "train", "seg", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
-    assert code == 1 and err.strip().splitlines() == [f"edgepix train: error: data folder not found: {tmp_path / 'nope'}"
-                                                       " (expected a dataset folder or 'synthetic')"]
+    expected = (f"edgepix train: error: data folder not found: {tmp_path / 'nope'} "
+                "(expected a dataset folder or 'synthetic')")
+    assert code == 1 and err.strip().splitlines() == [expected]
     code, err = _cli(capsys, "train", "seg", "--data", str(small_data), "--model", "fastscn", "--out", str(tmp_path))
     assert code == 1 and "unknown model 'fastscn'" in err and "Did you mean 'fastscnn'" in err
     code, err = _cli(capsys, "train", "seg", "--data", "synthetic", "--imgsz", "100", "--out", str(tmp_path / "x"))

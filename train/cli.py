@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-TRAIN_SEG_DEFAULTS_NOTE = "defaults are tuned so that `--data synthetic` reaches val mIoU >= 0.85 in under 10 minutes on 2 CPU cores"
+TRAIN_SEG_DEFAULTS_NOTE = ("The defaults are tuned so that `--data synthetic` reaches val mIoU >= 0.85 in under "
+                           "10 minutes on 2 CPU cores")
 
 
 def register(subparsers) -> None:
@@ -67,7 +68,8 @@ def add_train_seg(tasks) -> None:
                    metavar="KEY=VALUE", help="architecture keyword, e.g. base_channels=32 (repeatable)")
     p.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
                    help="model input size: SIZE or H W, multiples of 32 (default 256)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 3, tuned for --data synthetic; real datasets want more)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default 3, tuned for --data synthetic; real datasets want more)")
     p.add_argument("--batch", type=int, default=None, help="global batch size (default 16)")
     p.add_argument("--out", type=Path, default=Path("runs/seg"), help="run folder (default runs/seg)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

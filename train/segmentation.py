@@ -434,7 +434,7 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
     """Train (or resume) a segmentation model; returns the result on rank 0 and None on the other ranks."""
     info = dist_info_from_env()
     out = Path(cfg.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path = out / "last.pt"
     ckpt: dict[str, Any] | None = None
     if resume:
         if not last_path.exists():
