@@ -12,7 +12,7 @@ jetson-inference's habits:
 | `gst://<pipeline>`                    | a raw GStreamer pipeline ending in appsink                               |
 | `video.mp4`, `file://video.mkv`       | a video file                                                             |
 | `image.jpg`, `folder/`, `'frames/*.png'` | one image, a folder, a glob (images and videos, in natural order)     |
-| `synthetic://?size=640x480&fps=30&seed=0&frames=N` | moving synthetic scenes (the default); `fps=0`: as fast as read |
+| `synthetic://?size=640x480&fps=30&seed=0&frames=N` | moving synthetic scenes (the default); `fps=0`: as fast as read; `shading=1`: shaded objects |
 
 Live sources (cameras, network streams, GStreamer, paced synthetic scenes, files with `realtime`) are read in their
 own thread that keeps only the newest frame: a frame that was not taken before the next one arrived is dropped and
@@ -174,7 +174,7 @@ class SourceSpec:
 
 
 _QUERY_KEYS = {"size", "width", "height", "fps", "codec", "format", "fourcc", "flip"}
-_SYNTHETIC_KEYS = {"size", "fps", "seed", "frames", "speed"}
+_SYNTHETIC_KEYS = {"size", "fps", "seed", "frames", "speed", "shading"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -600,7 +600,11 @@ class SyntheticReader(Reader):
         self.size = synthetic_size(spec)
         self.seed = _int_param(spec, "seed", 0)
         self.limit = _int_param(spec, "frames", None)
-        self.speed = float(dict(spec.params).get("speed", 4.0))
+        try:
+            self.speed = float(dict(spec.params).get("speed", 4.0))
+        except ValueError:
+            raise SourceError(f"{spec.uri}: speed: expected pixels per frame, got {dict(spec.params)['speed']!r}") from None
+        self.shading = dict(spec.params).get("shading", "0") not in ("0", "", "false", "no")
         self.scene = None
         self.count = 0
 
@@ -612,6 +616,11 @@ class SyntheticReader(Reader):
         # a few precomputed noise fields costs well under a millisecond.
         config = SceneConfig(size=(h, w), blur_probability=0.0, max_noise_sigma=0.0)
         self.scene = MovingScene(seed=self.seed or 0, config=config, max_speed=self.speed)
+        if not self.shading:
+            # Flat-coloured objects are drawn by fillPoly alone; shading needs full-frame coordinate grids per
+            # frame (~8 MB of temporaries and ~10 ms at 640x480). `?shading=1` keeps it.
+            for obj in self.scene.objects:
+                obj.shade = (obj.shade[0], 0.0)
         rng = np.random.default_rng(self.seed)
         # uint8 grain drawn directly (no float temporaries: a long-running process keeps a low peak)
         self._grain = [(rng.integers(0, 7, size=(h, w, 3), dtype=np.uint8),
