@@ -332,6 +332,8 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
         first_frame_s = time.monotonic() - t_back
         outage = source.outages[-1] if source.outages else None
         time.sleep(2.0)
+        state_after = source.state.value
+        frames_after = source.frames_read - read_before
     finally:
         pipeline.stop()
         thread.join(10)
@@ -341,7 +343,7 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
     return {"fps": fps, "frame_interval_ms": 1000.0 / fps, "steady_frames": len(steady), "frame_age_ms": age.as_dict(),
             "reconnect_first_frame_s": first_frame_s, "outage_s": outage.duration if outage else None,
             "reconnect_attempts": outage.attempts if outage else None, "reconnects": source.reconnects,
-            "state_after": source.state.value, "frames": pipeline.frames}
+            "state_after": state_after, "frames_in_2s_after": frames_after, "frames": pipeline.frames}
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
@@ -460,7 +462,7 @@ def report_live(args: argparse.Namespace) -> int:
               f"p99 {a['p99']:.1f}, max {a['max']:.1f} (target < {2 * r['frame_interval_ms']:.1f} ms)")
         print(f"server killed for 3 s and started again: first frame {r['reconnect_first_frame_s']:.2f} s after it "
               f"returned (target < 5 s); outage {r['outage_s']:.2f} s, {r['reconnect_attempts']} attempts, "
-              f"reconnects {r['reconnects']}, state {r['state_after']}")
+              f"reconnects {r['reconnects']}; 2 s later: state {r['state_after']}, {r['frames_in_2s_after']} frames")
         if args.json:
             args.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0
