@@ -604,6 +604,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _mjpeg(self, stream_id: int) -> None:
         sink = self.sink
+        # A small send buffer: frames a slow client has not taken wait here as one newest frame, not as seconds
+        # of video queued in the kernel (which would also delay what it sees).
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
         self.send_response(200)
         self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
         self.send_header("Cache-Control", "no-store")

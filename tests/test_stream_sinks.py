@@ -139,7 +139,9 @@ def test_mjpeg_stream_page_and_statistics(seg):
 
 def test_slow_and_vanishing_clients_never_hold_up_the_pipeline(seg):
     sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0, client_timeout=1.0, quality=100)
-    p = Pipeline(seg, ["synthetic://?size=320x240&fps=0&frames=150"], [sink, "null://"], PipelineOptions(workers=2))
+    # shaded, noisy 640x480 frames at JPEG quality 100: far more than socket buffers hold
+    p = Pipeline(seg, ["synthetic://?size=640x480&fps=0&frames=150&shading=1"], [sink, "null://"],
+                 PipelineOptions(workers=2))
     p.start()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
