@@ -6,6 +6,17 @@ overlapping shapes of five classes, each class a shape with its own family of co
 family, saturation, brightness and shading vary freely), at varied sizes, rotations and aspect ratios, with
 occlusion, blur and sensor noise. The mask is rasterised from the same polygons as the image, before blur and
 noise, so it is exact: the label of a pixel is the class of the topmost shape covering it.
+
+Two appearances share the layouts (classes, shapes, positions, masks):
+
+- `varied` (the default, for segmentation): colour, shading, background and noise are drawn independently of the
+  layout, so a segmenter has to learn shapes and colour families, and nothing about a pixel's colour beyond its
+  class's family can be predicted from the mask.
+- `lit` (for mask -> image models such as pix2pix): the scene is *rendered from its layout*: a sky-to-ground
+  background gradient, one light from the upper left that shades every object and casts its shadow down and to the
+  right, class colours with little jitter, mild sensor noise and no blur. Most of the image is then a function of
+  the mask that a generator can learn and that painting each class in its mean colour cannot express (gradients,
+  shading, shadows). Colours stay inside each class's family, so segmenters trained on `varied` scenes read them.
 """
 
 from __future__ import annotations
@@ -29,6 +40,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = default_palette(len(CLASS_NAMES))
 # OpenCV hue (0..179) at the centre of each shape class's colour family.
 _CLASS_HUES = {1: 0, 2: 60, 3: 115, 4: 25, 5: 150}
 _HUE_JITTER = 12
+APPEARANCES = ("varied", "lit")
+# Lit scenes: the light comes from the upper left (unit vector pointing away from it, in image x/y).
+_LIGHT_AWAY = (math.sqrt(0.5), math.sqrt(0.5))
 
 
 @dataclass(frozen=True)
@@ -42,8 +56,11 @@ class SceneConfig:
     max_blur_sigma: float = 1.5
     max_noise_sigma: float = 8.0
     clean: bool = False  # no blur, no noise, flat background: for tests that compare pixels with masks
+    appearance: str = "varied"  # or "lit": see the module docstring
 
     def __post_init__(self) -> None:
+        if self.appearance not in APPEARANCES:
+            raise DataError(f"scene appearance must be one of {', '.join(APPEARANCES)}, got {self.appearance!r}")
         h, w = self.size
         if h < 16 or w < 16:
             raise DataError(f"scene size must be at least 16x16, got {h}x{w}")
@@ -113,10 +130,19 @@ def _random_colour(rng: np.random.Generator, cls: int) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
+def _lit_colour(rng: np.random.Generator, cls: int) -> tuple[int, int, int]:
+    """The class's hue centre, saturated and bright, with a little jitter (lit scenes)."""
+    hue = (_CLASS_HUES[cls] + rng.integers(-3, 4)) % 180
+    hsv = np.array([[[hue, rng.integers(190, 221), rng.integers(200, 231)]]], dtype=np.uint8)
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
 def random_objects(rng: np.random.Generator, config: SceneConfig, *, max_speed: float = 0.0) -> list[SceneObject]:
     h, w = config.size
     short = min(h, w)
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    lit = config.appearance == "lit"
     objects = []
     for _ in range(n):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
@@ -131,8 +157,9 @@ def random_objects(rng: np.random.Generator, config: SceneConfig, *, max_speed: 
                 radius=radius,
                 angle=float(rng.uniform(0, 360)),
                 aspect=float(rng.uniform(0.6, 1.0)),
-                colour=_random_colour(rng, cls),
-                shade=(float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.0, 0.35))),
+                colour=_lit_colour(rng, cls) if lit else _random_colour(rng, cls),
+                shade=((math.atan2(-_LIGHT_AWAY[1], -_LIGHT_AWAY[0]), 0.3) if lit else  # brighter towards the light
+                       (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.0, 0.35)))),
                 vx=float(speed * math.cos(heading)),
                 vy=float(speed * math.sin(heading)),
                 spin=float(rng.uniform(-2.0, 2.0) * (max_speed > 0)),
@@ -146,6 +173,8 @@ def random_background(rng: np.random.Generator, config: SceneConfig) -> np.ndarr
     h, w = config.size
     if config.clean:
         return np.full((h, w, 3), 96, dtype=np.uint8)
+    if config.appearance == "lit":
+        return lit_background(rng, config)
     cells = int(rng.integers(3, 8))
     coarse = rng.uniform(40, 200, size=(cells, cells, 3)).astype(np.float32)
     grey = coarse.mean(axis=2, keepdims=True)
@@ -156,6 +185,31 @@ def random_background(rng: np.random.Generator, config: SceneConfig) -> np.ndarr
     return np.clip(field_ + grain, 0, 255).astype(np.uint8)
 
 
+def lit_background(rng: np.random.Generator, config: SceneConfig) -> np.ndarray:
+    """Sky to ground: a pale blue-grey top fading through a soft horizon to a darker brown-grey bottom, plus grain."""
+    h, w = config.size
+    horizon = 0.45 + float(rng.uniform(-0.03, 0.03))
+    t = (np.arange(h, dtype=np.float32) / max(h - 1, 1))[:, None]
+    sky = np.array([205, 190, 175], np.float32) - 40.0 * t / horizon  # BGR, darker towards the horizon
+    ground = np.array([80, 105, 125], np.float32) - 30.0 * (t - horizon) / (1.0 - horizon)
+    blend = 1.0 / (1.0 + np.exp(-(t - horizon) * 40.0))  # a soft horizon
+    column = sky * (1.0 - blend) + ground * blend + float(rng.uniform(-8, 8))
+    image = np.repeat(column[:, None, :], w, axis=1)
+    grain = rng.normal(0, 2.0, size=(h, w, 1)).astype(np.float32)
+    return np.clip(image + grain, 0, 255).astype(np.uint8)
+
+
+def _cast_shadow(image: np.ndarray, obj: SceneObject, config: SceneConfig) -> None:
+    """Darken where the object's shape falls when shifted away from the light (drawn before the object itself)."""
+    h, w = config.size
+    shift = 0.25 * obj.radius
+    shadow = np.zeros((h, w), dtype=np.uint8)
+    poly = obj.polygon() + np.round(np.array(_LIGHT_AWAY) * shift * 16).astype(np.int32)
+    cv2.fillPoly(shadow, [poly], color=1, lineType=cv2.LINE_8, shift=4)
+    inside = shadow.astype(bool)
+    image[inside] = (image[inside].astype(np.float32) * 0.55).astype(np.uint8)
+
+
 def render_scene(
     objects: list[SceneObject], background: np.ndarray, config: SceneConfig, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +218,10 @@ def render_scene(
     image = background.copy()
     mask = np.zeros((h, w), dtype=np.uint8)
     yy, xx = None, None
+    lit = config.appearance == "lit"
     for obj in objects:
+        if lit:
+            _cast_shadow(image, obj, config)
         poly = obj.polygon()
         cv2.fillPoly(mask, [poly], color=int(obj.cls), lineType=cv2.LINE_8, shift=4)
         direction, strength = obj.shade
@@ -181,7 +238,10 @@ def render_scene(
             image[inside] = np.clip(colour[None, :] * ramp[:, None], 0, 255).astype(np.uint8)
         else:
             cv2.fillPoly(image, [poly], color=obj.colour, lineType=cv2.LINE_8, shift=4)
-    if not config.clean and rng is not None:
+    if lit and not config.clean and rng is not None:  # mild sensor noise only: the rendering is the signal
+        noise = rng.normal(0, float(rng.uniform(0.5, 3.0)), size=image.shape).astype(np.float32)
+        image = np.clip(image.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    elif not config.clean and rng is not None:
         if rng.random() < config.blur_probability:
             image = cv2.GaussianBlur(image, (0, 0), sigmaX=float(rng.uniform(0.5, config.max_blur_sigma)))
         sigma = float(rng.uniform(0, config.max_noise_sigma))
@@ -254,6 +314,7 @@ def write_dataset(
     size: tuple[int, int] = (256, 256),
     seed: int = 0,
     val_fraction: float = 0.2,
+    appearance: str = "varied",
     progress=None,
 ) -> Path:
     """Write `n` scenes in the folder format the trainer reads.
@@ -273,7 +334,7 @@ def write_dataset(
         masks.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create dataset folder {out}: {e.strerror or e}") from e
-    config = SceneConfig(size=size)
+    config = SceneConfig(size=size, appearance=appearance)
     stems = []
     for i in range(n):
         image, mask = make_scene(scene_seed(seed, i), config)

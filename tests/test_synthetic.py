@@ -6,7 +6,7 @@ import pytest
 
 from edgepix.runtime.errors import DataError
 from edgepix.runtime.synthetic import (CLASS_NAMES, MovingScene, SceneConfig, make_scene, random_objects,
-                                       render_scene, write_dataset)
+                                       render_scene, scene_seed, write_dataset)
 
 K = len(CLASS_NAMES)
 
@@ -88,3 +88,71 @@ def test_bad_scene_config_is_rejected():
         SceneConfig(size=(8, 8))
     with pytest.raises(DataError, match="min_objects"):
         SceneConfig(min_objects=5, max_objects=2)
+
+
+# ---- lit scenes: rendered from the layout, for mask -> image models ---------------------------------------------
+
+
+def test_unknown_appearance_is_refused():
+    with pytest.raises(DataError, match="appearance"):
+        SceneConfig(appearance="photoreal")
+
+
+def test_lit_scenes_are_deterministic_and_keep_exact_masks():
+    config = SceneConfig(size=(96, 128), appearance="lit")
+    a, b = make_scene(4, config), make_scene(4, config)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert a[0].shape == (96, 128, 3) and a[1].max() < K and (a[1] > 0).any()
+
+
+def test_lit_background_runs_from_bright_sky_to_dark_ground():
+    """The background's brightness is a function of the row (what a generator can learn from the mask's geometry),
+    not of the scene: every scene's sky is brighter than its ground."""
+    for seed in range(8):
+        image, mask = make_scene(seed, SceneConfig(size=(128, 128), appearance="lit"))
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        top = grey[:24][mask[:24] == 0]
+        bottom = grey[-24:][mask[-24:] == 0]
+        if top.size > 50 and bottom.size > 50:
+            assert top.mean() - bottom.mean() > 50, (seed, top.mean(), bottom.mean())
+
+
+def test_lit_objects_are_shaded_from_the_upper_left_and_cast_shadows_down_right():
+    config = SceneConfig(size=(160, 160), appearance="lit", min_objects=1, max_objects=1, min_radius=0.15,
+                         max_radius=0.2)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        objects = random_objects(rng, config)
+        obj = objects[0]
+        background = np.full((160, 160, 3), 150, np.uint8)
+        image, mask = render_scene(objects, background, config)  # no rng: no noise
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        yy, xx = np.mgrid[0:160, 0:160]
+        inside = mask > 0
+        toward_light = (xx - obj.cx) + (yy - obj.cy) < 0
+        assert grey[inside & toward_light].mean() > grey[inside & ~toward_light].mean() + 10, seed
+        # The shadow: background pixels darkened, all of them down and to the right of the object's centre.
+        shadow = (mask == 0) & (grey < 100)
+        assert shadow.sum() > 20, seed
+        assert (xx[shadow] + yy[shadow]).mean() > obj.cx + obj.cy, seed
+
+
+def test_lit_object_colours_stay_in_their_class_family():
+    """So that segmenters trained on varied scenes read lit ones (the pix2pix consistency score relies on it)."""
+    hues = {1: 0, 2: 60, 3: 115, 4: 25, 5: 150}
+    for seed in range(6):
+        image, mask = make_scene(seed, SceneConfig(size=(128, 128), appearance="lit"))
+        hue = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[..., 0].astype(np.int32)
+        for cls, centre in hues.items():
+            sel = mask == cls
+            if sel.sum() < 30:
+                continue
+            distance = np.abs(((hue[sel] - centre + 90) % 180) - 90)
+            assert np.median(distance) <= 6, (seed, cls, np.median(distance))
+
+
+def test_write_dataset_with_lit_scenes(tmp_path):
+    out = write_dataset(tmp_path / "lit", 3, size=(48, 64), appearance="lit")
+    image = cv2.imread(str(out / "images" / "00000.png"))
+    expected, _ = make_scene(scene_seed(0, 0), SceneConfig(size=(48, 64), appearance="lit"))
+    assert np.array_equal(image, expected)
