@@ -38,16 +38,32 @@ from edgepix.runtime.stats import LatencyStats
 
 
 def make_video(path: str | os.PathLike, *, frames: int = 300, size: tuple[int, int] = (640, 480), fps: float = 30.0,
-               seed: int = 0) -> Path:
-    """A moving synthetic scene (textured background, noise, blur) as an mp4v video; size is (W, H)."""
-    from edgepix.runtime.synthetic import MovingScene, SceneConfig
+               seed: int = 0, source: str | None = None) -> Path:
+    """A moving synthetic scene (textured background, noise, blur) as an mp4v video; size is (W, H).
 
-    w, h = size
-    scene = MovingScene(seed=seed, config=SceneConfig(size=(h, w)))
+    `source`: a `synthetic://` URI whose frames are written instead, exactly as the runtime draws them for that URI
+    (its size, seed, speed and shading; at most its `frames=`); `size` and `seed` are then ignored and `fps` is the
+    URI's frame rate (30 when it is unpaced)."""
+    from edgepix.runtime.errors import SinkError
+
+    if source is not None:
+        from edgepix.runtime.sources import SyntheticReader, parse_source
+
+        reader = SyntheticReader(parse_source(source))
+        reader.open()
+        images = (got[0] for got in iter(reader.read, None))
+        (w, h), fps = reader.size, reader.nominal_fps
+    else:
+        from edgepix.runtime.synthetic import MovingScene, SceneConfig
+
+        w, h = size
+        images = (image for image, _ in MovingScene(seed=seed, config=SceneConfig(size=(h, w))).frames(frames))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
     if not writer.isOpened():
-        raise RuntimeError(f"cannot write {path}")
-    for image, _ in scene.frames(frames):
+        raise SinkError(f"cannot write the test video {path} (no mp4v encoder in OpenCV, or the folder is read-only)")
+    for n, image in enumerate(images):
+        if n >= frames:
+            break
         writer.write(image)
     writer.release()
     return Path(path)
@@ -56,11 +72,17 @@ def make_video(path: str | os.PathLike, *, frames: int = 300, size: tuple[int, i
 # ---- the naive loop -------------------------------------------------------------------------------------------
 
 
+#: the stages `edgepix bench stream` reports for both runtimes, in frame order
+STREAM_STAGES = ("decode", "preprocess", "infer", "postprocess", "render", "encode")
+
+
 @dataclass
 class LoopResult:
     frames: int
     seconds: float
     stages_ms: dict[str, list[float]] = field(default_factory=dict)
+    frame_ms: list[float] = field(default_factory=list)  # per frame: decode start -> encode end
+    codec: str | None = None  # the writer's FourCC (None: nothing written)
 
     @property
     def fps(self) -> float:
@@ -70,31 +92,48 @@ class LoopResult:
         return {k: LatencyStats.from_samples(v).as_dict() for k, v in self.stages_ms.items() if v}
 
 
-def naive_loop(model: str | os.PathLike, video: str | os.PathLike, out: str | os.PathLike | None, *,
-               max_frames: int | None = None, alpha: float = 0.5) -> LoopResult:
-    """The loop a user writes first, timed per stage (decode, preprocess, infer, postprocess, render, encode).
-
-    Reads the model's mean/std/size/palette from its edgepix spec, as a user would copy them from training code.
-    `out=None` skips writing (and its stage)."""
-    import onnxruntime as ort
-
-    from edgepix.runtime.spec import ModelSpec
+def naive_spec(model: str | os.PathLike):
+    """The ModelSpec the naive loop copies its pre-processing from; ModelFormatError without one, or for a model
+    that does not segment."""
+    from edgepix.runtime.errors import ModelFormatError
+    from edgepix.runtime.spec import ModelSpec, Task
 
     spec = ModelSpec.from_onnx(model)
     if spec is None:
-        raise SystemExit(f"{model} has no edgepix spec")
+        raise ModelFormatError(f"{model}: no edgepix spec in the ONNX metadata (export it with `edgepix export`)")
+    if spec.task is not Task.SEGMENTATION:
+        raise ModelFormatError(f"{model}: the stream loop needs a segmentation model, got task {spec.task.value!r}")
+    return spec
+
+
+def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.VideoCapture,
+               out: str | os.PathLike | None, *, max_frames: int | None = None, alpha: float = 0.5,
+               codec: str = "mp4v", label: str | None = None) -> LoopResult:
+    """The loop a user writes first, timed per stage (decode, preprocess, infer, postprocess, render, encode).
+
+    Reads the model's mean/std/size/palette from its edgepix spec, as a user would copy them from training code.
+    `video`: what cv2.VideoCapture opens (a file, a URL, a camera index) or an opened capture (`label` names it in
+    errors). `out=None` skips writing (and its stage); the writer (FourCC `codec`, the source's frame rate) opens at
+    the first frame, outside the timed stages."""
+    import onnxruntime as ort
+
+    from edgepix.runtime.errors import SinkError, SourceError
+
+    spec = naive_spec(model)
     h_in, w_in = spec.input_size
     mean = np.array(spec.mean, np.float32)
     std = np.array(spec.std, np.float32)
     palette = np.array([c[::-1] for c in spec.colours()], np.uint8)  # RGB -> BGR
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    cap = cv2.VideoCapture(str(video))
+    cap = video if isinstance(video, cv2.VideoCapture) else cv2.VideoCapture(
+        video if isinstance(video, int) else str(video))
+    if not cap.isOpened():
+        raise SourceError(f"the naive loop's cv2.VideoCapture cannot open {label or video}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
-    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h)) if out else None
-    stages: dict[str, list[float]] = {k: [] for k in ("decode", "preprocess", "infer", "postprocess", "render",
-                                                      "encode")}
+    writer = None
+    stages: dict[str, list[float]] = {k: [] for k in STREAM_STAGES}
+    frame_ms: list[float] = []
     n = 0
     t_start = time.perf_counter()
     while max_frames is None or n < max_frames:
@@ -115,17 +154,26 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike, out: str | os
         t4 = time.perf_counter()
         overlay = cv2.addWeighted(frame, 1 - alpha, palette[mask], alpha, 0)
         t5 = time.perf_counter()
+        if out and writer is None:
+            writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*codec), fps, (frame.shape[1], frame.shape[0]))
+            if not writer.isOpened():
+                cap.release()
+                raise SinkError(f"the naive loop's cv2.VideoWriter cannot write {out} with codec {codec}")
+            t5 = time.perf_counter()
         if writer is not None:
             writer.write(overlay)
         t6 = time.perf_counter()
-        for key, a, b in (("decode", t0, t1), ("preprocess", t1, t2), ("infer", t2, t3), ("postprocess", t3, t4),
-                          ("render", t4, t5), ("encode", t5, t6)):
+        times = (("decode", t0, t1), ("preprocess", t1, t2), ("infer", t2, t3), ("postprocess", t3, t4),
+                 ("render", t4, t5), ("encode", t5, t6))
+        for key, a, b in times if writer is not None else times[:-1]:
             stages[key].append((b - a) * 1e3)
+        frame_ms.append(sum(b - a for _, a, b in times) * 1e3)  # the writer's opening left out
         n += 1
     if writer is not None:
         writer.release()
     cap.release()
-    return LoopResult(n, time.perf_counter() - t_start, {k: v for k, v in stages.items() if v})
+    return LoopResult(n, time.perf_counter() - t_start, {k: v for k, v in stages.items() if v}, frame_ms,
+                      codec if out else None)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -146,6 +194,19 @@ def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | 
                             source_options=SourceOptions(realtime=realtime),
                             info={"threads_per_worker": plan.threads, "plan": plan.describe()})
         return pipeline.run()
+
+
+def pipeline_stages(stats: dict) -> dict[str, dict]:
+    """The pipeline's per-stage statistics under the names of STREAM_STAGES: `encode` is the write time of the
+    first lossless sink (a video file or an image folder); null://, display and HTTP sinks are left out."""
+    stages = stats["stages"]
+    out = {k: stages[k] for k in STREAM_STAGES if k in stages}
+    for sink in (s for s in stats.get("sinks", ()) if s.get("lossless")):
+        key = f"sink {sink.get('uri', '')}"
+        if key in stages:
+            out["encode"] = stages[key]
+            break
+    return out
 
 
 # ---- each stage alone -------------------------------------------------------------------------------------------
@@ -421,13 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bound = {bound['cores']} cores / {bound['cpu_ms_per_frame']:.2f} ms = {bound['bound_fps']:.1f} fps")
     print()
     naive_stats = naive[-1].stage_stats()
-    pipe_stats = piped[-1]["stages"]
-    keys = ["decode", "preprocess", "infer", "postprocess", "render", "encode"]
+    pipe_stats = pipeline_stages(piped[-1])
     print("per stage p50 / p90 / p99 ms (last round)      naive loop                pipeline")
-    for k in keys:
-        pk = k if k != "encode" else next((s for s in pipe_stats if s.startswith("sink ")), "")
+    for k in STREAM_STAGES:
         a = naive_stats.get(k)
-        b = pipe_stats.get(pk)
+        b = pipe_stats.get(k)
         fa = f"{a['p50']:6.2f} {a['p90']:6.2f} {a['p99']:6.2f}" if a else " " * 20
         fb = f"{b['p50']:6.2f} {b['p90']:6.2f} {b['p99']:6.2f}" if b else ""
         print(f"  {k:<12} {fa:>40}    {fb}")

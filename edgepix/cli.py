@@ -35,12 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in VERB_MODULES:
         importlib.import_module(name).register(subparsers)
+    # Verbs registered as two words ("bench stream") have their own parser; join_compound_verb routes to them.
+    parser.set_defaults(_compound_verbs=frozenset(n for n in subparsers.choices if " " in n))
     return parser
+
+
+def join_compound_verb(argv: Sequence[str], compound: frozenset[str]) -> list[str]:
+    """`edgepix [-v] bench stream ...` -> `edgepix [-v] 'bench stream' ...` when 'bench stream' is a verb of its
+    own, so that a verb whose first positional takes any word (`bench MODEL ...`) can still have a sub-form. The
+    global options before the verb take no values, so the verb is the first word not starting with '-'."""
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if word.startswith("-"):
+            continue
+        if i + 1 < len(argv) and f"{word} {argv[i + 1]}" in compound:
+            argv[i:i + 2] = [f"{word} {argv[i + 1]}"]
+        break
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(join_compound_verb(argv, parser.get_default("_compound_verbs")))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",

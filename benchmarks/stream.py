@@ -1,0 +1,362 @@
+"""`edgepix bench stream`: the stream pipeline next to a naive sequential loop, per stage, on the same input.
+
+    edgepix bench stream MODEL.onnx --source URI [--frames 300] [--sink null://] [--out DIR]
+
+Both runtimes come from `stream_bound` (`pipeline_run`, `naive_loop`, `make_video`); this module decides what each
+one reads and writes, and reports per-stage p50/p90/p99 (decode, preprocess, infer, postprocess, render, encode),
+drops, frame age and end-to-end FPS as a Markdown table, JSON, CSV and a PNG of stacked per-stage bars.
+
+What both read: a video file as it is; a `synthetic://` scene rendered first to a temporary video of the same
+size and length (cv2.VideoCapture cannot open `synthetic://`); a live source (camera, CSI, GStreamer, network
+stream) opened once per run, so the two runs see different frames. What both write: by default a temporary .mp4
+(deleted afterwards) with the codec the pipeline's video sink picks, so encoding is measured; `--sink null://`
+writes nothing; `--sink FILE.mp4` keeps the pipeline's video in FILE and the naive loop's in FILE.naive.mp4.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepix.runtime.errors import ModelFormatError, SinkError, SourceError
+
+from .environment import describe, environment
+from .stream_bound import STREAM_STAGES, LoopResult, load_average, make_video, naive_loop, naive_spec, \
+    pipeline_run, pipeline_stages
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("naive", "pipeline")
+RUNTIME_LABELS = {"naive": "naive loop", "pipeline": "pipeline"}
+NAIVE_DESCRIPTION = ("cv2.VideoCapture read, numpy pre-processing, ONNX Runtime CPU with default session options, "
+                     "np.argmax, palette indexing, cv2.addWeighted, cv2.VideoWriter, one frame after the other")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamBenchOptions:
+    frames: int = 300  # frames each runtime processes (fewer when the source ends first)
+    backend: str = "auto"  # the pipeline's backend (the naive loop always runs ONNX Runtime on the CPU)
+    workers: int | None = None  # the pipeline's inference workers; None: choose_workers decides
+    threads: int | None = None  # the pipeline's intra-op threads per worker; None: choose_workers decides
+    sink: str | None = None  # None: a temporary .mp4 for both; "null://": no encoding; else a video file path
+
+
+@dataclass(frozen=True)
+class StreamInput:
+    """What each runtime reads."""
+
+    pipeline: str  # the URI the pipeline opens
+    naive: Callable  # () -> cv2.VideoCapture for the naive loop
+    kind: str  # "file" | "synthetic" | "live"
+    identical: bool  # both runtimes read the same frames
+    description: str
+    frames: int  # frames each run is asked for
+
+
+# ---- input and output ------------------------------------------------------------------------------------------
+
+
+def _capture(target, api: int | None = None, *, size=None, fps=None):
+    import cv2
+
+    def open_capture():
+        cap = cv2.VideoCapture(target) if api is None else cv2.VideoCapture(target, api)
+        if cap.isOpened() and size:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, size[1])
+        if cap.isOpened() and fps:
+            cap.set(cv2.CAP_PROP_FPS, fps)
+        return cap
+
+    return open_capture
+
+
+def prepare_input(source: str, frames: int, work: Path, *,
+                  progress: Callable[[str], None] | None = None) -> StreamInput:
+    """Parse `source` and decide what the pipeline and the naive loop read (see the module docstring)."""
+    import cv2
+
+    from edgepix.runtime.sources import SourceKind, csi_pipeline, parse_source, synthetic_fps, synthetic_size
+
+    spec = parse_source(source)
+    if spec.kind is SourceKind.SYNTHETIC:
+        limit = dict(spec.params).get("frames")
+        n = min(frames, int(limit)) if limit is not None else frames
+        w, h = synthetic_size(spec)
+        if progress:
+            progress(f"rendering {n} frames of {source} ({w}x{h}) to a temporary video ...")
+        path = make_video(work / "synthetic.mp4", frames=n, source=source)
+        fps = synthetic_fps(spec)
+        pacing = f"; its pacing at {fps:g} fps is not applied" if fps else ""
+        return StreamInput(str(path), _capture(str(path)), "synthetic", True,
+                           f"{source} rendered to a {n}-frame {w}x{h} mp4v video; both runs read that file "
+                           f"frame by frame as fast as they can{pacing}", n)
+    if spec.kind is SourceKind.VIDEO:
+        cap = cv2.VideoCapture(spec.target)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        cap.release()
+        if count <= 0:
+            raise SourceError(f"source {source!r}: OpenCV cannot read a video from this file")
+        n = min(frames, count)
+        return StreamInput(spec.target, _capture(spec.target), "file", True,
+                           f"the video file {spec.target} ({w}x{h}, {count} frames); both runs read its first {n} "
+                           "frames frame by frame as fast as they can", n)
+    if spec.kind is SourceKind.IMAGES:
+        raise SourceError(f"source {source!r} is an image, a folder or a glob; bench stream needs a video: a video "
+                          "file, synthetic://..., a camera or a network stream")
+    o = spec.options
+    if spec.kind is SourceKind.CAMERA:
+        target = int(spec.target) if spec.target.isdigit() else spec.target
+        naive = _capture(target, None if isinstance(target, int) else cv2.CAP_V4L2, size=o.size, fps=o.fps)
+    elif spec.kind is SourceKind.CSI:
+        naive = _capture(csi_pipeline(int(spec.target), o), cv2.CAP_GSTREAMER)
+    elif spec.kind is SourceKind.GSTREAMER:
+        naive = _capture(spec.target, cv2.CAP_GSTREAMER)
+    else:  # network
+        naive = _capture(spec.target, cv2.CAP_FFMPEG)
+    return StreamInput(source, naive, "live", False,
+                       f"the live source {source}, opened once per run: the pipeline ran first, then the naive "
+                       f"loop, each for {frames} frames, so they did not see identical frames", frames)
+
+
+def sink_paths(sink: str | None, work: Path) -> tuple[str | None, Path | None, str]:
+    """(the pipeline's sink URI or None, the naive loop's output path or None, a description)."""
+    from edgepix.runtime.sinks import parse_sink
+
+    if sink is None:
+        return str(work / "pipeline.mp4"), work / "naive.mp4", "a temporary .mp4 per run (deleted afterwards)"
+    spec = parse_sink(sink)
+    if spec.kind == "null":
+        return None, None, "null:// (nothing encoded: no encode stage)"
+    if spec.kind != "video" or spec.streams is not None:
+        raise SinkError(f"--sink {sink!r}: bench stream writes a video file (out.mp4, out.avi, ...) or nothing "
+                        "(null://)")
+    path = Path(spec.target).expanduser()
+    naive = path.with_name(f"{path.stem}.naive{path.suffix}")
+    return sink, naive, f"{path} (pipeline) and {naive} (naive loop)"
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+
+def _stats_or_none(stats: dict | None) -> dict | None:
+    return dict(stats) if stats else None
+
+
+def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = StreamBenchOptions(), *,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Run the pipeline, then the naive loop, on `source` with `model`; returns the report (JSON-ready)."""
+    from edgepix.runtime.pipeline import resolve_backend
+    from edgepix.runtime.stats import LatencyStats
+
+    model = Path(model)
+    if not model.exists():
+        raise ModelFormatError(f"model file not found: {model}")
+    if model.suffix.lower() != ".onnx":
+        raise ModelFormatError(f"{model}: bench stream runs the naive loop in ONNX Runtime, so it needs the .onnx "
+                               f"model (got '{model.suffix or 'no suffix'}'); pick the pipeline's backend with "
+                               "--backend")
+    naive_spec(model)  # the naive loop needs the spec: fail before any work
+    if options.frames < 1:
+        raise SourceError(f"frames: expected >= 1, got {options.frames}")
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgepix_bench_stream_") as tmp:
+        work = Path(tmp)
+        pipe_sink, naive_out, sink_text = sink_paths(options.sink, work)
+        resolve_backend(model, options.backend)  # an unknown or unavailable backend fails before any work
+        inp = prepare_input(source, options.frames, work, progress=progress)
+        load_before = load_average()
+        if progress:
+            progress(f"[1/2] pipeline: {inp.frames} frames of {source}")
+        stats = pipeline_run(model, inp.pipeline, pipe_sink, backend=options.backend, workers=options.workers,
+                             threads=options.threads, max_frames=inp.frames)
+        codec = next((f["codec"] for s in stats["sinks"] for f in s.get("files", {}).values() if f.get("codec")),
+                     None)
+        if pipe_sink is not None and codec is None:
+            raise SinkError(f"the pipeline wrote no video to {pipe_sink} (no frames reached it)")
+        if progress:
+            progress(f"[2/2] naive loop: {inp.frames} frames of {source}")
+        loop: LoopResult = naive_loop(model, inp.naive(), naive_out, max_frames=inp.frames, codec=codec or "mp4v",
+                                      label=source)
+        load_after = load_average()
+
+    config = stats["config"]
+    pipe_stages = pipeline_stages(stats)
+    per_frame = LatencyStats.from_samples(loop.frame_ms).as_dict() if loop.frame_ms else None
+    naive_text = NAIVE_DESCRIPTION if naive_out else NAIVE_DESCRIPTION.replace(", cv2.VideoWriter", ", no writer")
+    results = {
+        "naive": {"runtime": naive_text, "frames": loop.frames, "seconds": loop.seconds, "fps": loop.fps,
+                  "drops": 0, "frame_age_ms": per_frame, "latency_ms": per_frame, "stages": loop.stage_stats()},
+        "pipeline": {"runtime": f"edgepix pipeline: {config.get('backend', '')}; {config.get('plan', '')}",
+                     "frames": stats["frames"], "seconds": stats["elapsed_s"], "fps": stats["fps"],
+                     "fps_steady": stats["fps_steady"], "drops": stats["dropped"],
+                     "frame_age_ms": _stats_or_none(stats["stages"].get("frame_age")),
+                     "latency_ms": _stats_or_none(stats["stages"].get("latency")),
+                     "stages": pipe_stages, "stats": stats},
+    }
+    notes.append(f"input: {inp.description}")
+    if inp.frames < options.frames:
+        notes.append(f"the source has {inp.frames} frames: each run got {inp.frames} of the {options.frames} asked for")
+    if inp.kind != "live":
+        notes.append("the pipeline ran first, then the naive loop, one after the other on the same frames; the "
+                     "pipeline decodes a file a few frames ahead (a bounded queue), and that wait is most of its "
+                     "frame age here")
+    else:
+        notes.append("a live source delivers frames at its own rate: the pipeline's decode time includes waiting "
+                     "for the next frame, and its FPS cannot exceed the source's; the naive loop also reads frames "
+                     "that queued up in FFmpeg or the driver while it was busy (they get older: the lag the "
+                     "pipeline's drops avoid)")
+    for name in RUNTIMES:
+        got = results[name]["frames"]
+        if got < inp.frames:
+            notes.append(f"{RUNTIME_LABELS[name]}: the source ended after {got} of the {inp.frames} frames asked for")
+    if pipe_sink is None:
+        notes.append("--sink null://: nothing was encoded, so there is no encode stage")
+    else:
+        notes.append(f"encode: both wrote FourCC {codec} to {sink_text}")
+    notes.append("frame age: for the pipeline, the time from a frame's read (decoded) to the start of its inference; "
+                 "for the naive loop, which reads the next frame only once this one is written, its end-to-end "
+                 "latency from decode start to encode end. End-to-end latency: the naive loop's is the same; the "
+                 "pipeline's runs from the read to the rendered frame handed to the sink (decode and encode are "
+                 "not in it)")
+    notes.append("drops: the naive loop reads frame by frame and never drops a frame (0 by construction); the "
+                 "pipeline drops only on live sources, whose newest frame replaces one not yet taken")
+    notes.append("the pipeline's stages run at the same time in different threads, so its per-stage times do not "
+                 "add up to a frame interval; FPS is frames / wall time of each whole run, output finished")
+    naive_fps, pipe_fps = results["naive"]["fps"], results["pipeline"]["fps"]
+    return {
+        "kind": "stream",
+        "environment": environment(threads=config.get("threads_per_worker")),
+        "model": str(model),
+        "source": source,
+        "input": {"kind": inp.kind, "identical_frames": inp.identical, "description": inp.description},
+        "sink": options.sink or "temporary .mp4",
+        "codec": codec,
+        "frames_requested": options.frames,
+        "frames_per_run": inp.frames,
+        "load_average": {"before": load_before, "after": load_after},
+        "results": results,
+        "speedup_fps": pipe_fps / naive_fps if naive_fps > 0 else None,
+        "notes": notes,
+    }
+
+
+# ---- reports ---------------------------------------------------------------------------------------------------------
+
+
+def _f(v, digits: int = 2) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _pct(stats: dict | None) -> str:
+    return " / ".join(_f(stats.get(q), 1) for q in ("p50", "p90", "p99")) if stats else "-"
+
+
+def markdown(report: dict) -> str:
+    """The report as on stdout: environment, input, a summary and a per-stage table, naive and pipeline side by
+    side, the FPS ratio and notes."""
+    r = report["results"]
+    naive, pipe = r["naive"], r["pipeline"]
+    out = io.StringIO()
+    out.write(f"Environment: {describe(report['environment'])}\n")
+    out.write(f"Model: {report['model']}; source: {report['source']}; {report['frames_per_run']} frames per run; "
+              f"load average {report['load_average']['before']} before, {report['load_average']['after']} after\n")
+    out.write(f"Pipeline: {pipe['runtime'].split(': ', 1)[1]}\n")
+    out.write(f"Naive loop: {naive['runtime']}\n\n")
+    out.write("| | naive loop | pipeline |\n|---|---|---|\n")
+    rows = [("frames", str(naive["frames"]), str(pipe["frames"])),
+            ("seconds", _f(naive["seconds"]), _f(pipe["seconds"])),
+            ("FPS (end to end)", _f(naive["fps"], 1), _f(pipe["fps"], 1)),
+            ("drops", str(naive["drops"]), str(pipe["drops"])),
+            ("frame age p50 / p90 / p99 ms", _pct(naive["frame_age_ms"]), _pct(pipe["frame_age_ms"])),
+            ("end-to-end latency p50 / p90 / p99 ms", _pct(naive["latency_ms"]), _pct(pipe["latency_ms"]))]
+    for row in rows:
+        out.write("| " + " | ".join(row) + " |\n")
+    out.write("\n| stage | naive p50 ms | naive p90 ms | naive p99 ms | pipeline p50 ms | pipeline p90 ms "
+              "| pipeline p99 ms |\n|---|---|---|---|---|---|---|\n")
+    for stage in STREAM_STAGES:
+        cells = [stage]
+        for name in RUNTIMES:
+            s = r[name]["stages"].get(stage)
+            cells += [_f(s[q]) if s else "-" for q in ("p50", "p90", "p99")]
+        out.write("| " + " | ".join(cells) + " |\n")
+    if report["speedup_fps"] is not None:
+        out.write(f"\npipeline / naive loop: {report['speedup_fps']:.2f}x FPS\n")
+    for n in report["notes"]:
+        out.write(f"\nnote: {n}")
+    return out.getvalue().rstrip() + "\n"
+
+
+def json_text(report: dict) -> str:
+    return json.dumps(report, indent=2, default=str) + "\n"
+
+
+CSV_FIELDS = ("runtime", "stage", "n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms", "frames", "seconds", "fps",
+              "drops")
+
+
+def csv_text(report: dict) -> str:
+    """One row per runtime x stage (the six stages, then frame_age and latency), with the run's frames, seconds,
+    FPS and drops repeated on each row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_FIELDS))
+    writer.writeheader()
+    for name in RUNTIMES:
+        run = report["results"][name]
+        stages = {**run["stages"], "frame_age": run["frame_age_ms"], "latency": run["latency_ms"]}
+        for stage in (*STREAM_STAGES, "frame_age", "latency"):
+            s = stages.get(stage)
+            if not s:
+                continue
+            writer.writerow({"runtime": name, "stage": stage, "n": s["n"], "p50_ms": s["p50"], "p90_ms": s["p90"],
+                             "p99_ms": s["p99"], "mean_ms": s["mean"], "max_ms": s["max"], "frames": run["frames"],
+                             "seconds": run["seconds"], "fps": run["fps"], "drops": run["drops"]})
+    return buffer.getvalue()
+
+
+def plot_stages(path: Path, report: dict) -> bool:
+    """Stacked bars of p50 ms per stage, naive loop and pipeline, each labelled with its FPS. False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no stream_stages.png (pip install 'edgepix[plot]')")
+        return False
+    r = report["results"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    x = range(len(RUNTIMES))
+    bottoms = [0.0] * len(RUNTIMES)
+    colours = plt.get_cmap("tab10").colors
+    for i, stage in enumerate(STREAM_STAGES):
+        heights = [(r[name]["stages"].get(stage) or {}).get("p50", 0.0) for name in RUNTIMES]
+        if not any(heights):
+            continue
+        ax.bar(x, heights, bottom=bottoms, width=0.55, label=stage, color=colours[i % len(colours)])
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for i, name in enumerate(RUNTIMES):
+        ax.annotate(f"{r[name]['fps']:.1f} fps", (i, bottoms[i]), ha="center", va="bottom", fontsize=9,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(list(x), [RUNTIME_LABELS[n] for n in RUNTIMES])
+    ax.set_ylabel("p50 ms per frame, stacked by stage")
+    ax.set_title("pipeline stages overlap in threads; FPS above each bar", fontsize=9)
+    ax.set_ylim(0, max(bottoms) * 1.15 if max(bottoms) > 0 else 1)
+    ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # top first
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
