@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes listed in val.txt")
+    s.add_argument("--appearance", choices=["varied", "lit"], default="varied",
+                   help="varied: colours independent of the layout (segmentation); lit: rendered from the layout "
+                        "with light, shading and shadows (mask -> image training)")
     s.set_defaults(func=cmd_data_synth)
 
 
@@ -310,9 +313,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with progress_bar(args.n, desc="synth", unit="scene", quiet=args.quiet) as bar:
         write_dataset(args.out, args.n, size=tuple(args.size), seed=args.seed, val_fraction=args.val_fraction,
-                      progress=bar.update)
+                      appearance=args.appearance, progress=bar.update)
     elapsed = time.perf_counter() - start
     if not args.quiet:
-        print(f"wrote {args.n} scenes of {args.size[0]}x{args.size[1]} ({len(CLASS_NAMES)} classes) to {args.out} "
+        print(f"wrote {args.n} {args.appearance} scenes of {args.size[0]}x{args.size[1]} ({len(CLASS_NAMES)} classes) "
+              f"to {args.out} "
               f"in {elapsed:.1f} s ({args.n / elapsed:.0f} scenes/s)")
     return 0

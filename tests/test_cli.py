@@ -77,6 +77,9 @@ def test_data_synth_writes_a_dataset(edgepix_cli, tmp_path):
     assert len(list((tmp_path / "d" / "masks").glob("*.png"))) == 20
     r = edgepix_cli("data", "synth", "--out", str(tmp_path / "e"), "--n", "0")
     assert r.returncode == 1 and "--n must be at least 1" in r.stderr
+    r = edgepix_cli("data", "synth", "--out", str(tmp_path / "lit"), "--n", "2", "--size", "32", "32",
+                    "--appearance", "lit")
+    assert r.returncode == 0 and "wrote 2 lit scenes of 32x32" in r.stdout, r.stderr
 
 
 def test_doctor_reports_components(edgepix_cli):

@@ -128,6 +128,11 @@ def test_pix2pix_run_and_val_gen(pix2pix_run, tmp_path):
     assert 0 <= g.l1 <= 1 and -1 <= g.ssim <= 1 and 0 < g.psnr < 60
     assert 0 <= g.seg_miou <= 1 and 0 <= real.seg_miou <= 1 and base.psnr > 5
     assert "baseline: class mean colour" in report.format()
+    # pix2pix trains on lit scenes by default (a mask predicts them); evaluation follows the checkpoint's choice.
+    assert load_checkpoint(out / "last.pt")["train_config"]["scenes"] == "lit"
+    assert report.data == "synthetic (lit scenes)"
+    varied = evaluate_pix2pix(out / "last.pt", "synthetic", n=2, quiet=True, scenes="varied")
+    assert varied.data == "synthetic (varied scenes)" and varied.baseline.psnr != base.psnr
 
 
 def test_cli_train_and_val(edgepix_cli, tmp_path):

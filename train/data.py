@@ -411,11 +411,11 @@ class SyntheticSource(SegmentationSource):
     `pregenerate()` renders them all up front (in a few worker threads), so training pays the ~7 ms per scene once.
     """
 
-    def __init__(self, n: int, *, seed: int, size: tuple[int, int] = (256, 256)) -> None:
+    def __init__(self, n: int, *, seed: int, size: tuple[int, int] = (256, 256), appearance: str = "varied") -> None:
         if n < 1:
             raise DataError(f"synthetic datasets need at least 1 scene, got {n}")
         self.n, self.seed, self.size = n, seed, tuple(size)
-        self.config = SceneConfig(size=self.size)
+        self.config = SceneConfig(size=self.size, appearance=appearance)
         self.classes = ClassInfo(CLASS_NAMES, PALETTE, IGNORE_INDEX)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -423,7 +423,7 @@ class SyntheticSource(SegmentationSource):
         return self.n
 
     def name(self, index: int) -> str:
-        return f"synthetic scene {index} (seed {self.seed})"
+        return f"synthetic {self.config.appearance} scene {index} (seed {self.seed})"
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.n:
@@ -449,15 +449,16 @@ class SyntheticSource(SegmentationSource):
 
 def open_source(
     data: str | os.PathLike, split: str, *, seed: int = 0, synthetic_n: int = 2000, synthetic_val_n: int = 200,
-    synthetic_size: tuple[int, int] = (256, 256),
+    synthetic_size: tuple[int, int] = (256, 256), synthetic_appearance: str = "varied",
 ) -> SegmentationSource:
     """`data` is 'synthetic', a Pascal VOC folder or a folder in the `edgepix data synth` layout."""
     if str(data) == "synthetic":
         if split == "train":
             if seed == SYNTHETIC_VAL_SEED:
                 raise DataError(f"--seed {seed} is reserved for the held-out synthetic scenes; choose another seed")
-            return SyntheticSource(synthetic_n, seed=seed, size=synthetic_size)
-        return SyntheticSource(synthetic_val_n, seed=SYNTHETIC_VAL_SEED, size=synthetic_size)
+            return SyntheticSource(synthetic_n, seed=seed, size=synthetic_size, appearance=synthetic_appearance)
+        return SyntheticSource(synthetic_val_n, seed=SYNTHETIC_VAL_SEED, size=synthetic_size,
+                               appearance=synthetic_appearance)
     root = Path(data)
     if not root.exists():
         raise DataError(f"data folder not found: {root} (expected a dataset folder or 'synthetic')")

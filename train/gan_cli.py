@@ -21,7 +21,7 @@ _CONFIG_FIELDS = {  # CLI attribute -> GanTrainConfig field
     "epochs": "epochs", "batch": "batch", "lr": "lr", "lr_d": "lr_d", "beta1": "beta1", "gan_mode": "gan_mode",
     "lambda_l1": "lambda_l1", "load_size": "load_size", "ema": "ema", "ema_decay": "ema_decay", "seed": "seed",
     "synthetic_n": "synthetic_n", "direction": "direction", "time_limit": "time_limit", "sample_n": "sample_n",
-    "val_n": "val_n", "workers": "workers",
+    "val_n": "val_n", "workers": "workers", "scenes": "scenes",
 }
 
 
@@ -48,6 +48,9 @@ def _common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
                    help="stop training after this many minutes (validates and saves as at an epoch's end)")
     p.add_argument("--sample-n", type=int, default=None, help="images (DCGAN) or rows (pix2pix) in the sample grid")
     p.add_argument("--synthetic-n", type=int, default=None, help="synthetic training scenes (default 2000)")
+    p.add_argument("--scenes", choices=["varied", "lit"], default=None,
+                   help="--data synthetic: scene appearance; lit scenes are rendered from their layout (light, "
+                        "shading, shadows) so a mask predicts the image (default: lit for pix2pix, varied for gan)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per training process")
     p.add_argument("--seed", type=int, default=None, help="default 0")
@@ -102,6 +105,8 @@ def add_val_gen(tasks) -> None:
     p.add_argument("--train-mode", action="store_true",
                    help="pix2pix: normalise with each image's own statistics, as a --train-mode export does")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA")
+    p.add_argument("--scenes", choices=["varied", "lit"], default=None,
+                   help="--data synthetic: the scene appearance (default: the one the checkpoint trained on)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_val_gen)
 
@@ -142,10 +147,10 @@ def cmd_val_gen(args: argparse.Namespace) -> int:
     task = load_checkpoint(args.checkpoint)["spec"].task.value
     if task == "generation-noise":
         report = evaluate_dcgan(args.checkpoint, str(args.data), n=args.n, seed=args.seed, device=args.device,
-                                use_ema=not args.no_ema)
+                                use_ema=not args.no_ema, scenes=args.scenes)
     else:
         report = evaluate_pix2pix(args.checkpoint, str(args.data), seg=args.seg, n=args.n, batch=args.batch,
                                   device=args.device, use_ema=not args.no_ema, train_mode=args.train_mode,
-                                  quiet=args.quiet or args.json)
+                                  quiet=args.quiet or args.json, scenes=args.scenes)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     return 0

@@ -100,12 +100,14 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def open_image_source(data: str | os.PathLike, split: str = "train", *, seed: int = 0, synthetic_n: int = 2000,
-                      synthetic_val_n: int = 200, size: tuple[int, int] = (64, 64)) -> ImageSource:
-    """`synthetic`, a dataset folder (its images/), or any folder of images (searched recursively)."""
+                      synthetic_val_n: int = 200, size: tuple[int, int] = (64, 64),
+                      appearance: str = "varied") -> ImageSource:
+    """`synthetic`, a dataset folder (its images/), or any folder of images (searched recursively).
+    `appearance` picks the synthetic scenes' look (runtime.synthetic); folders ignore it."""
     if str(data) == "synthetic":
         source = open_source("synthetic", split, seed=seed, synthetic_n=synthetic_n, synthetic_val_n=synthetic_val_n,
-                             synthetic_size=size)
-        return SegmentationImages(source, description=f"synthetic scenes [{split}]")
+                             synthetic_size=size, synthetic_appearance=appearance)
+        return SegmentationImages(source, description=f"synthetic {appearance} scenes [{split}]")
     root = Path(data)
     if not root.exists():
         raise DataError(f"data folder not found: {root} (expected a folder of images or 'synthetic')")
@@ -242,14 +244,15 @@ def _ab_folder_pairs(root: Path, split: str, direction: str) -> FolderPairs:
 
 def open_pair_source(data: str | os.PathLike, split: str = "train", *, seed: int = 0, synthetic_n: int = 2000,
                      synthetic_val_n: int = 200, size: tuple[int, int] = (256, 256),
-                     direction: str = "AtoB") -> PairSource:
-    """Pairs for pix2pix from `synthetic`, a segmentation dataset, A/ + B/ folders or side-by-side AB images."""
+                     direction: str = "AtoB", appearance: str = "lit") -> PairSource:
+    """Pairs for pix2pix from `synthetic`, a segmentation dataset, A/ + B/ folders or side-by-side AB images.
+    `appearance` picks the synthetic scenes' look (runtime.synthetic); folders ignore it."""
     if direction not in ("AtoB", "BtoA"):
         raise DataError(f"--direction must be AtoB or BtoA, got {direction!r}")
     if str(data) == "synthetic":
         source = open_source("synthetic", split, seed=seed, synthetic_n=synthetic_n, synthetic_val_n=synthetic_val_n,
-                             synthetic_size=size)
-        return MaskToImagePairs(source, description=f"synthetic mask -> scene [{split}]")
+                             synthetic_size=size, synthetic_appearance=appearance)
+        return MaskToImagePairs(source, description=f"synthetic mask -> {appearance} scene [{split}]")
     root = Path(data)
     if not root.exists():
         raise DataError(f"data folder not found: {root} (expected A/ + B/ folders, AB images, a segmentation "

@@ -278,7 +278,7 @@ class Pix2PixReport:
 
 def evaluate_pix2pix(checkpoint: str | Path, data: str, *, seg: str | Path | None = None, n: int = 200,
                      batch: int = 8, device: str = "cpu", use_ema: bool = True, train_mode: bool = False,
-                     baseline_n: int = 200, quiet: bool = False) -> Pix2PixReport:
+                     baseline_n: int = 200, quiet: bool = False, scenes: str | None = None) -> Pix2PixReport:
     """Score a pix2pix checkpoint on `n` validation pairs of `data` (see the module docstring)."""
     import torch
 
@@ -296,8 +296,9 @@ def evaluate_pix2pix(checkpoint: str | Path, data: str, *, seg: str | Path | Non
         raise ModelFormatError(f"{checkpoint}: a {spec.task.value} checkpoint; this evaluates image -> image models")
     cfg = ckpt.get("train_config", {})
     size = spec.input_size
+    scenes = scenes or cfg.get("scenes", "varied")  # checkpoints from before lit scenes trained on varied ones
     val = open_pair_source(data, "val", seed=int(cfg.get("seed", 0)), synthetic_val_n=n, size=size,
-                           direction=cfg.get("direction", "AtoB"))
+                           direction=cfg.get("direction", "AtoB"), appearance=scenes)
     model = model_from_checkpoint(ckpt, use_ema=use_ema).to(device)
     model.train(train_mode)
     if train_mode:  # batch statistics, dropout off: the `--train-mode` export
@@ -317,7 +318,7 @@ def evaluate_pix2pix(checkpoint: str | Path, data: str, *, seg: str | Path | Non
     colours = None
     if labelled:
         train = open_pair_source(data, "train", seed=int(cfg.get("seed", 0)), synthetic_n=baseline_n, size=size,
-                                 direction=cfg.get("direction", "AtoB"))
+                                 direction=cfg.get("direction", "AtoB"), appearance=scenes)
         colours = class_mean_colours(train, baseline_n, k)
     ds = PairedDataset(val, spec, train=False)
     total = min(n, len(ds))
@@ -348,7 +349,8 @@ def evaluate_pix2pix(checkpoint: str | Path, data: str, *, seg: str | Path | Non
     if segmenter is not None:
         real = acc_real.result()
         real.l1 = real.psnr = real.ssim = float("nan")
-    return Pix2PixReport(str(checkpoint), str(data), total, acc_gen.result(),
+    described = f"{data} ({scenes} scenes)" if str(data) == "synthetic" else str(data)
+    return Pix2PixReport(str(checkpoint), described, total, acc_gen.result(),
                          acc_base.result() if colours is not None else None, real,
                          val.classes.names if labelled else (), time.perf_counter() - t0)
 
@@ -400,20 +402,20 @@ def sample_generator(model, n: int, latent_size: int, *, seed: int, batch: int =
     return np.concatenate(out)
 
 
-def real_images(data: str, n: int, size: int, *, seed: int) -> np.ndarray:
+def real_images(data: str, n: int, size: int, *, seed: int, scenes: str = "varied") -> np.ndarray:
     """`n` real images at the model's size, as the trainer feeds them (held-out synthetic scenes for 'synthetic')."""
     from .gan_data import open_image_source, resize_center_crop
 
     split = "val"
-    source = open_image_source(data, split, seed=seed, synthetic_val_n=n, size=(size, size))
+    source = open_image_source(data, split, seed=seed, synthetic_val_n=n, size=(size, size), appearance=scenes)
     if len(source) < 2:
-        source = open_image_source(data, "train", seed=seed, synthetic_n=n, size=(size, size))
+        source = open_image_source(data, "train", seed=seed, synthetic_n=n, size=(size, size), appearance=scenes)
     k = min(n, len(source))
     return np.stack([resize_center_crop(source.load(i), (size, size)) for i in range(k)])
 
 
 def evaluate_dcgan(checkpoint: str | Path, data: str, *, n: int = 500, seed: int = 0, device: str = "cpu",
-                   use_ema: bool = True) -> DCGANReport:
+                   use_ema: bool = True, scenes: str | None = None) -> DCGANReport:
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
     t0 = time.perf_counter()
@@ -422,6 +424,8 @@ def evaluate_dcgan(checkpoint: str | Path, data: str, *, n: int = 500, seed: int
     if spec.task.value != "generation-noise":
         raise ModelFormatError(f"{checkpoint}: a {spec.task.value} checkpoint; diversity applies to noise generators")
     model = model_from_checkpoint(ckpt, use_ema=use_ema).to(device).eval()
-    real = real_images(data, n, spec.input_size[0], seed=int(ckpt.get("train_config", {}).get("seed", 0)))
+    cfg = ckpt.get("train_config", {})
+    real = real_images(data, n, spec.input_size[0], seed=int(cfg.get("seed", 0)),
+                       scenes=scenes or cfg.get("scenes", "varied"))
     samples = sample_generator(model, len(real), spec.latent_size, seed=seed, device=device)
     return DCGANReport(str(checkpoint), str(data), len(real), diversity(samples, real), time.perf_counter() - t0)

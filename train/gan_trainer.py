@@ -51,6 +51,8 @@ from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, dist_info_from_env, init_distributed,
                           shutdown_distributed)
+from edgepix.runtime.synthetic import APPEARANCES
+
 from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, open_pair_source, pregenerate
 from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
 from .models.pix2pix import VARIANTS
@@ -75,7 +77,7 @@ DEFAULTS: dict[GanKind, dict[str, Any]] = {
     GanKind.DCGAN: dict(model="dcgan", discriminator="dcgan_d", imgsz=64, batch=64, epochs=20, out="runs/gan",
                         sample_n=64),
     GanKind.PIX2PIX: dict(model="pix2pix", discriminator="patchgan", imgsz=256, batch=1, epochs=200,
-                          out="runs/pix2pix", sample_n=6),
+                          out="runs/pix2pix", sample_n=6, scenes="lit"),
 }
 
 
@@ -110,6 +112,7 @@ class GanTrainConfig:
     device: str = "auto"
     synthetic_n: int = 2000
     synthetic_val_n: int = 200
+    scenes: str = "varied"  # `--data synthetic`: the scene appearance (pix2pix defaults to "lit": see runtime.synthetic)
     direction: str = "AtoB"  # pix2pix: which side of the pair is the input
     time_limit: float | None = None  # minutes of training (excluding data preparation); stops mid-epoch
     sample_n: int = 64  # images in the DCGAN grid / rows in the pix2pix grid
@@ -137,6 +140,7 @@ class GanTrainConfig:
             (self.sample_n >= 1 and self.val_n >= 1, "sample-n and val-n must be at least 1"),
             (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.direction in ("AtoB", "BtoA"), f"direction must be AtoB or BtoA, got {self.direction!r}"),
+            (self.scenes in APPEARANCES, f"scenes must be one of {', '.join(APPEARANCES)}, got {self.scenes!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -355,15 +359,16 @@ class _Run:
         self.classes = None
         if cfg.kind is GanKind.DCGAN:
             train_src = open_image_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
-                                          synthetic_val_n=cfg.synthetic_val_n, size=size)
+                                          synthetic_val_n=cfg.synthetic_val_n, size=size, appearance=cfg.scenes)
             pregenerate(train_src, workers=workers)
             self.val_src = None
         else:
             train_src = open_pair_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
-                                         synthetic_val_n=cfg.synthetic_val_n, size=size, direction=cfg.direction)
+                                         synthetic_val_n=cfg.synthetic_val_n, size=size, direction=cfg.direction,
+                                         appearance=cfg.scenes)
             self.val_src = open_pair_source(cfg.data, "val", seed=cfg.seed, synthetic_n=cfg.synthetic_n,
                                             synthetic_val_n=min(cfg.synthetic_val_n, cfg.val_n), size=size,
-                                            direction=cfg.direction)
+                                            direction=cfg.direction, appearance=cfg.scenes)
             pregenerate(train_src, workers=workers)
             pregenerate(self.val_src, workers=workers)
             self.classes = train_src.classes if train_src.a_is_label else None
