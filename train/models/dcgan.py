@@ -1,7 +1,7 @@
 """DCGAN (Radford et al., 2016): an unconditional generator (noise -> image) and its discriminator.
 
-Generator: the latent vector (N, latent_size) is viewed as (N, latent_size, 1, 1), projected to a 4x4 map by a 4x4
-transposed convolution, then doubled `log2(image_size / 4)` times by 4x4 stride-2 transposed convolutions with
+Generator: the latent vector (N, latent_size) is projected to a 4x4 map by a 4x4 transposed convolution of the
+1x1 map (computed as the equivalent matrix product), then doubled `log2(image_size / 4)` times by 4x4 stride-2 transposed convolutions with
 BatchNorm + ReLU; the last one maps to 3 channels and ends in tanh, so images are in [-1, 1]. Width halves at each
 upsampling from `ngf * 2**(n_up - 1)` (capped at `max_channels`) down to `ngf`.
 
@@ -9,8 +9,8 @@ Discriminator: the mirror image: 4x4 stride-2 convolutions with LeakyReLU(0.2) (
 or spectral normalisation, or none), halving the map down to 4x4, then a 4x4 convolution to one logit per image.
 It returns logits (N,): the GAN losses apply their own sigmoid or none (hinge, least squares).
 
-Both export to ONNX with fixed shapes and no data-dependent control flow (ConvTranspose, BatchNormalization folded
-into it at export, Relu, Tanh).
+Both export to ONNX with no data-dependent control flow (MatMul, ConvTranspose, BatchNormalization folded into the
+transposed convolutions at export, Relu, Tanh).
 """
 
 from __future__ import annotations
@@ -74,8 +74,12 @@ class DCGANGenerator(nn.Module):
         dcgan_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # (N, latent) -> (N, latent, 1, 1): Unsqueeze in ONNX, so the batch dimension stays dynamic.
-        return self.net(z.unsqueeze(-1).unsqueeze(-1))
+        # The first layer, a 4x4 transposed convolution of a 1x1 map, is one matrix product: (N, latent) x
+        # (latent, C*16). Written as such it exports as a single MatMul over the whole batch; as a ConvTranspose,
+        # ONNX Runtime's CPU kernel runs a matrix-vector product per image that re-reads all the layer's weights.
+        project = self.net[0]
+        x = torch.matmul(z, project.weight.flatten(1)).view(-1, project.out_channels, 4, 4)
+        return self.net[1:](x)
 
 
 @register_model("dcgan_d", task="discriminator", description="DCGAN discriminator: image -> one logit per image")
