@@ -202,3 +202,51 @@ def test_registered_models_pass_the_audit_at_dynamic_size():
         errors = [f for f in audit_model(model, torch.randn(1, 3, 64, 96), dynamic_size=True)
                   if f.severity is Severity.ERROR]
         assert errors == [], (name, errors)
+
+
+def test_final_resize_is_made_planar_and_computes_the_same():
+    """Only the graph's last bilinear upsampling switches to pytorch_half_pixel (ONNX Runtime then keeps it out of
+    its blocked layout); outputs are unchanged, inner Resizes and length-1 outputs keep half_pixel."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepix.export.to_onnx import keep_final_resize_planar
+
+    def graph(out_hw):
+        rng = np.random.default_rng(0)
+        w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+        w2 = numpy_helper.from_array(rng.standard_normal((6, 8, 1, 1)).astype(np.float32), "w2")
+        inner = numpy_helper.from_array(np.array([1, 8, 16, 16], np.int64), "inner_size")
+        final = numpy_helper.from_array(np.array([1, 6, *out_hw], np.int64), "final_size")
+        nodes = [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv1"),
+            helper.make_node("Resize", ["c1", "", "", "inner_size"], ["r1"], mode="linear",
+                             coordinate_transformation_mode="half_pixel", name="inner"),
+            helper.make_node("Conv", ["r1", "w2"], ["logits"], name="conv2"),
+            helper.make_node("Resize", ["logits", "", "", "final_size"], ["y"], mode="linear",
+                             coordinate_transformation_mode="half_pixel", name="final"),
+        ]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, *out_hw])],
+                              initializer=[w1, w2, inner, final])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return onnx.shape_inference.infer_shapes(m)
+
+    def modes(m):
+        return {n.name: helper.get_attribute_value(next(a for a in n.attribute
+                                                         if a.name == "coordinate_transformation_mode"))
+                for n in m.graph.node if n.op_type == "Resize"}
+
+    def run(m, x):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    original = graph((64, 48))
+    changed = graph((64, 48))
+    assert keep_final_resize_planar(changed) == ["final"]
+    assert modes(changed) == {"inner": b"half_pixel", "final": b"pytorch_half_pixel"}
+    np.testing.assert_allclose(run(changed, x), run(original, x), rtol=1e-6, atol=1e-6)
+    one_row = graph((1, 48))  # the two modes differ for an output length of 1: left alone
+    assert keep_final_resize_planar(one_row) == [] and modes(one_row)["final"] == b"half_pixel"
