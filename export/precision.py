@@ -140,6 +140,10 @@ def quantize_int8(
     model = onnx.load(str(fp32_path))
     convs = _conv_nodes(model)
     exclude = [n.name for n in model.graph.node if n.op_type in _NEVER_QUANTIZE]
+    if options.target is Int8Target.CPU:
+        # ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs as dequantize -> float
+        # ConvTranspose -> quantize, which only adds work. Keep transposed convolutions float for the CPU target.
+        exclude += [n.name for n in model.graph.node if n.op_type == "ConvTranspose"]
     for name in options.keep_float:
         if name == "first" and convs:
             exclude.append(convs[0])

@@ -220,3 +220,31 @@ def test_torchrun_two_processes(tmp_path):
     assert len(rows) == 1 and int(rows[0]["iterations"]) == 32 // 8  # --batch is global: 4 per process
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1 and len(ckpt["rng"]["torch"]) == 2
+
+
+def test_pix2pix_int8_cpu_keeps_transposed_convolutions_float(pix2pix_run, tmp_path):
+    """ONNX Runtime's CPU provider has no integer ConvTranspose: the cpu target quantizes the encoder's convolutions
+    and leaves the decoder's transposed convolutions float (no Q/DQ pairs around them); tensorrt keeps them."""
+    import onnx
+
+    from edgepix.export.pipeline import ExportFormat, ExportRequest, run_export
+    from edgepix.export.precision import Int8Options, Int8Target
+
+    out, _ = pix2pix_run
+
+    def weight_producers(path):
+        graph = onnx.load(str(path)).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        found: dict[str, set[str]] = {}
+        for n in graph.node:
+            if n.op_type in ("Conv", "ConvTranspose"):
+                found.setdefault(n.op_type, set()).add(producer.get(n.input[1], "initializer"))
+        return found
+
+    cpu = run_export(ExportRequest(out / "last.pt", out=tmp_path / "cpu.onnx", format=ExportFormat.ONNX_INT8,
+                                   calib_n=4, verify_n=2))
+    assert cpu.report.passed, cpu.report.format()
+    assert weight_producers(cpu.path) == {"Conv": {"DequantizeLinear"}, "ConvTranspose": {"initializer"}}
+    trt = run_export(ExportRequest(out / "last.pt", out=tmp_path / "trt.onnx", format=ExportFormat.ONNX_INT8,
+                                   calib_n=4, verify=False, int8=Int8Options(target=Int8Target.TENSORRT)))
+    assert weight_producers(trt.path)["ConvTranspose"] == {"DequantizeLinear"}
