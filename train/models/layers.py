@@ -74,9 +74,11 @@ class InvertedResidual(nn.Module):
         se: bool = False,
         act: type[nn.Module] = nn.ReLU,
         dilation: int = 1,
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
-        hidden = make_divisible(in_ch * expand, 8) if expand != 1 else in_ch
+        if hidden is None:  # MobileNetV2 gives an expansion ratio; MobileNetV3's tables give the width itself
+            hidden = make_divisible(in_ch * expand, 8) if expand != 1 else in_ch
         layers: list[nn.Module] = []
         if hidden != in_ch:
             layers.append(ConvBNAct(in_ch, hidden, 1, act=act))

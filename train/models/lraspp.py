@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .layers import ConvBNAct, SqueezeExcite, init_classifier, init_weights, make_divisible, resize_to
+from .layers import ConvBNAct, InvertedResidual, init_classifier, init_weights, make_divisible, resize_to
 
 # (kernel, expanded channels, out channels, squeeze-excite, activation, stride) of MobileNetV3-Small.
 _SMALL = (
@@ -30,27 +30,6 @@ _SMALL = (
     (5, 576, 96, True, "HS", 1),
 )
 _ACTS = {"RE": nn.ReLU, "HS": nn.Hardswish}
-
-
-class MBConv(nn.Module):
-    """MobileNetV3 block with explicit expanded width."""
-
-    def __init__(self, in_ch: int, hidden: int, out_ch: int, kernel: int, stride: int, dilation: int, se: bool,
-                 act: type[nn.Module]) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        if hidden != in_ch:
-            layers.append(ConvBNAct(in_ch, hidden, 1, act=act))
-        layers.append(ConvBNAct(hidden, hidden, kernel, stride, groups=hidden, dilation=dilation, act=act))
-        if se:
-            layers.append(SqueezeExcite(hidden))
-        layers.append(ConvBNAct(hidden, out_ch, 1, act=None))
-        self.block = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and in_ch == out_ch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
-        return x + y if self.use_residual else y
 
 
 class MobileNetV3SmallEncoder(nn.Module):
@@ -73,7 +52,8 @@ class MobileNetV3SmallEncoder(nn.Module):
             dilation = 2 if last_stage else 1
             stride = 1 if last_stage else stride
             c_out = ch(out // divide)
-            blocks.append(MBConv(c_in, ch(exp // divide), c_out, k, stride, dilation, se, _ACTS[act]))
+            blocks.append(InvertedResidual(c_in, c_out, hidden=ch(exp // divide), kernel_size=k, stride=stride,
+                                           dilation=dilation, se=se, act=_ACTS[act]))
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.low_channels = blocks[self.low_index].block[-1][0].out_channels
