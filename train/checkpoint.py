@@ -95,3 +95,37 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> torc
             f"checkpoint weights do not fit {ckpt['arch']}({ckpt['arch_kwargs']}): {str(e).splitlines()[0]}"
         ) from e
     return model.eval()
+
+
+def prepare_run(cfg, *, resume: bool, exist_ok: bool, overridable: tuple[str, ...], kind: str | None = None,
+                announce: bool = True):
+    """The state of `cfg.out` before a training run starts: (config, checkpoint or None, finished).
+
+    Fresh runs refuse a folder that already holds one (unless `exist_ok`). `--resume` continues from last.pt with
+    the saved config, where only the `overridable` fields come from `cfg`; `kind` (the saved config's "kind") must
+    match when given. `finished` is True when the saved run already reached its epochs (logged when `announce`)."""
+    import dataclasses
+    import logging
+
+    from edgepix.runtime.errors import EdgepixError
+
+    out = Path(cfg.out)
+    last_path = out / "last.pt"
+    if not resume:
+        if last_path.exists() and not exist_ok:
+            raise EdgepixError(f"{out} already holds a run (last.pt); continue it with --resume, or choose another "
+                               "--out (or pass --exist-ok to overwrite it)")
+        return cfg, None, False
+    if not last_path.exists():
+        raise ModelFormatError(f"nothing to resume: {last_path} does not exist; start the run without --resume")
+    ckpt = load_checkpoint(last_path)
+    if kind is not None and ckpt.get("train_config", {}).get("kind") != kind:
+        raise ModelFormatError(f"{last_path} is not a {kind} training run; resume it with its own command")
+    saved = type(cfg).from_dict(ckpt["train_config"])
+    cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in overridable})
+    finished = ckpt["epoch"] >= cfg.epochs
+    if finished and announce:
+        logging.getLogger("edgepix.train").info(
+            "%s already finished %d of %d epochs; nothing to resume (raise --epochs to train on)", last_path,
+            ckpt["epoch"], cfg.epochs)
+    return cfg, ckpt, finished

@@ -41,14 +41,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edgepix import __version__
-from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
+from edgepix.runtime.errors import DataError, EdgepixError
 from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.generator import tile_grid
 from edgepix.runtime.metrics import psnr
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import prepare_run, save_checkpoint
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, dist_info_from_env, init_distributed,
                           shutdown_distributed)
 from edgepix.runtime.synthetic import APPEARANCES
@@ -289,26 +289,10 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
               on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> GanTrainResult | None:
     """Train (or resume) a GAN; returns the result on rank 0 and None on the other ranks."""
     info = dist_info_from_env()
-    out = Path(cfg.out)
-    last_path = out / "last.pt"
-    ckpt: dict[str, Any] | None = None
-    if resume:
-        if not last_path.exists():
-            raise ModelFormatError(f"nothing to resume: {last_path} does not exist; start the run without --resume")
-        ckpt = load_checkpoint(last_path)
-        if "train_config" not in ckpt or ckpt["train_config"].get("kind") != cfg.kind.value:
-            raise ModelFormatError(f"{last_path} is not a {cfg.kind.value} training run; resume it with its own "
-                                   "command")
-        saved = GanTrainConfig.from_dict(ckpt["train_config"])
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE})
-        if ckpt["epoch"] >= cfg.epochs:
-            if info.is_main:
-                log.info("%s already finished %d of %d epochs; nothing to resume (raise --epochs to train on)",
-                         last_path, ckpt["epoch"], cfg.epochs)
-            return None
-    elif last_path.exists() and not exist_ok:
-        raise EdgepixError(f"{out} already holds a run (last.pt); continue it with --resume, or choose another "
-                           "--out (or pass --exist-ok to overwrite it)")
+    cfg, ckpt, finished = prepare_run(cfg, resume=resume, exist_ok=exist_ok, overridable=RESUME_OVERRIDABLE,
+                                      kind=cfg.kind.value, announce=info.is_main)
+    if finished:
+        return None
     for name, task in ((cfg.model, cfg.kind is GanKind.DCGAN and "generation-noise" or "generation-image"),
                        (cfg.discriminator, "discriminator")):
         entry = get_entry(name)

@@ -41,7 +41,7 @@ from edgepix.runtime.fileio import atomic_write_text
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ModelSpec, Task
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, prepare_run, save_checkpoint
 from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
 from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, init_distributed, shutdown_distributed
 from .losses import LossKind, SegmentationLoss
@@ -433,24 +433,10 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
                        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult | None:
     """Train (or resume) a segmentation model; returns the result on rank 0 and None on the other ranks."""
     info = dist_info_from_env()
-    out = Path(cfg.out)
-    last_path = out / "last.pt"
-    ckpt: dict[str, Any] | None = None
-    if resume:
-        if not last_path.exists():
-            raise ModelFormatError(f"nothing to resume: {last_path} does not exist; start the run without --resume")
-        ckpt = load_checkpoint(last_path)
-        saved = SegTrainConfig.from_dict(ckpt["train_config"])
-        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE}
-        cfg = dataclasses.replace(saved, **overrides)
-        if ckpt["epoch"] >= cfg.epochs:
-            if info.is_main:
-                log.info("%s already finished %d of %d epochs; nothing to resume", last_path, ckpt["epoch"],
-                         cfg.epochs)
-            return None
-    elif last_path.exists() and not exist_ok:
-        raise EdgepixError(f"{out} already holds a run (last.pt); continue it with --resume, or choose another "
-                           "--out (or pass --exist-ok to overwrite it)")
+    cfg, ckpt, finished = prepare_run(cfg, resume=resume, exist_ok=exist_ok, overridable=RESUME_OVERRIDABLE,
+                                      announce=info.is_main)
+    if finished:
+        return None
     get_entry(cfg.model)  # an unknown model name fails before any data work
 
     device = resolve_device(cfg.device, info)
