@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgepix.runtime.fileio import atomic_write_text
+from edgepix.plotting import pyplot, save_figure
 
 from .environment import describe
 from .harness import BenchRow
@@ -89,13 +89,8 @@ def csv_text(rows: Sequence[BenchRow]) -> str:
 
 def plot_latency_vs_batch(path: Path, rows: Sequence[BenchRow]) -> bool:
     """p50 latency per image against batch size, one line per model x backend. False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install 'edgepix[plot]')")
+    plt = pyplot(path)
+    if plt is None:
         return False
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
@@ -113,7 +108,5 @@ def plot_latency_vs_batch(path: Path, rows: Sequence[BenchRow]) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

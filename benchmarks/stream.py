@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.errors import ModelFormatError, SinkError, SourceError
 
 from .environment import describe, environment
@@ -326,13 +327,8 @@ def csv_text(report: dict) -> str:
 def plot_stages(path: Path, report: dict) -> bool:
     """Stacked bars of p50 ms per stage, naive loop and pipeline, each labelled with its FPS. False without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no stream_stages.png (pip install 'edgepix[plot]')")
+    plt = pyplot(path)
+    if plt is None:
         return False
     r = report["results"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -356,7 +352,5 @@ def plot_stages(path: Path, report: dict) -> bool:
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # top first
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

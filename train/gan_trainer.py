@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edgepix import __version__
+from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.errors import DataError, EdgepixError
 from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.generator import tile_grid
@@ -230,13 +231,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def plot_gan_curves(path: Path, history: list[dict[str, Any]], kind: GanKind) -> bool:
     """Discriminator and generator losses per epoch (and validation L1 / PSNR for pix2pix)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: skipping %s (pip install 'edgepix[plot]')", path.name)
+    plt = pyplot(path)
+    if plt is None:
         return False
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -265,9 +261,7 @@ def plot_gan_curves(path: Path, history: list[dict[str, Any]], kind: GanKind) ->
     ax2.grid(True, alpha=0.3)
     fig.suptitle(path.parent.name)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from edgepix import __version__
+from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
 from edgepix.runtime.fileio import atomic_write_text
 from edgepix.runtime.progress import progress_bar
@@ -328,16 +329,9 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     """Training loss and validation mIoU / pixel accuracy per epoch; False (and a note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: skipping %s (pip install 'edgepix[plot]')", path.name)
+    plt = pyplot(path)
+    if plt is None:
         return False
-    from edgepix.runtime.fileio import atomic_output
-
     epochs = [r["epoch"] for r in history]
     from matplotlib.ticker import MaxNLocator
 
@@ -360,9 +354,7 @@ def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     ax2.legend(loc="lower right")
     fig.suptitle(f"{path.parent.name}")
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 
