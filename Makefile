@@ -56,8 +56,8 @@ test: setup
 # a live-style stream segmented into a video file, and a benchmark against PyTorch.
 demo: setup
 	$(PY) -m edgepix doctor
-	$(PY) -m edgepix data synth --out $(DEMO_DIR)/data --n 200 --size 256 256 --seed 0
-	$(PY) -m edgepix train seg --data $(DEMO_DIR)/data --model fastscnn --imgsz 256 --epochs 2 --out $(DEMO_DIR)/run --exist-ok
+	$(PY) -m edgepix data synth --out $(DEMO_DIR)/data --n 1000 --size 256 256 --seed 0
+	$(PY) -m edgepix train seg --data $(DEMO_DIR)/data --model fastscnn --imgsz 256 --epochs 5 --out $(DEMO_DIR)/run --exist-ok
 	$(PY) -m edgepix val seg $(DEMO_DIR)/run/best.pt --data $(DEMO_DIR)/data
 	$(PY) -m edgepix export $(DEMO_DIR)/run/best.pt --format onnx --out $(DEMO_DIR)/fastscnn.onnx
 	$(PY) -m edgepix export $(DEMO_DIR)/run/best.pt --format onnx-int8 --argmax --out $(DEMO_DIR)/fastscnn.int8.argmax.onnx
