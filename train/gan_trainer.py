@@ -58,7 +58,7 @@ from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, op
 from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
 from .models.pix2pix import VARIANTS
 from .registry import create_model, get_entry
-from .segmentation import (ModelEMA, _cpu_state, _FileLog, _gather_rng_states, _worker_init, cpu_cores,
+from .segmentation import (ModelEMA, _cpu_state, _gather_rng_states, _worker_init, cpu_cores, run_log,
                            resolve_device, seed_everything, write_metrics_csv)
 
 log = logging.getLogger("edgepix.train")
@@ -298,17 +298,8 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
         torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
     init_distributed(info, device)
     try:
-        out_dir = Path(cfg.out)
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        file_log = _FileLog(out_dir / "train.log", quiet=cfg.quiet) if info.is_main else None
-        if file_log:
-            file_log.__enter__()
-        try:
+        with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
             return _Run(cfg, info, device, ckpt).train(on_epoch_end)
-        finally:
-            if file_log:
-                file_log.__exit__()
     finally:
         shutdown_distributed()
 

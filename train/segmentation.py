@@ -15,6 +15,7 @@ logs and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import enum
@@ -23,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,27 +359,28 @@ def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     return True
 
 
-class _FileLog:
-    """Sends the run's log lines to out/train.log (rank 0); with `quiet` they go only there, not to the console."""
-
-    def __init__(self, path: Path, *, quiet: bool) -> None:
-        self.handler = logging.FileHandler(path, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        self.quiet = quiet
-
-    def __enter__(self):
-        self._saved = (log.level, log.propagate)
-        log.addHandler(self.handler)
-        log.setLevel(logging.INFO)
-        if self.quiet:
-            log.propagate = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        log.removeHandler(self.handler)
-        self.handler.close()
-        log.setLevel(self._saved[0])
-        log.propagate = self._saved[1]
+@contextlib.contextmanager
+def run_log(out: Path, *, quiet: bool, main: bool) -> Iterator[None]:
+    """Create the run folder and send the run's log lines to out/train.log (rank 0 only; other ranks log nothing
+    to files). With `quiet` the lines go only to the file, not to the console."""
+    if not main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    saved = (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    if quiet:
+        log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -450,17 +452,8 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
 def _train(cfg: SegTrainConfig, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None,
            on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult | None:
     wall0 = time.perf_counter()
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    file_log = _FileLog(out / "train.log", quiet=cfg.quiet) if info.is_main else None
-    if file_log:
-        file_log.__enter__()
-    try:
+    with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
         return _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0)
-    finally:
-        if file_log:
-            file_log.__exit__()
 
 
 def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | None:
