@@ -31,6 +31,19 @@ class Ceiling:
         return asdict(self)
 
 
+def best_seconds(call, duration: float) -> float:
+    """The fastest of repeated `call()`s within `duration` seconds (after one untimed warm-up call): the ceiling is
+    what the machine can do, so the minimum, not a percentile."""
+    call()
+    best = float("inf")
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _gemm_gflops(n: int, duration: float) -> float:
     import numpy as np
 
@@ -38,14 +51,7 @@ def _gemm_gflops(n: int, duration: float) -> float:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
-    best = float("inf")
-    end = time.perf_counter() + duration
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best / 1e9
+    return 2.0 * n**3 / best_seconds(lambda: np.matmul(a, b, out=c), duration) / 1e9
 
 
 def _memory_gbps(duration: float, megabytes: int = 256) -> float:
@@ -53,14 +59,7 @@ def _memory_gbps(duration: float, megabytes: int = 256) -> float:
 
     src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = float("inf")
-    end = time.perf_counter() + duration
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best / 1e9
+    return 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src), duration) / 1e9
 
 
 def measure_here(threads: int, *, duration: float = 1.0) -> Ceiling:

@@ -34,9 +34,10 @@ from edgepix.benchmarks.environment import cpu_model
 
 def ort_gemm_gflops(threads: int, n: int = 1024, duration: float = 1.5) -> float:
     """Best float32 MatMul throughput of ONNX Runtime (n x n by n x n) with `threads` intra-op threads."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from edgepix.benchmarks.ceiling import best_seconds
 
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
@@ -50,15 +51,7 @@ def ort_gemm_gflops(threads: int, n: int = 1024, duration: float = 1.5) -> float
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    session.run(None, feed)
-    best = float("inf")
-    end = time.perf_counter() + duration
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    del onnx
-    return 2.0 * n**3 / best / 1e9
+    return 2.0 * n**3 / best_seconds(lambda: session.run(None, feed), duration) / 1e9
 
 
 def run_generate_cli(onnx_path: Path, batch: int, num: int, threads: int, tmp: Path) -> tuple[float, str]:
