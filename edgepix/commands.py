@@ -23,6 +23,27 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
+    p = subparsers.add_parser(
+        "spec", help="show an ONNX file's spec (or what the runtime would assume), or write a copy with a new one",
+        description="Without --set/--from-hf/--palette: print the spec MODEL carries, or, for a model exported by "
+                    "another tool, the one the runtime would assume. With them: write --out, a copy of MODEL whose "
+                    "metadata holds the validated spec; the graph and weights are copied unchanged. Settable: "
+                    "classes, model_name, ignore_index, scale, mean, std, channel_order, resize, pad_value, "
+                    "input_size, size_divisor, output_stride, output_range (lists comma-separated or JSON).")
+    p.add_argument("model", type=Path, help="an .onnx file")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="spec fields, e.g. classes=road,car,person mean=0.5,0.5,0.5 std=0.5,0.5,0.5")
+    p.add_argument("--from-hf", type=Path, metavar="DIR",
+                   help="class names, normalisation and size from a Hugging Face save_pretrained folder "
+                        "(config.json id2label, preprocessor_config.json); --set wins over it")
+    p.add_argument("--palette", type=Path, metavar="FILE",
+                   help='class colours: a JSON list of [r, g, b], or {"names": [...], "palette": [...]}')
+    p.add_argument("--task", choices=("segmentation", "generation-noise", "generation-image"),
+                   default="segmentation", help="what a model without a spec is (default segmentation)")
+    p.add_argument("--out", type=Path, metavar="NEW.onnx", help="where the copy goes (may be MODEL itself)")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+    p.set_defaults(func=cmd_spec)
+
     p = subparsers.add_parser("doctor", help="report what this machine can run and what is missing")
     p.add_argument("--engines", type=Path, metavar="DIR",
                    help="also say, for each TensorRT engine in DIR, whether it can load here (exit 1 if one cannot)")
@@ -70,6 +91,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    from edgepix.runtime.errors import EdgepixError
+    from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
+    from edgepix.runtime.specfile import palette_from_file, parse_settings, read_spec, write_spec
+
+    given: dict = {}
+    preferred_size = None
+    if args.from_hf:
+        folder = read_hf_folder(args.from_hf)
+        given.update(spec_fields(folder), model_name=folder.path.resolve().name or folder.model_type)
+        preferred_size = given.pop("input_size", None)
+    if args.palette:
+        given.update(palette_from_file(args.palette))
+    given.update(parse_settings(args.set))
+    if given and args.out is None:
+        raise EdgepixError("--set, --from-hf and --palette write a copy of the model: give --out NEW.onnx")
+    reading = read_spec(args.model, task=args.task, given=given, preferred_size=preferred_size)
+    spec = reading.spec
+    if args.out is not None:
+        spec = write_spec(args.model, args.out, spec)
+    if args.json:
+        print(spec.to_json(indent=2))
+    else:
+        origin = "embedded" if reading.embedded or args.out else "not embedded: what the runtime would assume"
+        print(f"spec of {args.out or args.model} ({origin})")
+        for key, value in spec.to_dict().items():
+            print(f"  {key:<15} {value}")
+    if args.out is not None:
+        print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): graph and weights unchanged, spec "
+              f"with {spec.num_classes} classes embedded", file=sys.stderr)
+    return 0
+
+
 def _onnx_info(path: Path) -> dict:
     from edgepix.runtime.onnxinfo import read_onnx_info
 
@@ -105,15 +159,21 @@ def _checkpoint_info(path: Path) -> dict:
 
 
 def _engine_info(path: Path) -> dict:
+    from edgepix.runtime import boundedjson
     from edgepix.runtime.errors import ModelFormatError
 
     manifest = path.with_name(path.name + ".json")
     if not manifest.exists():
         raise ModelFormatError(f"{path}: no manifest {manifest.name} beside the engine; rebuild it with edgepix export")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        text = manifest.read_bytes()
+    except OSError as e:
         raise ModelFormatError(f"{manifest}: unreadable manifest ({e})") from e
+    data = boundedjson.loads(text, what=str(manifest), error=ModelFormatError,
+                             hint="rebuild the engine with edgepix export")
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{manifest}: expected a JSON object, got {type(data).__name__}; rebuild the engine "
+                               "with edgepix export")
     return {"format": "tensorrt-engine", **data}
 
 

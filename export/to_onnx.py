@@ -101,7 +101,9 @@ def exported_spec(spec: ModelSpec, options: OnnxExportOptions) -> ModelSpec:
     if spec.task is not Task.GENERATION_NOISE and options.imgsz and (size[0] % spec.size_divisor or size[1] % spec.size_divisor):
         raise ExportError(
             f"--imgsz must be a multiple of {spec.size_divisor} for this model, got {size[0]}x{size[1]}; "
-            f"try {round(size[0] / spec.size_divisor) * spec.size_divisor}x{round(size[1] / spec.size_divisor) * spec.size_divisor}"
+            # at least one multiple: a size below the divisor (64 for a 128-divisible U-Net) would round to 0
+            f"try {max(1, round(size[0] / spec.size_divisor)) * spec.size_divisor}x"
+            f"{max(1, round(size[1] / spec.size_divisor)) * spec.size_divisor}"
         )
     if spec.task is Task.GENERATION_NOISE and options.dynamic_size:
         raise ExportError("--dynamic-size does not apply to noise generators: their output size is fixed by the model")
@@ -135,7 +137,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, optio
     model.eval()
     x = example_input(out_spec)
 
-    findings = audit_model(model, x, dynamic_size=options.dynamic_size)
+    findings = audit_model(model, x, dynamic_size=options.dynamic_size, exporter=options.exporter.value)
     for f in findings:
         if f.severity is Severity.WARNING:
             log.warning("export audit: %s", f)
@@ -179,6 +181,9 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
             # Per-image normalisation (train-mode exports) is instance_norm with input statistics, on purpose.
             warnings.filterwarnings("ignore", message=r".*'instance_norm' is set to train=True.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
+            # transformers' attention checks shapes in Python (is_causal); the parity gate, which also runs a
+            # dynamic-size graph at an untraced size, is what shows whether a trace generalises.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
             if options.exporter is Exporter.DYNAMO:
                 dynamic_shapes = None
                 if dynamic_axes:

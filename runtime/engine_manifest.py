@@ -13,8 +13,9 @@ Everything here is plain Python and JSON, so `edgepix doctor --engines DIR` and 
 engine loads on this machine without importing TensorRT, and the runtime can refuse a mismatched engine with one
 line that names both sides instead of TensorRT's deserialization error.
 
-Engine cache: `cache_key()` hashes what determines the engine (ONNX bytes, TensorRT version, GPU and compute
-capability, precision, profiles and the options that change the plan); `cached_engine()` finds a previous build.
+Engine cache: `cache_key()` hashes what determines the engine (ONNX bytes, TensorRT version and the CUDA major it
+was built for, GPU and compute capability, precision, profiles and the options that change the plan);
+`cached_engine()` finds a previous build.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import boundedjson
 from .errors import ModelFormatError, SpecError
 from .fileio import atomic_write_text
 from .spec import ModelSpec
@@ -148,6 +150,26 @@ def tensorrt_version() -> str | None:
     return str(getattr(tensorrt, "__version__", "")) or None
 
 
+def tensorrt_cuda_variant() -> str | None:
+    """Which CUDA major the installed TensorRT wheels were built for ("cu12", "cu13"), from their pip names.
+
+    TensorRT ships the same version number built for CUDA 12 and for CUDA 13 (`tensorrt-cu12-bindings`,
+    `tensorrt-cu13-bindings`; the bare `tensorrt` installs the CUDA 13 build); an engine from one is not an engine
+    from the other. None when no pip metadata says (JetPack's Debian packages)."""
+    from importlib import metadata
+
+    found = []
+    for cu in ("cu13", "cu12", "cu11"):
+        for dist in (f"tensorrt-{cu}-bindings", f"tensorrt-{cu}", f"tensorrt-{cu}-libs"):
+            try:
+                metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+            found.append(cu)
+            break
+    return "+".join(found) or None  # both builds installed side by side: say so rather than guess
+
+
 def _cudart():
     """cuda-python's runtime module (`cuda.bindings.runtime` in cuda-python >= 12.6, `cuda.cudart` before)."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
@@ -230,9 +252,14 @@ class TensorDesc:
     def from_dict(cls, data: Any) -> TensorDesc:
         if not isinstance(data, dict) or set(data) != {"name", "mode", "dtype", "shape"}:
             raise SpecError(f"io: expected an object with name, mode, dtype, shape; got {data!r}")
+        if not isinstance(data["name"], str) or not isinstance(data["dtype"], str):
+            raise SpecError(f"io: name and dtype must be strings, got {data['name']!r}, {data['dtype']!r}")
         if data["mode"] not in ("input", "output"):
             raise SpecError(f"io {data['name']!r}: mode must be 'input' or 'output', got {data['mode']!r}")
-        return cls(str(data["name"]), data["mode"], str(data["dtype"]), tuple(int(d) for d in data["shape"]))
+        shape = data["shape"]
+        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) for d in shape):
+            raise SpecError(f"io {data['name']!r}: shape must be a list of integers, got {shape!r}")
+        return cls(data["name"], data["mode"], data["dtype"], tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -297,6 +324,11 @@ class EngineManifest:
             raise ModelFormatError(f"{source}: profiles: expected a list of lists, got {data['profiles']!r}")
         if not isinstance(data.get("builder", {}), dict):
             raise ModelFormatError(f"{source}: builder: expected an object, got {data['builder']!r}")
+        if not isinstance(data.get("io", []), list):
+            raise ModelFormatError(f"{source}: io: expected a list, got {data['io']!r}")
+        for key in ("cuda", "onnx", "cache_key", "edgepix"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ModelFormatError(f"{source}: {key}: expected a string or null, got {data[key]!r}")
         try:
             spec = ModelSpec.from_dict(data["spec"])
             profiles = tuple(tuple(ProfileShapes.from_dict(p) for p in profile) for profile in data["profiles"])
@@ -351,11 +383,12 @@ def read_manifest(path: str | os.PathLike) -> EngineManifest:
                                "which TensorRT and GPU it was built for: rebuild it with `edgepix export "
                                "MODEL.onnx --format engine`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except OSError as e:
         raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e})") from e
+    # Bounded (depth, number sizes, UTF-8): a manifest copied over a flaky link or crafted fails with one line.
+    data = boundedjson.loads(text, what=str(path), error=ModelFormatError,
+                             hint="rebuild the engine with `edgepix export MODEL.onnx --format engine`")
     return EngineManifest.from_dict(data, source=str(path))
 
 
@@ -435,17 +468,21 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(*, onnx_sha256: str, tensorrt: str, gpu: str, compute_capability: str, precision: str,
-              profiles: Iterable[Iterable[ProfileShapes]], options: Mapping[str, Any] | None = None) -> str:
+              profiles: Iterable[Iterable[ProfileShapes]], options: Mapping[str, Any] | None = None,
+              tensorrt_cuda: str = "") -> str:
     """A stable hex digest of everything that determines the engine.
 
     `options` are the build options that change the plan (DLA core, optimization level, INT8 mode, hardware
     compatibility); workspace size and the timing cache only change how long the build takes, so they are left out.
+    `tensorrt_cuda` tells the CUDA 12 and CUDA 13 builds of one TensorRT version apart (`tensorrt_cuda_variant`).
     """
     payload = {
         "onnx_sha256": onnx_sha256, "tensorrt": tensorrt, "gpu": gpu, "compute_capability": compute_capability,
         "precision": precision, "profiles": [[p.to_dict() for p in profile] for profile in profiles],
         "options": dict(sorted((options or {}).items())),
     }
+    if tensorrt_cuda:  # only when known, so keys made without it (JetPack, older manifests) stay the same
+        payload["tensorrt_cuda"] = tensorrt_cuda
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

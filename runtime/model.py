@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend, TensorMeta, normalise_dim
+from .backends.base import Backend, TensorMeta, dtype_from_onnx, normalise_dim
 from .backends.registry import ONNX_SUFFIXES, load_backend
 from .errors import InputError, ModelFormatError, SpecError
 from .foreign import infer_spec
@@ -48,9 +48,9 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
     path = Path(model)
     if path.suffix.lower() in ONNX_SUFFIXES:
         header = read_onnx_header(path)
-        outputs = [_meta(v) for v in header.outputs]
+        outputs = [_meta(v, path) for v in header.outputs]
         spec = _spec_for(path, ModelSpec.from_onnx_metadata(header.metadata, source=str(path)),
-                         [_meta(v) for v in header.inputs], outputs, task, overrides)
+                         [_meta(v, path) for v in header.inputs], outputs, task, overrides)
         fuse = fuse_argmax(spec, outputs) if fuse_argmax is not None else None
         return load_backend(path, backend, fuse_argmax=fuse, **backend_options), spec
     b = load_backend(path, backend, **backend_options)
@@ -61,8 +61,9 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
         raise
 
 
-def _meta(v: ValueInfo) -> TensorMeta:
-    return TensorMeta(v.name, np.dtype(v.dtype or "float32"), tuple(normalise_dim(d) for d in v.shape))
+def _meta(v: ValueInfo, path: Path) -> TensorMeta:
+    return TensorMeta(v.name, dtype_from_onnx(v.dtype, tensor=v.name, path=path),
+                      tuple(normalise_dim(d) for d in v.shape))
 
 
 def _spec_for(path: Path, spec: ModelSpec | None, inputs: Sequence[TensorMeta], outputs: Sequence[TensorMeta],

@@ -58,19 +58,30 @@ def open_session(path: str | os.PathLike, *, providers: list | None = None, opti
 
 
 def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
+    from .onnxproto import read_onnx_header
+
+    # The strict header reader first: a damaged file (a name or metadata that is not UTF-8, a truncated or
+    # corrupted message) fails here with one line, before ONNX Runtime parses it.
+    read_onnx_header(path)
     session = open_session(path)
-    meta = session.get_modelmeta()
 
     def tensors(items) -> tuple[TensorInfo, ...]:
         return tuple(TensorInfo(t.name, tuple(t.shape), t.type) for t in items)
 
-    metadata = dict(meta.custom_metadata_map)
+    try:
+        meta = session.get_modelmeta()
+        metadata = dict(meta.custom_metadata_map)
+        inputs, outputs = tensors(session.get_inputs()), tensors(session.get_outputs())
+        producer, graph_name = meta.producer_name, meta.graph_name
+    except UnicodeDecodeError as e:  # ONNX Runtime hands strings to Python as UTF-8
+        raise ModelFormatError(f"{path} is damaged: a name or metadata string is not valid UTF-8 ({e.reason} at "
+                               f"offset {e.start}); copy or export it again") from None
     return OnnxInfo(
         path=Path(path),
-        inputs=tensors(session.get_inputs()),
-        outputs=tensors(session.get_outputs()),
+        inputs=inputs,
+        outputs=outputs,
         metadata=metadata,
-        producer=meta.producer_name,
-        graph_name=meta.graph_name,
+        producer=producer,
+        graph_name=graph_name,
         spec=ModelSpec.from_onnx_metadata(metadata, source=str(path)),
     )

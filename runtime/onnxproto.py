@@ -103,10 +103,15 @@ def _fields(buf: memoryview):
         yield number, wire, value
 
 
-def _text(value) -> str:
+def _text(value, what: str = "a string field") -> str:
     if not isinstance(value, memoryview):
-        raise _ParseError("expected a string field")
-    return bytes(value).decode("utf-8", errors="replace")
+        raise _ParseError(f"expected {what} as a string field")
+    try:
+        # Strict: protobuf strings are UTF-8, so anything else is damage, and replacing it would only move the
+        # failure to ONNX Runtime, which raises UnicodeDecodeError when it hands the same name to Python.
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _ParseError(f"{what} is not valid UTF-8 (byte 0x{value[e.start]:02x} at offset {e.start})") from None
 
 
 def _signed64(value: int) -> int:
@@ -117,7 +122,7 @@ def _value_info(buf: memoryview) -> ValueInfo:
     name, dtype, shape = "", None, ()
     for number, wire, value in _fields(buf):
         if number == 1 and wire == 2:
-            name = _text(value)
+            name = _text(value, "a tensor name")
         elif number == 2 and wire == 2:  # TypeProto
             for t_number, t_wire, t_value in _fields(value):
                 if t_number == 1 and t_wire == 2:  # TypeProto.Tensor
@@ -138,7 +143,7 @@ def _tensor_type(buf: memoryview) -> tuple[str | None, tuple[int | str | None, .
                         if x_number == 1 and x_wire == 0:
                             dim = _signed64(x_value)
                         elif x_number == 2 and x_wire == 2:
-                            dim = _text(x_value) or None
+                            dim = _text(x_value, "a dimension name") or None
                     dims.append(dim)
     return dtype, tuple(dims)
 
@@ -146,7 +151,7 @@ def _tensor_type(buf: memoryview) -> tuple[str | None, tuple[int | str | None, .
 def _initializer_name(buf: memoryview) -> str:
     for number, wire, value in _fields(buf):
         if number == 8 and wire == 2:  # TensorProto.name
-            return _text(value)
+            return _text(value, "an initializer name")
     return ""
 
 
@@ -164,14 +169,14 @@ def parse_onnx_header(data: bytes | memoryview, *, path: Path = Path("<bytes>"))
             if number == 1 and wire == 0:
                 ir_version = value
             elif number == 2 and wire == 2:
-                producer = _text(value)
+                producer = _text(value, "the producer name")
             elif number == 7 and wire == 2:
                 seen_graph = True
                 for g_number, g_wire, g_value in _fields(value):
                     if g_wire != 2:
                         continue
                     if g_number == 2:
-                        graph_name = _text(g_value)
+                        graph_name = _text(g_value, "the graph name")
                     elif g_number == 5:
                         initializers.add(_initializer_name(g_value))
                     elif g_number == 11:
@@ -182,7 +187,7 @@ def parse_onnx_header(data: bytes | memoryview, *, path: Path = Path("<bytes>"))
                 domain, version = "", 0
                 for o_number, o_wire, o_value in _fields(value):
                     if o_number == 1 and o_wire == 2:
-                        domain = _text(o_value)
+                        domain = _text(o_value, "an opset domain")
                     elif o_number == 2 and o_wire == 0:
                         version = o_value
                 opsets[domain] = version
@@ -190,12 +195,13 @@ def parse_onnx_header(data: bytes | memoryview, *, path: Path = Path("<bytes>"))
                 key = val = ""
                 for m_number, m_wire, m_value in _fields(value):
                     if m_number == 1 and m_wire == 2:
-                        key = _text(m_value)
+                        key = _text(m_value, "a metadata key")
                     elif m_number == 2 and m_wire == 2:
-                        val = _text(m_value)
+                        val = _text(m_value, f"the value of metadata key {key[:40]!r}")
                 metadata[key] = val
     except _ParseError as e:
-        raise ModelFormatError(f"{path} is not an ONNX model (protobuf parse failed: {e})") from None
+        raise ModelFormatError(f"{path} is not an ONNX model (protobuf parse failed: {e}); if it should be one, the "
+                               "file is damaged: copy or export it again") from None
     if not seen_graph or ir_version <= 0 or not outputs:
         found = "no graph" if not seen_graph else ("no IR version" if ir_version <= 0 else "a graph without outputs")
         raise ModelFormatError(f"{path} is not an ONNX model (expected a ModelProto with a graph, found {found})")

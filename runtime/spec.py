@@ -12,15 +12,19 @@ import enum
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import boundedjson
 from .errors import ModelFormatError, SpecError
 from .fileio import atomic_write_text
 
 SPEC_FORMAT_VERSION = 1
 ONNX_METADATA_KEY = "edgepix.spec"
+# Fields added after format version 1 was first written: files from before them lack the key and get the default.
+ADDED_FIELDS = frozenset({"output_stride"})
 
 
 class Task(str, enum.Enum):
@@ -85,6 +89,7 @@ class ModelSpec:
     dynamic_batch: bool = False
     dynamic_size: bool = False
     size_divisor: int = 32  # with dynamic_size, H and W must be multiples of this
+    output_stride: int = 1  # input pixels per output pixel (SegFormer's logits come out at 1/4: 4)
     channel_order: ChannelOrder = ChannelOrder.RGB
     scale: float = 1.0 / 255.0  # applied to uint8 pixels before mean/std
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -121,6 +126,8 @@ class ModelSpec:
             raise SpecError(f"input_size: both sides must be positive, got {self.input_size!r}")
         if self.size_divisor <= 0:
             raise SpecError(f"size_divisor: must be positive, got {self.size_divisor!r}")
+        if self.output_stride <= 0:
+            raise SpecError(f"output_stride: must be positive, got {self.output_stride!r}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise SpecError(f"scale: must be a positive finite number, got {self.scale!r}")
         if any(s <= 0 for s in self.std):
@@ -189,11 +196,16 @@ class ModelSpec:
     def from_dict(cls, data: Any) -> ModelSpec:
         if not isinstance(data, dict):
             raise SpecError(f"spec: expected a JSON object, got {type(data).__name__}")
+        # A dict from a checkpoint may have keys of any type (sorting them would raise TypeError).
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise SpecError(f"spec: keys must be strings, found the key {_show(odd[0])}; re-export the model")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise SpecError(f"{unknown[0]}: unknown key in spec (valid keys: {', '.join(names)})")
-        missing = [n for n in names if n not in data]
+            key = unknown[0] if len(unknown[0]) <= 60 and unknown[0].isprintable() else _show(unknown[0])
+            raise SpecError(f"{key}: unknown key in spec (valid keys: {', '.join(names)})")
+        missing = [n for n in names if n not in data and n not in ADDED_FIELDS]
         if missing:
             raise SpecError(f"{missing[0]}: missing from spec (every key is required in the JSON form)")
         try:
@@ -203,11 +215,8 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelSpec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"spec: not valid JSON ({e})") from e
-        return cls.from_dict(data)
+        # Bounded: the text may come from a corrupted or crafted model file (see runtime.boundedjson).
+        return cls.from_dict(boundedjson.loads(text, what="spec", error=SpecError, hint=_DAMAGED_HINT))
 
     # ---- files -----------------------------------------------------------------------------------------
 
@@ -218,7 +227,7 @@ class ModelSpec:
     def load_json(cls, path: str | os.PathLike) -> ModelSpec:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes()  # decoded by _json_object: a file that is not UTF-8 is a SpecError
         except OSError as e:
             raise ModelFormatError(f"cannot read spec file {path}: {e.strerror or e}") from e
         data = _json_object(text, path)
@@ -244,11 +253,11 @@ class ModelSpec:
         return read_onnx_info(path).spec
 
 
-def _json_object(text: str, path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path}: not valid JSON ({e})") from e
+_DAMAGED_HINT = "re-export the model, or copy it again if the copy was damaged"
+
+
+def _json_object(text: str | bytes, path: Path) -> dict[str, Any]:
+    data = boundedjson.loads(text, what=str(path), error=SpecError, hint=_DAMAGED_HINT)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -266,40 +275,42 @@ _ENUMS = {
     "output_kind": OutputKind,
     "precision": Precision,
 }
-_INTS = {"size_divisor", "pad_value", "format_version"}
+_INTS = {"size_divisor", "output_stride", "pad_value", "format_version"}
 _OPTIONAL_INTS = {"ignore_index", "latent_size"}
 _BOOLS = {"dynamic_batch", "dynamic_size"}
 _STRS = {"model_name", "input_name", "output_name"}
+# Bounds on what a spec may hold: far above any real model, low enough that a crafted spec stays small.
+MAX_TEXT_CHARS = 1024  # a name, a class name, the quantization note
+MAX_CLASSES = 10_000
+MAX_SIDE = 1 << 16  # input_size sides (TensorRT's largest dimension is about this size too)
 
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _ENUMS:
         enum_type = _ENUMS[name]
         try:
+            if not isinstance(value, str):  # only names: Enum's lookup would hash and repr anything
+                raise ValueError(value)
             return enum_type(value)
         except ValueError:
             valid = ", ".join(repr(m.value) for m in enum_type)
-            raise SpecError(f"{name}: expected one of {valid}, got {value!r}") from None
+            raise SpecError(f"{name}: expected one of {valid}, got {_show(value)}") from None
     if name in _BOOLS:
         if not isinstance(value, bool):
-            raise SpecError(f"{name}: expected true or false, got {value!r}")
+            raise SpecError(f"{name}: expected true or false, got {_show(value)}")
         return value
     if name in _INTS or (name in _OPTIONAL_INTS and value is not None):
         return _int(name, value)
     if name in _OPTIONAL_INTS:
         return None
     if name in _STRS:
-        if not isinstance(value, str):
-            raise SpecError(f"{name}: expected a string, got {value!r}")
-        return value
+        return _text(name, value)
     if name == "quantization":
-        if value is not None and not isinstance(value, str):
-            raise SpecError(f"{name}: expected a string or null, got {value!r}")
-        return value
+        return None if value is None else _text(name, value)
     if name == "scale":
         return _float(name, value)
     if name == "input_size":
-        return tuple(_int(f"{name}[{i}]", v) for i, v in enumerate(_sequence(name, value, 2)))
+        return tuple(_int(f"{name}[{i}]", v, high=MAX_SIDE) for i, v in enumerate(_sequence(name, value, 2)))
     if name in ("mean", "std"):
         return tuple(_float(f"{name}[{i}]", v) for i, v in enumerate(_sequence(name, value, 3)))
     if name == "output_range":
@@ -307,40 +318,80 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         return tuple(_float(f"{name}[{i}]", v) for i, v in enumerate(_sequence(name, value, 2)))
     if name == "class_names":
-        items = _sequence(name, value, None)
+        items = _sequence(name, value, None, max_length=MAX_CLASSES)
         for i, v in enumerate(items):
             if not isinstance(v, str) or not v:
-                raise SpecError(f"{name}[{i}]: expected a non-empty string, got {v!r}")
+                raise SpecError(f"{name}[{i}]: expected a non-empty string, got {_show(v)}")
+            _text(f"{name}[{i}]", v)
         return tuple(items)
     if name == "palette":
         return tuple(
             tuple(_int(f"{name}[{i}][{j}]", c) for j, c in enumerate(_sequence(f"{name}[{i}]", colour, 3)))
-            for i, colour in enumerate(_sequence(name, value, None))
+            for i, colour in enumerate(_sequence(name, value, None, max_length=MAX_CLASSES))
         )
     raise AssertionError(f"ModelSpec field {name!r} has no coercion rule")
 
 
-def _sequence(name: str, value: Any, length: int | None) -> list[Any]:
+def _sequence(name: str, value: Any, length: int | None, *, max_length: int | None = None) -> list[Any]:
     if not isinstance(value, (list, tuple)):
-        raise SpecError(f"{name}: expected a list, got {value!r}")
+        raise SpecError(f"{name}: expected a list, got {_show(value)}")
     if length is not None and len(value) != length:
-        raise SpecError(f"{name}: expected {length} values, got {len(value)} ({list(value)!r})")
+        raise SpecError(f"{name}: expected {length} values, got {len(value)} ({_show(list(value))})")
+    if max_length is not None and len(value) > max_length:
+        raise SpecError(f"{name}: expected at most {max_length} values, got {len(value)}")
     return list(value)
 
 
-def _int(name: str, value: Any) -> int:
+def _int(name: str, value: Any, *, low: int = -(2**31), high: int = 2**31 - 1) -> int:
     # bool is an int subclass in Python; a spec that says `true` for a size is wrong, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise SpecError(f"{name}: expected an integer, got {value!r}")
+        if not (isinstance(value, float) and value.is_integer()):
+            raise SpecError(f"{name}: expected an integer, got {_show(value)}")
+        value = int(value)
+    # Bounded so that a crafted value cannot reach sizes, allocations or error messages as a huge integer.
+    if not low <= value <= high:
+        raise SpecError(f"{name}: expected an integer in {low}..{high}, got {_show(value)}")
     return value
 
 
 def _float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
+        raise SpecError(f"{name}: expected a number, got {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise SpecError(f"{name}: expected a finite number, got {_show(value)}") from None
     if not math.isfinite(value):
         raise SpecError(f"{name}: expected a finite number, got {value!r}")
     return value
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise SpecError(f"{name}: expected a string, got {_show(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise SpecError(f"{name}: expected at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")  # an unpaired surrogate (possible in a checkpoint's str) cannot be printed or saved
+    except UnicodeEncodeError:
+        raise SpecError(f"{name}: expected valid Unicode text, got {_show(value)}") from None
+    return value
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's abbreviations, except for huge integers, whose repr() itself raises ValueError (> 4300 digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) >= 10**self.maxlong:
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: one short line whatever a crafted spec holds (huge numbers, strings or
+    nesting)."""
+    return _SHORT.repr(value)

@@ -59,3 +59,12 @@ def seg_checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(path, wrap_state_dict(model.state_dict(), arch="fastscnn",
                                           arch_kwargs={"num_classes": len(CLASS_NAMES)}, spec=spec))
     return path
+
+
+@pytest.fixture(scope="session")
+def seg_onnx(seg_checkpoint, tmp_path_factory) -> Path:
+    """A real FP32 export of `seg_checkpoint` (the spec in its metadata), made once per session."""
+    from edgepix.export.pipeline import ExportRequest, run_export
+
+    out = tmp_path_factory.mktemp("onnx") / "fastscnn64.onnx"
+    return run_export(ExportRequest(seg_checkpoint, out=out, verify=False)).path

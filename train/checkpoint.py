@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from edgepix.runtime.errors import ModelFormatError
+from edgepix.runtime.errors import ModelFormatError, SpecError
 from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.spec import ModelSpec
 
@@ -38,6 +38,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise ModelFormatError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise ModelFormatError(f"expected a checkpoint file, got a folder: {path}")
+    if _is_onnx(path):  # torch.load would only say that the file holds unexpected Python objects
+        onnx = path if path.suffix.lower() == ".onnx" else path.with_suffix(".onnx")
+        rename = "" if onnx == path else f"; rename it to {onnx.name}"
+        raise ModelFormatError(
+            f"{path} is an ONNX model, not a training checkpoint (.pt){rename}: `edgepix info {onnx}` shows its spec, "
+            f"`edgepix export {onnx} --format engine` builds a TensorRT engine from it, and an ONNX export starts "
+            "from the checkpoint it was made from")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -59,12 +66,80 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                 "edgepix.train.checkpoint.wrap_state_dict(state_dict, arch=..., arch_kwargs=..., spec=...) "
                 "and save the result"
             )
-        raise ModelFormatError(f"{path}: not an edgepix checkpoint (no 'arch' key; keys: {sorted(ckpt)[:8]})")
+        keys = sorted(str(k)[:40] for k in ckpt)[:8]  # keys may be of any type: sorting mixed ones raises
+        raise ModelFormatError(f"{path}: not an edgepix checkpoint (no 'arch' key; keys: {keys})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ModelFormatError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    ckpt["spec"] = ModelSpec.from_dict(ckpt["spec"])
+    _check_fields(ckpt, path)
+    try:
+        ckpt["spec"] = ModelSpec.from_dict(ckpt["spec"])
+    except SpecError as e:
+        raise ModelFormatError(f"{path}: the checkpoint's spec is invalid: {e}") from e
     return ckpt
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether `path` parses as an ONNX model (torch.save writes a zip archive or a pickle, never that)."""
+    from edgepix.runtime.onnxproto import read_onnx_header
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False  # torch.load reports the problem
+    if head in (b"PK", b"\x80\x02"):  # torch.save's zip archive or its legacy pickle format
+        return False
+    try:
+        read_onnx_header(path)
+    except ModelFormatError:
+        return False
+    return True
+
+
+def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
+    """The types of the fields edgepix reads, so that a damaged or crafted checkpoint fails here with one line
+    naming the field instead of as an AttributeError or TypeError deep inside `info`, `export` or a resume."""
+
+    def fail(field: str, expected: str, found: str | None = None) -> None:
+        found = found or type(ckpt[field]).__name__
+        raise ModelFormatError(f"{path}: checkpoint field {field!r} must be {expected}, found {found}; the file is "
+                               "damaged or was not written by edgepix: re-save it with save_checkpoint")
+
+    def entry(key: Any, value: Any) -> str:
+        return f"the entry {str(key)[:40]!r} ({type(key).__name__} key) of type {type(value).__name__}"
+
+    def str_keys(field: str, expected: str) -> None:
+        value = ckpt[field]
+        if not isinstance(value, dict):
+            fail(field, expected)
+        bad = next(((k, v) for k, v in value.items() if not isinstance(k, str)), None)
+        if bad is not None:
+            fail(field, expected, found=entry(*bad))
+
+    def state_dict(field: str) -> None:
+        expected = "a dict of parameter names to tensors (a state_dict)"
+        str_keys(field, expected)
+        bad = next(((k, v) for k, v in ckpt[field].items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            fail(field, expected, found=entry(*bad))
+
+    if not isinstance(ckpt["arch"], str) or not ckpt["arch"]:
+        fail("arch", "a model name (a non-empty str)")
+    str_keys("arch_kwargs", "a dict of keyword arguments with str keys")
+    if not isinstance(ckpt["spec"], dict):
+        fail("spec", "a dict (ModelSpec.to_dict())")
+    state_dict("model")
+    if ckpt.get("ema") is not None:
+        state_dict("ema")
+    if "epoch" in ckpt and (isinstance(ckpt["epoch"], bool) or not isinstance(ckpt["epoch"], int)
+                            or ckpt["epoch"] < 0):
+        fail("epoch", "a non-negative int", found=None if not isinstance(ckpt["epoch"], int) else "a negative int")
+    for field in ("metrics", "train_config"):
+        if field in ckpt:
+            str_keys(field, "a dict with str keys")
+    if ckpt.get("optimizer") is not None and not isinstance(ckpt["optimizer"], dict):
+        fail("optimizer", "a dict (an optimizer state_dict) or None")
 
 
 def wrap_state_dict(
@@ -86,7 +161,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> torc
     """Rebuild the architecture from the registry and load the weights (the EMA weights when present)."""
     from .registry import create_model
 
-    model = create_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    try:
+        model = create_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    except (TypeError, ValueError) as e:  # arguments of the wrong name or type for this architecture
+        raise ModelFormatError(f"checkpoint field 'arch_kwargs' does not build {ckpt['arch']}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
         model.load_state_dict(weights)
@@ -95,6 +174,19 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> torc
             f"checkpoint weights do not fit {ckpt['arch']}({ckpt['arch_kwargs']}): {str(e).splitlines()[0]}"
         ) from e
     return model.eval()
+
+
+def load_source(path: str | os.PathLike, *, use_ema: bool = True) -> tuple[dict[str, Any], torch.nn.Module]:
+    """(checkpoint, model in eval mode) from an edgepix checkpoint file or a Hugging Face `save_pretrained`
+    folder: the commands that start from a trained model (export, verify, val, bench --torch) take either."""
+    from edgepix.runtime.hfconfig import is_hf_folder
+
+    if is_hf_folder(path):
+        from .models.hf import load_folder
+
+        return load_folder(path)
+    ckpt = load_checkpoint(path)
+    return ckpt, model_from_checkpoint(ckpt, use_ema=use_ema)
 
 
 def prepare_run(cfg, *, resume: bool, exist_ok: bool, overridable: tuple[str, ...], kind: str | None = None,

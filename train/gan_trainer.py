@@ -189,6 +189,31 @@ def discriminator_kwargs(cfg: GanTrainConfig) -> dict[str, Any]:
     return kw
 
 
+def check_models_fit(cfg: GanTrainConfig) -> None:
+    """Fail in one line, before data is made or a model is trained, when --imgsz or the model arguments do not fit
+    the models (otherwise the first forward pass ends in a convolution or BatchNorm traceback)."""
+    g_kwargs = generator_kwargs(cfg)
+    variant = g_kwargs.get("variant", "unet_256")
+    if cfg.model == "pix2pix" and variant in VARIANTS:
+        need = 2 ** VARIANTS[variant]  # each of the U-Net's stride-2 stages halves the image, down to 1x1
+        if cfg.imgsz % need:
+            hint = "128 or 256" if variant == "unet_128" else str(max(need, round(cfg.imgsz / need) * need))
+            raise EdgepixError(
+                f"--imgsz {cfg.imgsz} does not fit the pix2pix {variant} U-Net: it halves the image "
+                f"{VARIANTS[variant]} times, so the size must be a multiple of {need} (at least {need}); "
+                f"use --imgsz {hint}")
+    # The constructors check their own arguments (dcgan: image_size in 32/64/128); on the meta device building
+    # the models costs no memory and no time.
+    for role, name, kwargs in (("generator", cfg.model, g_kwargs),
+                               ("discriminator", cfg.discriminator, discriminator_kwargs(cfg))):
+        try:
+            with torch.device("meta"):
+                create_model(name, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise EdgepixError(f"the {role} {name!r} cannot be built with --imgsz {cfg.imgsz} and "
+                               f"{kwargs}: {e}") from e
+
+
 def make_gan_spec(cfg: GanTrainConfig, arch_kwargs: dict[str, Any], classes=None) -> ModelSpec:
     """The spec of the generator: RGB, scale 1/255, mean = std = 0.5 (so [-1, 1]), output tanh in [-1, 1]."""
     common = dict(model_name=cfg.model, input_size=(cfg.imgsz, cfg.imgsz), channel_order=ChannelOrder.RGB,
@@ -292,6 +317,7 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
         entry = get_entry(name)
         if entry.task != task:
             raise EdgepixError(f"{name} is a {entry.task} model; {cfg.kind.value} needs a {task} model here")
+    check_models_fit(cfg)
 
     device = resolve_device(cfg.device, info)
     if device.type == "cpu":

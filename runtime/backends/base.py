@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendError, InputError, unknown_name
+from ..errors import BackendError, InputError, ModelFormatError, unknown_name
 from ..spec import ModelSpec
 
 Dim = int | str | None
@@ -62,6 +62,23 @@ def dtype_from_ort(type_string: str) -> np.dtype:
         return np.dtype(_ORT_TYPES[type_string])
     except KeyError:
         raise BackendError(f"unsupported tensor type {type_string!r}; edgepix handles {', '.join(_ORT_TYPES)}") from None
+
+
+# ONNX element types (runtime.onnxproto's numpy names) that edgepix can feed or read as numpy arrays.
+_ONNX_NUMPY_TYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "int64", "uint32",
+                     "uint64", "bool")
+
+
+def dtype_from_onnx(type_name: str | None, *, tensor: str, path: str | os.PathLike) -> np.dtype:
+    """The numpy dtype of a tensor read by runtime.onnxproto (None, a non-tensor value: float32 is assumed).
+    ModelFormatError for an element type numpy cannot hold (bfloat16, float8, int4, strings) or that ONNX does not
+    define (a damaged file), instead of numpy's TypeError."""
+    if type_name is None:
+        return np.dtype(np.float32)
+    if type_name not in _ONNX_NUMPY_TYPES:
+        raise ModelFormatError(f"{Path(path).name}: tensor {tensor[:80]!r} has element type {type_name}; edgepix "
+                               f"handles {', '.join(_ONNX_NUMPY_TYPES)}: re-export the model with one of them")
+    return np.dtype(type_name)
 
 
 def normalise_dim(d: Any) -> Dim:

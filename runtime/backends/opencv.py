@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import BackendError, ModelFormatError, require
 from ..onnxproto import read_onnx_header
-from .base import Backend, TensorMeta, normalise_dim
+from .base import Backend, TensorMeta, dtype_from_onnx, normalise_dim
 
 
 class OpenCVTarget(str, enum.Enum):
@@ -76,10 +76,10 @@ class OpenCVBackend(Backend):
         cv2 = require("cv2", extra="cpu", purpose="The opencv backend")
         header = read_onnx_header(path)  # ModelFormatError for a missing or non-ONNX file
         self.metadata = dict(header.metadata)
-        self.inputs = tuple(TensorMeta(v.name, np.dtype(v.dtype or "float32"), tuple(normalise_dim(d) for d in v.shape))
-                            for v in header.inputs)
-        self.outputs = tuple(TensorMeta(v.name, np.dtype(v.dtype or "float32"), tuple(normalise_dim(d) for d in v.shape))
-                             for v in header.outputs)
+        self.inputs = tuple(TensorMeta(v.name, dtype_from_onnx(v.dtype, tensor=v.name, path=path),
+                                       tuple(normalise_dim(d) for d in v.shape)) for v in header.inputs)
+        self.outputs = tuple(TensorMeta(v.name, dtype_from_onnx(v.dtype, tensor=v.name, path=path),
+                                        tuple(normalise_dim(d) for d in v.shape)) for v in header.outputs)
         self._output_names = [t.name for t in self.outputs]
 
         target = self.options.target

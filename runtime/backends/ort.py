@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,12 +190,18 @@ class OrtBackend(Backend):
             raise BackendError(
                 f"backend {self.name!r}: ONNX Runtime could not start {self.primary_provider} (it fell back to "
                 f"{', '.join(self.active_providers)}); check the CUDA/TensorRT libraries with `edgepix doctor`")
-        self.inputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
-                            for t in self.session.get_inputs())
-        self.outputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
-                             for t in self.session.get_outputs())
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self.inputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
+                                for t in self.session.get_inputs())
+            self.outputs = tuple(TensorMeta(t.name, dtype_from_ort(t.type), tuple(normalise_dim(d) for d in t.shape))
+                                 for t in self.session.get_outputs())
+            self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError as e:  # ONNX Runtime hands names and metadata to Python as UTF-8
+            self.session = None
+            raise ModelFormatError(f"{path} is damaged: a name or metadata string is not valid UTF-8 ({e.reason} at "
+                                   f"offset {e.start}); copy or export it again") from None
         self._output_names = [t.name for t in self.outputs]
+        self._run_options = run_options(self.options)
 
     def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]]):
         try:
@@ -220,11 +227,40 @@ class OrtBackend(Backend):
                 f"graph optimization {self.options.graph_optimization.value}{fused})")
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self._output_names, dict(feed))
+        try:
+            outputs = self.session.run(self._output_names, dict(feed), self._run_options)
+        except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own error types are translated
+            error = run_error(e, self.path)
+            if error is None:
+                raise
+            raise error from e
         return dict(zip(self._output_names, outputs))
 
     def close_impl(self) -> None:
         self.session = None
+
+
+def run_options(options: OrtOptions):
+    """Run options whose log level keeps ONNX Runtime from printing a failed run's error itself: `run_error`
+    reports it once, as one line. A more verbose level asked for (log_severity < 3) is kept."""
+    ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
+    ro = ort.RunOptions()
+    ro.log_severity_level = options.log_severity if options.log_severity < 3 else 4
+    return ro
+
+
+def run_error(e: Exception, path: Path) -> BackendError | None:
+    """A graph that loaded but failed while running (a bad index, a shape the model cannot take, out of memory):
+    ONNX Runtime's exception as one line. None for anything else, which is a bug and keeps its traceback."""
+    # session.run raises ONNX Runtime's own exception types; run_with_iobinding a plain RuntimeError that says
+    # "Error in execution: ...".
+    iobinding_failure = type(e) is RuntimeError and str(e).startswith("Error in execution")
+    if not (type(e).__module__.startswith("onnxruntime") or iobinding_failure):
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    return BackendError(f"{path.name}: the model failed while running ({reason}); check it with `edgepix info "
+                        f"{path}` and re-export it if it is damaged")
 
 
 class OrtCpuBackend(OrtBackend):
@@ -241,9 +277,11 @@ class IoBindingRunner:
     device type ONNX Runtime knows ("cuda", and "cpu", which the tests use).
     """
 
-    def __init__(self, session, *, device_type: str, device_id: int, output_names: list[str]) -> None:
+    def __init__(self, session, *, device_type: str, device_id: int, output_names: list[str],
+                 path: Path = Path("model"), run_options=None) -> None:
         self.session, self.device_type, self.device_id = session, device_type, device_id
         self.output_names = output_names
+        self.path, self.run_options = path, run_options
         self.binding = session.io_binding()
         self._buffers: dict[str, Any] = {}  # input name -> OrtValue on the device
 
@@ -263,7 +301,13 @@ class IoBindingRunner:
         for name in self.output_names:
             self.binding.bind_output(name, self.device_type, self.device_id)
         self.binding.synchronize_inputs()
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding, self.run_options)
+        except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own error types are translated
+            error = run_error(e, self.path)
+            if error is None:
+                raise
+            raise error from e
         self.binding.synchronize_outputs()
         outputs = self.binding.copy_outputs_to_cpu()
         return dict(zip(self.output_names, outputs))
@@ -286,7 +330,8 @@ class OrtCudaBackend(OrtBackend):
                  fuse_argmax: str | None = None) -> None:
         super().__init__(path, options=options, fuse_argmax=fuse_argmax)
         self._runner = (IoBindingRunner(self.session, device_type="cuda", device_id=self.options.device_id,
-                                        output_names=self._output_names) if self.options.io_binding else None)
+                                        output_names=self._output_names, path=self.path,
+                                        run_options=self._run_options) if self.options.io_binding else None)
 
     def provider_list(self) -> list[tuple[str, dict[str, str]]]:
         return cuda_providers(self.options)  # type: ignore[arg-type]
@@ -351,16 +396,50 @@ def trt_cache_dir(o: OrtTensorrtOptions, model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".ort-trt-cache")
 
 
-def trt_provider_options(o: OrtTensorrtOptions, model_path: Path) -> dict[str, str]:
+# The ONNX Runtime release that first accepted these TensorRT EP options. Older releases refuse the session with
+# "Invalid TensorRT EP option", and the ONNX Runtime builds for Jetson often lag behind the current release.
+TRT_OPTION_SINCE = {
+    "trt_builder_optimization_level": (1, 15),  # came with TensorRT 8.6 support
+    "trt_timing_cache_path": (1, 17),  # before it, the timing cache went to trt_engine_cache_path
+}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in re.findall(r"\d+", version or "")[:2])
+    return parts or (999,)  # unreadable: assume a current release
+
+
+def trt_provider_options(o: OrtTensorrtOptions, model_path: Path, *, ort_version: str | None = None
+                         ) -> dict[str, str]:
+    """TensorRT EP options for `o`, limited to what ONNX Runtime `ort_version` (default: the installed one) accepts;
+    an option it lacks is left out with a warning that says what happens instead."""
+    if ort_version is None:
+        ort_version = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends").__version__
+    have = _release(ort_version)
+
+    def supported(option: str, instead: str) -> bool:
+        since = TRT_OPTION_SINCE[option]
+        if have >= since:
+            return True
+        log.warning("ONNX Runtime %s has no TensorRT EP option %s (added in %s); %s", ort_version, option,
+                    ".".join(map(str, since)), instead)
+        return False
+
     opts = {"device_id": str(o.device_id), "trt_fp16_enable": _flag(o.fp16)}
     cache = str(trt_cache_dir(o, model_path))
     if o.engine_cache:
         opts.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache)
     if o.timing_cache:
-        opts.update(trt_timing_cache_enable="True", trt_timing_cache_path=cache)
+        opts["trt_timing_cache_enable"] = "True"
+        if supported("trt_timing_cache_path", f"the timing cache goes to trt_engine_cache_path, set to {cache}"):
+            opts["trt_timing_cache_path"] = cache
+        else:  # the path alone does not turn the engine cache on
+            opts["trt_engine_cache_path"] = cache
     if o.max_workspace_bytes is not None:
         opts["trt_max_workspace_size"] = str(o.max_workspace_bytes)
-    if o.builder_optimization_level is not None:
+    if o.builder_optimization_level is not None and supported(
+            "trt_builder_optimization_level",
+            f"TensorRT builds at its default level 3, not {o.builder_optimization_level}"):
         opts["trt_builder_optimization_level"] = str(o.builder_optimization_level)
     return opts
 
