@@ -17,7 +17,13 @@ Precision, per the TensorRT documentation:
   11.0-11.4 (the builder reports no DLA cores there).
 
 Engines go to a cache keyed by what determines them (see `engine_manifest.cache_key`) and are copied to the
-requested path with a manifest `<engine>.json`; both are written atomically.
+requested path with a manifest `<engine>.json`; both are written atomically. An implicit-INT8 engine also gets its
+calibration table beside it (`<engine>.calib`), so that a rebuild on the device can replay it.
+
+The build runs on the CUDA device the options name (made current first). Implicit INT8 calibrates at the
+calibration profile's OPT shape, so the calibration images are fed in batches of the OPT batch size. Cache files are
+conveniences: failing to read or write a timing cache or calibration table is a warning, never a lost build, and a
+rebuild uses this machine's cache folder rather than paths recorded on the build machine.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ from .engine_manifest import (
     manifest_path,
     now_iso,
     running_device_facts,
+    tensorrt_cuda_variant,
     write_manifest,
 )
-from .errors import DependencyError, EdgepixError, ExportError
+from .errors import BackendError, DependencyError, EdgepixError, ExportError
 from .fileio import atomic_output, atomic_write_bytes
 from .spec import ModelSpec, Precision
 
@@ -118,12 +125,13 @@ class EngineBuildOptions:
                 object.__setattr__(self, name, Path(value))
 
     def record(self) -> dict[str, Any]:
-        """The options as JSON values, for the manifest."""
+        """The options as JSON values, for the manifest. Cache paths are made absolute: a path relative to the
+        build's working directory would mean another file wherever the manifest is read."""
         return {"precision": self.precision.value, "int8_mode": self.int8_mode.value,
                 "workspace_mb": self.workspace_mb, "opt_level": self.opt_level,
-                "timing_cache": str(self.timing_cache) if self.timing_cache else None, "dla_core": self.dla_core,
-                "device": self.device, "hardware_compatibility": "none",
-                "calibration_cache": str(self.calibration_cache) if self.calibration_cache else None}
+                "timing_cache": str(self.timing_cache.absolute()) if self.timing_cache else None,
+                "dla_core": self.dla_core, "device": self.device, "hardware_compatibility": "none",
+                "calibration_cache": str(self.calibration_cache.absolute()) if self.calibration_cache else None}
 
     def key_options(self) -> dict[str, Any]:
         """The options that change the engine itself (part of the cache key)."""
@@ -339,10 +347,44 @@ class Heartbeat:
         self._thread.join()
 
 
+def calibration_batches_at(images: Sequence[np.ndarray], shape: Sequence[int]) -> list[np.ndarray]:
+    """Regroup calibration images (arrays of one or more images) into batches of exactly `shape`.
+
+    TensorRT calibrates at the calibration profile's OPT shape (its MIN and MAX are overwritten by OPT) and reads
+    that many values from each buffer the calibrator hands it, so every batch must have the OPT batch size. Images
+    that would only fill a partial last batch are left out (and logged); fewer images than one batch is an error."""
+    shape = tuple(int(d) for d in shape)
+    if not images:
+        return []  # replaying a calibration cache
+    per_image = shape[1:]
+    for array in images:
+        if tuple(array.shape[1:]) != per_image:
+            raise ExportError(f"calibration images are {_dims(array.shape[1:])}, but TensorRT calibrates at the "
+                              f"calibration profile's OPT shape {_dims(shape)}; calibrate at the size the engine "
+                              "is optimized for (--imgsz)")
+    stacked = np.concatenate([np.ascontiguousarray(a, dtype=np.float32) for a in images])
+    batch = shape[0]
+    full = len(stacked) // batch
+    if full == 0:
+        raise ExportError(f"{len(stacked)} calibration image{'s' if len(stacked) != 1 else ''} cannot fill one "
+                          f"batch at the OPT batch of {batch} (TensorRT calibrates at the OPT shape); pass "
+                          f"--calib-n {batch} or more, or a smaller OPT batch (--batch MIN OPT MAX)")
+    if full * batch != len(stacked):
+        log.info("INT8 calibration: %d of %d calibration images in %d batches of %d (the OPT batch); the last %d "
+                 "would make a partial batch", full * batch, len(stacked), full, batch, len(stacked) - full * batch)
+    return [np.ascontiguousarray(stacked[i * batch:(i + 1) * batch]) for i in range(full)]
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
 def make_entropy_calibrator(trt, batches: Iterable[np.ndarray] | None, cache: Path | None):
     """An IInt8EntropyCalibrator2 (TensorRT <= 10) fed from float32 batches through a cuda-python device buffer.
 
-    With `batches=None` it only replays `cache` (a calibration cache from an earlier build, e.g. on rebuild)."""
+    Each batch must have the calibration shape (see `calibration_batches_at`): TensorRT reads that much from the
+    pointer `get_batch` returns. With `batches=None` it only replays `cache` (a calibration cache from an earlier
+    build, e.g. on rebuild). The device buffer is allocated during the build, on the device the build runs on."""
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise ExportError(f"TensorRT {trt.__version__} has no IInt8EntropyCalibrator2 (implicit INT8 was removed in "
                           "TensorRT 11); build INT8 from a Q/DQ ONNX")
@@ -362,7 +404,9 @@ def make_entropy_calibrator(trt, batches: Iterable[np.ndarray] | None, cache: Pa
             self.used = 0
 
         def get_batch_size(self) -> int:
-            return int(batch_list[0].shape[0]) if batch_list else 1
+            # Networks are explicit-batch: the batch is the first dimension of the OPT shape each buffer holds,
+            # so the implicit-batch "batch size" is 1, as Polygraphy's calibrator reports it.
+            return 1
 
         def get_batch(self, names):
             batch = next(self._iter, None)
@@ -377,15 +421,26 @@ def make_entropy_calibrator(trt, batches: Iterable[np.ndarray] | None, cache: Pa
                 log.info("INT8 calibration: %d/%d batches", self.used, len(batch_list))
             return [int(self._ptr)]
 
+        # Called by TensorRT from C++: an exception must not cross back into it, so file errors are logged.
         def read_calibration_cache(self):
             if cache is not None and cache.exists():
+                try:
+                    data = cache.read_bytes()
+                except OSError as e:
+                    log.warning("calibration cache %s cannot be read (%s); calibrating from the images", cache,
+                                e.strerror or e)
+                    return None
                 log.info("INT8 calibration: reusing %s", cache)
-                return cache.read_bytes()
+                return data
             return None
 
         def write_calibration_cache(self, data) -> None:
             if cache is not None:
-                atomic_write_bytes(cache, bytes(data))
+                try:
+                    atomic_write_bytes(cache, bytes(data))
+                except OSError as e:
+                    log.warning("calibration table not saved to %s (%s); the engine is fine, but a rebuild will "
+                                "need the calibration images again", cache, e.strerror or e)
 
         def free(self) -> None:
             if self._ptr:
@@ -395,11 +450,41 @@ def make_entropy_calibrator(trt, batches: Iterable[np.ndarray] | None, cache: Pa
     return EntropyCalibrator()
 
 
-def _np_dtype_name(trt, dtype) -> str:
+def numpy_dtype(trt, dtype) -> np.dtype | None:
+    """The numpy dtype of a tensorrt.DataType, or None for the types numpy lacks (BF16, FP8, INT4, FP4), for which
+    `trt.nptype` raises TypeError."""
     try:
-        return np.dtype(trt.nptype(dtype)).name
+        return np.dtype(trt.nptype(dtype))
     except TypeError:
-        return str(dtype).rsplit(".", 1)[-1].lower()  # bf16, fp8: no numpy type
+        return None
+
+
+def dtype_label(dtype) -> str:
+    """`DataType.BF16` -> "BF16"."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _np_dtype_name(trt, dtype) -> str:
+    np_type = numpy_dtype(trt, dtype)
+    return np_type.name if np_type is not None else dtype_label(dtype).lower()  # bf16, fp8: no numpy type
+
+
+def make_device_current(device: int) -> None:
+    """Make CUDA device `device` current on this thread: TensorRT builds (and the calibrator allocates) on the
+    calling thread's current device. cuda-python's cudaSetDevice makes that device's primary context current,
+    which is the context TensorRT's own CUDA runtime then uses."""
+    from .cudart import CudaRuntime
+
+    try:
+        cuda = CudaRuntime()
+    except DependencyError as e:
+        if device == 0:
+            return  # device 0 is current unless something chose another
+        raise ExportError(f"building on CUDA device {device} needs cuda-python to select it ({e})") from e
+    try:
+        cuda.set_device(device)
+    except BackendError as e:
+        raise ExportError(f"cannot select CUDA device {device}: {e}") from e
 
 
 # ---- building --------------------------------------------------------------------------------------------
@@ -419,6 +504,7 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
     trt = import_tensorrt()
     major = trt_major(trt.__version__)
     logger = make_logger(trt)
+    make_device_current(options.device)
     try:
         builder = trt.Builder(logger)
     except (RuntimeError, TypeError) as e:
@@ -477,12 +563,17 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
         if calibrator is None:
             raise ExportError("implicit INT8 needs a calibrator (calibration images)")
         config.int8_calibrator = calibrator
-        if trt_profiles:
+        if trt_profiles:  # calibration runs at this profile's OPT shape: the calibrator's batches have that shape
             config.set_calibration_profile(trt_profiles[0])
 
     timing_cache = None
     if options.timing_cache is not None:
-        blob = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
+        try:
+            blob = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
+        except OSError as e:
+            log.warning("timing cache %s cannot be read (%s); starting a new one", options.timing_cache,
+                        e.strerror or e)
+            blob = b""
         timing_cache = config.create_timing_cache(blob)
         if not config.set_timing_cache(timing_cache, False):
             log.warning("timing cache %s was made on another device or TensorRT; starting a new one",
@@ -510,7 +601,11 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
     if options.timing_cache is not None:
         cache = config.get_timing_cache()
         if cache is not None:
-            atomic_write_bytes(options.timing_cache, bytes(memoryview(cache.serialize())))
+            try:
+                atomic_write_bytes(options.timing_cache, bytes(memoryview(cache.serialize())))
+            except OSError as e:  # it only saves time on the next build: not a reason to lose this one
+                log.warning("timing cache not saved to %s (%s); the engine is fine, the next build times its "
+                            "kernels again", options.timing_cache, e.strerror or e)
     io = tuple(
         TensorDesc(t.name, mode, _np_dtype_name(trt, t.dtype), tuple(int(d) for d in t.shape))
         for mode, tensors in (("input", inputs), ("output", [network.get_output(i) for i in range(network.num_outputs)]))
@@ -544,16 +639,32 @@ def _relative_onnx(onnx_path: Path, engine_path: Path) -> str:
     return onnx_path.name if onnx_path.parent == engine_path.resolve().parent else str(onnx_path)
 
 
+def calibration_table_path(engine_path: Path) -> Path:
+    """`model.int8.engine` -> `model.int8.engine.calib`: the INT8 calibration table that travels with an engine."""
+    return engine_path.with_name(engine_path.name + ".calib")
+
+
 def place_engine(source: Path, manifest: EngineManifest, out: Path, onnx_path: Path) -> EngineManifest:
-    """Copy a cached engine to `out` (atomically) and write its manifest, with the ONNX path relative to `out`."""
+    """Copy a cached engine to `out` (atomically) and write its manifest, with the ONNX path relative to `out`.
+
+    An implicit-INT8 engine's calibration table is copied beside it too (`<out>.calib`, recorded by name): the
+    entropy calibrator's table is portable between devices, so a rebuild on the device replays it instead of
+    needing the calibration images."""
     placed = dataclasses.replace(manifest, onnx=_relative_onnx(onnx_path, out))
-    if source.resolve() != out.resolve():
-        try:
+    table = manifest.builder.get("calibration_cache")
+    try:
+        if source.resolve() != out.resolve():
             with atomic_output(out) as part:
                 shutil.copyfile(source, part)
-        except OSError as e:
-            raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
-    write_manifest(out, placed)
+        if isinstance(table, str) and Path(table).is_absolute() and Path(table).is_file():
+            beside = calibration_table_path(out)
+            if Path(table).resolve() != beside.resolve():
+                with atomic_output(beside) as part:
+                    shutil.copyfile(table, part)
+            placed = dataclasses.replace(placed, builder={**placed.builder, "calibration_cache": beside.name})
+        write_manifest(out, placed)
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
     return placed
 
 
@@ -576,14 +687,19 @@ def build_engine_file(onnx_path: str | Path, out: str | Path, *, spec: ModelSpec
     key_options = options.key_options()
     batches = None
     if plan.calibrate:  # the calibration images shape the engine too
-        batches = [np.ascontiguousarray(b, dtype=np.float32) for b in (calibration or [])]
+        if not profiles or len(profiles[0]) != 1:
+            raise ExportError("implicit INT8 calibration feeds one input; this ONNX has "
+                              f"{len(profiles[0]) if profiles else 0}: build INT8 from a Q/DQ ONNX instead")
+        batches = calibration_batches_at(list(calibration or []), profiles[0][0].opt)
         h = hashlib.sha256()
         for b in batches:
             h.update(b.tobytes())
         key_options["calibration_sha256"] = h.hexdigest() if batches else "cache-only"
+    # The same TensorRT version is built for CUDA 12 and for CUDA 13; their engines are not interchangeable.
+    trt_cuda = tensorrt_cuda_variant()
     key = cache_key(onnx_sha256=sha, tensorrt=facts.tensorrt or "", gpu=facts.gpu or "",
                     compute_capability=facts.compute_capability or "", precision=options.precision.value,
-                    profiles=profiles, options=key_options)
+                    profiles=profiles, options=key_options, tensorrt_cuda=trt_cuda or "")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     name = cache_entry_name(spec.model_name, options.precision.value, facts.compute_capability or "",
                             facts.tensorrt or "", key)
@@ -612,6 +728,7 @@ def build_engine_file(onnx_path: str | Path, out: str | Path, *, spec: ModelSpec
         spec=spec, tensorrt=built.tensorrt, cuda=facts.cuda, gpu=facts.gpu or "",
         compute_capability=facts.compute_capability or "", onnx_sha256=sha, precision=options.precision.value,
         profiles=profiles, built=now_iso(), builder={**options.record(), "plan": plan.summary,
+                                                     "tensorrt_cuda": trt_cuda,
                                                      "build_seconds": round(built.seconds, 1)},
         onnx=str(onnx_path.resolve()), io=built.io, cache_key=key, edgepix=_edgepix_version())
     entry = cache_dir / name
@@ -626,10 +743,8 @@ def build_engine_file(onnx_path: str | Path, out: str | Path, *, spec: ModelSpec
             atomic_write_bytes(out, built.data)
         except OSError as e:
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
-        placed = dataclasses.replace(manifest, onnx=_relative_onnx(onnx_path, out))
-        write_manifest(out, placed)
-    else:
-        placed = place_engine(entry, manifest, out, onnx_path)
+        entry = out
+    placed = place_engine(entry, manifest, out, onnx_path)
     log.info("built %s in %.1f s (%.2f MB)", out, built.seconds, len(built.data) / 1e6)
     return EngineBuildResult(out, placed, False, built.seconds)
 
@@ -647,9 +762,38 @@ def rebuild_from_manifest(engine_path: str | Path, manifest: EngineManifest, *,
         log.warning("%s changed since %s was built (sha256 differs); rebuilding from the current file", onnx,
                     engine_path.name)
     options = EngineBuildOptions.from_record(manifest.builder)
+    # The recorded cache paths are the build machine's (and a rebuild runs on another device or TensorRT):
+    # - the timing cache becomes this device's own, in this machine's engine cache (timings are per device and
+    #   TensorRT version; another device's cache would be refused anyway);
+    # - the calibration table is the one that travels with the engine (see `place_engine`).
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    facts = device_facts_for_build(options.device)
+    options = dataclasses.replace(options, timing_cache=cache_dir / timing_cache_name(facts),
+                                  calibration_cache=_calibration_table(engine_path, manifest))
     onnx_spec = _onnx_spec(onnx) or manifest.spec
     return build_engine_file(onnx, engine_path, spec=manifest.spec, options=options, profiles=manifest.profiles,
                              cache_dir=cache_dir, rebuild=False, onnx_spec=onnx_spec)
+
+
+def timing_cache_name(facts: DeviceFacts) -> str:
+    """e.g. `timing-orin-sm87-trt10.3.0.cache`: one timing cache per GPU model and TensorRT version."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "x"
+
+    cc = (facts.compute_capability or "").replace(".", "")
+    return f"timing-{slug(facts.gpu or '')}-sm{cc}-trt{slug(facts.tensorrt or '')}.cache"
+
+
+def _calibration_table(engine_path: Path, manifest: EngineManifest) -> Path | None:
+    """The calibration table a rebuild replays: the one the manifest names beside the engine, else the recorded
+    absolute path if it exists here, else `<engine>.calib`; None when there is none (no calibration, or lost)."""
+    recorded = manifest.builder.get("calibration_cache")
+    candidates = []
+    if isinstance(recorded, str) and recorded:
+        p = Path(recorded)
+        candidates.append(p if p.is_absolute() else engine_path.parent / p)
+    candidates.append(calibration_table_path(engine_path))
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def _onnx_spec(path: Path) -> ModelSpec | None:
@@ -671,7 +815,8 @@ def _edgepix_version() -> str:
 
 __all__ = [
     "BuiltEngine", "EngineBuildOptions", "EngineBuildResult", "Heartbeat", "Int8Mode", "PrecisionPlan",
-    "build_engine_file", "build_serialized_engine", "device_facts_for_build", "format_parser_error",
-    "import_tensorrt", "make_entropy_calibrator", "make_logger", "make_progress_monitor", "manifest_path",
-    "parser_errors", "place_engine", "plan_precision", "rebuild_from_manifest", "trt_major",
+    "build_engine_file", "build_serialized_engine", "calibration_batches_at", "calibration_table_path",
+    "device_facts_for_build", "dtype_label", "format_parser_error", "import_tensorrt", "make_device_current",
+    "make_entropy_calibrator", "make_logger", "make_progress_monitor", "manifest_path", "numpy_dtype",
+    "parser_errors", "place_engine", "plan_precision", "rebuild_from_manifest", "timing_cache_name", "trt_major",
 ]

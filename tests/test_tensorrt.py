@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import importlib.util
 import json
 import logging
 import subprocess
 import sys
-import time as _time
 import types
 from pathlib import Path
 
@@ -559,7 +559,14 @@ def test_engine_runs_with_stage_times_and_cuda_graph(trt_gpu, fp16_onnx, tmp_pat
 # (TensorRT 10/11 name-based I/O, cudart's (error, value) tuples). "Device" memory is host memory and the "engine"
 # computes 2 * x, so these tests check how edgepix drives the APIs (profiles, shapes, buffers, copies, graph
 # capture, caching, manifests); they say nothing about TensorRT's numbers, which only the `gpu` tests measure.
-
+# They are as strict as the real libraries where a kinder stand-in would hide a bug:
+# - calibration reads the calibration profile's OPT volume from each device pointer (an illegal access if smaller);
+# - an engine reports -1 for every dimension that is dynamic in the network, whatever its profiles;
+# - events are stamped on a simulated GPU timeline (the time the stream reaches them), so host work recorded
+#   inside an event window shows up in the measured stage;
+# - trt.nptype raises TypeError for BF16/FP8/INT4/FP4, as the real one does;
+# - a DLA engine is refused while IRuntime.DLA_core is at its default -1 (the documented range is 0..N-1);
+# - the builder records the CUDA device current when it is created (TensorRT builds on that device).
 
 
 class _FakeCuda:
@@ -571,8 +578,21 @@ class _FakeCuda:
     class cudaStreamCaptureMode:
         cudaStreamCaptureModeGlobal = 0
 
+    # Simulated costs in milliseconds: what the GPU spends on each stream operation, and the host on an enqueue.
+    H2D_MS, D2H_MS, COMPUTE_MS, ENQUEUE_MS = 1.0, 1.0, 2.0, 0.5
+
     def __init__(self):
         self.blocks, self.capturing, self.freed = {}, {}, 0
+        self.device = None  # the current device (cudaSetDevice); None: never set
+        self.host_ms = 0.0  # the host's clock, advanced by simulated host work
+        self.gpu_free_ms = 0.0  # when the stream has finished everything enqueued so far
+
+    def host_work(self, ms):
+        self.host_ms += ms
+
+    def gpu_work(self, ms):
+        start = max(self.host_ms, self.gpu_free_ms)  # a stream op starts when enqueued and the stream is free
+        self.gpu_free_ms = start + ms
 
     def _alloc(self, n):
         block = (ctypes.c_uint8 * n)()
@@ -587,11 +607,18 @@ class _FakeCuda:
     cudaMalloc = cudaMallocHost = _alloc
     cudaFree = cudaFreeHost = _free
 
+    def capacity(self, ptr):
+        """Bytes readable from `ptr` (0 if it is not the start of an allocation)."""
+        block = self.blocks.get(ptr)
+        return ctypes.sizeof(block) if block is not None else 0
+
     def cudaSetDevice(self, d):
+        self.device = d
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
         ctypes.memmove(dst, src, n)
+        self.gpu_work(self.H2D_MS if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else self.D2H_MS)
         return (0,)
 
     def cudaMemcpy(self, dst, src, n, kind):
@@ -602,6 +629,7 @@ class _FakeCuda:
         return (0, 7)
 
     def cudaStreamSynchronize(self, s):
+        self.host_ms = max(self.host_ms, self.gpu_free_ms)
         return (0,)
 
     def cudaStreamDestroy(self, s):
@@ -611,11 +639,11 @@ class _FakeCuda:
         return (0, [0.0])
 
     def cudaEventRecord(self, e, s):
-        e[0] = _time.perf_counter()
+        e[0] = max(self.host_ms, self.gpu_free_ms)  # the time the GPU reaches the event in stream order
         return (0,)
 
     def cudaEventElapsedTime(self, a, b):
-        return (0, (b[0] - a[0]) * 1e3)
+        return (0, b[0] - a[0])
 
     def cudaEventDestroy(self, e):
         return (0,)
@@ -633,6 +661,7 @@ class _FakeCuda:
     def cudaGraphLaunch(self, graph_exec, s):
         for op in graph_exec:
             op()
+            self.gpu_work(self.COMPUTE_MS)  # a replay is one launch: no per-kernel host enqueue
         return (0,)
 
     def cudaGraphDestroy(self, g):
@@ -641,7 +670,7 @@ class _FakeCuda:
     cudaGraphExecDestroy = cudaGraphDestroy
 
 
-def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
+def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=(), dla_cores=0, io_dtypes=None):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     built = {"profiles": [], "flags": [], "network_flags": None, "monitor_calls": 0}
@@ -662,26 +691,44 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
         def __init__(self):
             pass
 
+    class DataType(enum.Enum):  # the real enum's members; nptype knows only those numpy has
+        FLOAT, HALF, INT8, INT32, BOOL, UINT8, FP8, BF16, INT64, INT4, FP4 = range(11)
+
+    numpy_types = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+                   DataType.INT32: np.int32, DataType.INT64: np.int64, DataType.BOOL: np.bool_,
+                   DataType.UINT8: np.uint8}
+
+    def nptype(dt):
+        if dt in numpy_types:
+            return numpy_types[dt]
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+
+    dtypes = {"images": DataType.FLOAT, "output": DataType.FLOAT}
+    dtypes.update({k: DataType[v] for k, v in (io_dtypes or {}).items()})
+
     trt.ILogger, trt.IProgressMonitor, trt.IInt8EntropyCalibrator2 = ILogger, IProgressMonitor, IInt8EntropyCalibrator2
-    trt.nptype = lambda dt: dt
+    trt.DataType, trt.nptype = DataType, nptype
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
 
+    # The network, as the ONNX parser makes it: a dynamic batch (-1), whatever the profiles will say.
+    NETWORK_SHAPES = {"images": (-1, 3, 64, 64), "output": (-1, 6, 64, 64)}
+
     class Tensor:
-        def __init__(self, name, shape):
-            self.name, self.shape, self.dtype = name, shape, np.float32
+        def __init__(self, name):
+            self.name, self.shape, self.dtype = name, NETWORK_SHAPES[name], dtypes[name]
 
     class Network:
         num_inputs = num_outputs = 1
 
         def get_input(self, i):
-            return Tensor("images", (-1, 3, 64, 64))
+            return Tensor("images")
 
         def get_output(self, i):
-            return Tensor("output", (-1, 6, 64, 64))
+            return Tensor("output")
 
     class Parser:
         def __init__(self, network, logger):
@@ -702,9 +749,15 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
 
     class Config:
         progress_monitor = int8_calibrator = None
+        default_device_type, DLA_core = "GPU", -1
+
+        def __init__(self):
+            self.calibration_profile = None
 
         def set_calibration_profile(self, profile):
+            self.calibration_profile = profile
             built["calibration_profile"] = profile.shapes
+            return True
 
         def set_memory_pool_limit(self, pool, size):
             built["workspace"] = size
@@ -726,10 +779,11 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
             return self._cache
 
     class Builder:
-        num_DLA_cores = 0
+        num_DLA_cores = dla_cores
 
         def __init__(self, logger):
             self.logger = logger
+            built["device"] = cuda.device  # TensorRT builds on the calling thread's current device
 
         def create_network(self, flags):
             built["network_flags"] = flags
@@ -741,21 +795,37 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
         def create_optimization_profile(self):
             return Profile()
 
+        def _calibrate(self, config):
+            """What TensorRT does with a calibrator: read the cache, else pull batches at the calibration shape."""
+            cal = config.int8_calibrator
+            if cal.read_calibration_cache() is not None:
+                return True
+            # MIN and MAX of the calibration profile are overwritten by OPT: every batch has the OPT shape.
+            shape = config.calibration_profile.shapes["images"][1] if config.calibration_profile else None
+            if shape is None:
+                shape = built["profiles"][0]["images"][1]
+            n = int(np.prod(shape))
+            while (ptrs := cal.get_batch(["images"])) is not None:
+                if cuda.capacity(ptrs[0]) < 4 * n:
+                    self.logger.log(ILogger.Severity.ERROR, f"calibration: an illegal memory access reading "
+                                    f"{4 * n} bytes for shape {shape} from a {cuda.capacity(ptrs[0])}-byte buffer")
+                    return False
+                data = np.frombuffer((ctypes.c_float * n).from_address(ptrs[0]), np.float32).reshape(shape)
+                built.setdefault("calibration_sums", []).append([float(x.sum()) for x in data])
+            cal.write_calibration_cache(memoryview(b"calibration table"))
+            return True
+
         def build_serialized_network(self, network, config):
             m = config.progress_monitor
             if m is not None:
                 m.phase_start("Building engine", None, 2)
                 built["monitor_calls"] += int(m.step_complete("Building engine", 0))
                 m.phase_finish("Building engine")
-            cal = config.int8_calibrator
-            if cal is not None:  # what TensorRT does with a calibrator: read the cache, else pull batches
-                if cal.read_calibration_cache() is None:
-                    while (ptrs := cal.get_batch(["images"])) is not None:
-                        built.setdefault("calibration_sums", []).append(float(np.frombuffer(
-                            (ctypes.c_float * (3 * 64 * 64)).from_address(ptrs[0]), np.float32).sum()))
-                    cal.write_calibration_cache(memoryview(b"calibration table"))
+            if config.int8_calibrator is not None and not self._calibrate(config):
+                return None
+            dla = config.DLA_core if config.default_device_type == "DLA" else None
             profile = built["profiles"][-1]["images"]
-            return memoryview(b"FAKEPLAN" + json.dumps(profile).encode())
+            return memoryview(b"FAKEPLAN" + json.dumps({"profile": profile, "dla_core": dla}).encode())
 
     class Context:
         def __init__(self, engine):
@@ -789,6 +859,8 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
                 cuda.capturing[stream].append(run)
             else:
                 run()
+                cuda.host_work(cuda.ENQUEUE_MS)  # the host launches the kernels...
+                cuda.gpu_work(cuda.COMPUTE_MS)  # ...which run on the stream
             return True
 
     class Engine:
@@ -804,11 +876,10 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
             return "in" if name == "images" else "out"
 
         def get_tensor_dtype(self, name):
-            return np.float32
+            return dtypes[name]
 
         def get_tensor_shape(self, name):
-            n = self.profile[0][0] if self.profile[0] == self.profile[2] else -1  # dynamic only when it varies
-            return (n, 3, 64, 64) if name == "images" else (n, 6, 64, 64)
+            return NETWORK_SHAPES[name]  # -1 where the network is dynamic, even if the profile fixes it
 
         def get_tensor_profile_shape(self, name, p):
             return self.profile
@@ -817,6 +888,9 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
             return Context(self)
 
     class Runtime:
+        DLA_core = -1  # TensorRT's default: no DLA core chosen
+        num_DLA_cores = dla_cores
+
         def __init__(self, logger):
             self.logger = logger
 
@@ -824,7 +898,13 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=()):
             if not data.startswith(b"FAKEPLAN"):
                 self.logger.log(ILogger.Severity.ERROR, "magic tag does not match")
                 return None
-            return Engine(tuple(tuple(s) for s in json.loads(data[8:])))
+            plan = json.loads(data[8:])
+            if plan["dla_core"] is not None and not 0 <= self.DLA_core < dla_cores:
+                self.logger.log(ILogger.Severity.ERROR, f"engine was built for DLA; IRuntime.DLA_core is "
+                                f"{self.DLA_core}")
+                return None
+            built["runtime_dla_core"] = self.DLA_core
+            return Engine(tuple(tuple(s) for s in plan["profile"]))
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
     return trt
@@ -931,9 +1011,10 @@ def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
                                cache_dir=simulated.tmp / "cache").path
     x = np.ones((2, 3, 64, 64), np.float32)
     with TensorRTBackend.load(engine, cuda_graph=True) as b:
+        assert b.inputs[0].shape == (2, 3, 64, 64)  # fixed by the profile, though TensorRT reports -1
         for i in range(4):
             assert np.array_equal(b.infer(x * i)["output"][:, 3:], 2 * x * i)
-        assert b._graph_exec is not None and "CUDA graph" in b.description
+        assert b.cuda_graph_active and "CUDA graph" in b.description
         assert b.engine.runs == 2  # one plain run, one captured; the other calls replayed the graph
 
 
@@ -955,21 +1036,197 @@ def test_simulated_backend_rebuilds_a_mismatched_engine_when_asked(simulated, ca
         TensorRTBackend.load(engine)
 
 
-def test_simulated_implicit_int8_calibration_on_tensorrt_10(simulated):
+def test_simulated_implicit_int8_calibration_on_tensorrt_10(simulated, caplog):
     options = EngineBuildOptions(precision=Precision.INT8, int8_mode=Int8Mode.CALIBRATE)
-    batches = [np.full((1, 3, 64, 64), i, np.float32) for i in (1, 2, 3)]
-    first = _build(simulated, options=options, calibration=batches)
+    batches = [np.full((1, 3, 64, 64), i, np.float32) for i in (1, 2, 3, 4, 5)]
+    with caplog.at_level(logging.INFO, logger="edgepix.tensorrt"):
+        first = _build(simulated, options=options, calibration=batches)
     built = simulated.trt.built
     assert built["flags"] == ["INT8", "FP16"] and built["network_flags"] == 0  # weak typing for implicit INT8
-    assert built["calibration_sums"] == [3 * 64 * 64 * i for i in (1, 2, 3)]  # every batch reached the "device"
+    # TensorRT calibrates at the calibration profile's OPT shape (batch 2 here): the images arrive two at a time,
+    # whole; the fifth would need a partial batch and is left out, with a message
     assert built["calibration_profile"]["images"][1] == (2, 3, 64, 64)
-    calib = Path(read_manifest(first.path).builder["calibration_cache"])
-    assert calib.parent == simulated.tmp / "cache" and calib.read_bytes() == b"calibration table"
+    assert built["calibration_sums"] == [[3 * 64 * 64 * 1, 3 * 64 * 64 * 2], [3 * 64 * 64 * 3, 3 * 64 * 64 * 4]]
+    assert any("4 of 5 calibration images" in r.getMessage() for r in caplog.records)
+    # the calibration table travels with the engine (a rebuild on the device replays it)
+    calib = first.path.with_name(first.path.name + ".calib")
+    assert read_manifest(first.path).builder["calibration_cache"] == calib.name
+    assert calib.read_bytes() == b"calibration table"
     assert simulated.cuda.blocks == {}  # the calibrator's device buffer was freed
     assert _build(simulated, "b.engine", options=options, calibration=batches).reused
     other = [b + 1 for b in batches]  # other calibration images: another engine
     assert not _build(simulated, "c.engine", options=options, calibration=other).reused
     assert read_manifest(first.path).builder["plan"].startswith("FP32 ONNX, implicit INT8")
+
+
+def test_simulated_calibration_needs_a_full_opt_batch(simulated):
+    options = EngineBuildOptions(precision=Precision.INT8, int8_mode=Int8Mode.CALIBRATE)
+    with pytest.raises(ExportError, match=r"1 calibration image.*OPT batch of 2.*--calib-n"):
+        _build(simulated, options=options, calibration=[np.ones((1, 3, 64, 64), np.float32)])
+    with pytest.raises(ExportError, match=r"calibration images are 3x32x32.*OPT shape 2x3x64x64"):
+        _build(simulated, options=options, calibration=[np.ones((2, 3, 32, 32), np.float32)])
+
+
+def test_simulated_stage_times_leave_host_staging_out(simulated, monkeypatch):
+    import edgepix.runtime.backends.tensorrt as backend_mod
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    cuda = simulated.cuda
+    real = backend_mod.pinned_array
+
+    def staging(*args, **kwargs):  # copying a frame into pinned memory is host work: 5 ms here
+        cuda.host_work(5.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_mod, "pinned_array", staging)
+    engine = _build(simulated).path
+    with TensorRTBackend.load(engine) as b:
+        for _ in range(3):
+            b.infer(np.ones((2, 3, 64, 64), np.float32))
+            t = b.last_timings
+            # each stage is the GPU's time for that stage, as trtexec reports it: no host staging in H2D
+            assert (t.h2d_ms, t.compute_ms, t.d2h_ms) == (cuda.H2D_MS, cuda.COMPUTE_MS, cuda.D2H_MS)
+            assert t.enqueue_ms >= 0  # host time of the execute_async_v3 call (trtexec's Enqueue Time)
+
+
+def test_simulated_rebuild_in_another_working_directory(simulated, monkeypatch, caplog):
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    build_host, device = simulated.tmp / "build-host", simulated.tmp / "device"
+    build_host.mkdir()
+    device.mkdir()
+    monkeypatch.chdir(build_host)  # the build machine: a timing cache given relative to its working directory
+    options = EngineBuildOptions(precision=Precision.FP32, timing_cache=Path("caches/timing.cache"))
+    engine = _build(simulated, options=options).path
+    old = read_manifest(engine)
+    write_manifest(engine, dataclasses.replace(old, tensorrt="10.3.0", gpu="Orin", compute_capability="8.7"))
+    # the device: another working directory, where "caches" is a file
+    monkeypatch.chdir(device)
+    (device / "caches").write_text("not a folder")
+    with TensorRTBackend.load(engine, rebuild=True, cache_dir=simulated.tmp / "device-cache") as b:
+        assert b.manifest.gpu == "Simulated GPU"
+    timing = list((simulated.tmp / "device-cache").glob("timing-*.cache"))
+    assert len(timing) == 1 and timing[0].read_bytes() == b"+timings"  # this device's own timing cache
+    assert read_manifest(engine).builder["timing_cache"] == str(timing[0])
+    assert (device / "caches").read_text() == "not a folder"
+    # manifests record absolute cache paths, never ones relative to the build's working directory
+    monkeypatch.chdir(build_host)
+    recorded = read_manifest(_build(simulated, "again.engine", options=options, rebuild=True).path).builder
+    assert recorded["timing_cache"] == str(build_host / "caches" / "timing.cache")
+    # a timing cache that cannot be written costs the next build time, not this build
+    blocked = simulated.tmp / "blocked"
+    blocked.write_text("a file, not a folder")
+    with caplog.at_level(logging.WARNING):
+        result = _build(simulated, "other.engine", rebuild=True,
+                        options=EngineBuildOptions(precision=Precision.FP32, timing_cache=blocked / "t.cache"))
+    assert result.path.is_file() and blocked.read_text() == "a file, not a folder"
+    assert any("timing cache" in r.getMessage() and "not saved" in r.getMessage() for r in caplog.records)
+
+
+def test_simulated_rebuild_replays_the_calibration_table_beside_the_engine(simulated, monkeypatch):
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    options = EngineBuildOptions(precision=Precision.INT8, int8_mode=Int8Mode.CALIBRATE)
+    images = [np.full((1, 3, 64, 64), i, np.float32) for i in range(4)]
+    engine = _build(simulated, options=options, calibration=images).path
+    # on the device: only the folder with the engine, its manifest, its table and the ONNX
+    device = simulated.tmp / "device"
+    device.mkdir()
+    for name in (engine.name, engine.name + ".json", engine.name + ".calib", "model.onnx"):
+        (device / name).write_bytes((simulated.tmp / name).read_bytes())
+    moved = device / engine.name
+    write_manifest(moved, dataclasses.replace(read_manifest(moved), tensorrt="10.3.0", gpu="Orin",
+                                              compute_capability="8.7"))
+    simulated.trt.built.pop("calibration_sums")
+    monkeypatch.chdir(device)
+    with TensorRTBackend.load(moved, rebuild=True, cache_dir=simulated.tmp / "device-cache") as b:
+        assert b.manifest.gpu == "Simulated GPU"
+    assert "calibration_sums" not in simulated.trt.built  # the table was replayed, nothing recalibrated
+
+
+def test_simulated_engine_with_bf16_output_fails_in_one_line(simulated, monkeypatch):
+    import edgepix.runtime.trt_build as build_mod
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    trt = _fake_tensorrt(simulated.cuda, io_dtypes={"output": "BF16"})
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
+    engine = _build(simulated).path
+    assert [t.dtype for t in read_manifest(engine).io] == ["float32", "bf16"]
+    with pytest.raises(BackendError) as e:
+        TensorRTBackend.load(engine)
+    assert "\n" not in str(e.value)
+    assert "output 'output' is BF16" in str(e.value) and "numpy" in str(e.value)
+    assert simulated.cuda.blocks == {}
+
+
+def test_simulated_build_makes_the_device_current(simulated):
+    _build(simulated, options=EngineBuildOptions(precision=Precision.FP32, device=1))
+    assert simulated.trt.built["device"] == 1  # TensorRT builds on the current device, not on device 0
+
+
+def test_simulated_dla_engine_loads_on_its_dla_core(simulated, monkeypatch):
+    import edgepix.runtime.trt_build as build_mod
+    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+
+    trt = _fake_tensorrt(simulated.cuda, dla_cores=2)
+    monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
+    engine = _build(simulated, options=EngineBuildOptions(precision=Precision.FP16, dla_core=1)).path
+    with TensorRTBackend.load(engine) as b:
+        assert trt.built["runtime_dla_core"] == 1  # the core the manifest records
+        assert b.infer(np.ones((1, 3, 64, 64), np.float32))["output"].shape == (1, 6, 64, 64)
+    with TensorRTBackend.load(engine, dla_core=0):
+        assert trt.built["runtime_dla_core"] == 0  # another core of the same device
+    with pytest.raises(BackendError, match=r"dla_core 2: this device has 2 DLA core"):
+        TensorRTBackend.load(engine, dla_core=2)
+
+
+def test_cache_key_tells_cu12_from_cu13_tensorrt_builds(simulated, monkeypatch):
+    import importlib.metadata
+
+    import edgepix.runtime.engine_manifest as manifest_mod
+    import edgepix.runtime.trt_build as build_mod
+
+    assert cache_key(**KEY_ARGS, tensorrt_cuda="cu12") != cache_key(**KEY_ARGS, tensorrt_cuda="cu13")
+    installed = {"tensorrt": "10.13.0.35", "tensorrt-cu13-bindings": "10.13.0.35"}
+
+    def version(dist):
+        if dist not in installed:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert manifest_mod.tensorrt_cuda_variant() == "cu13"
+    installed = {"tensorrt-cu12": "10.13.0.35", "tensorrt-cu12-bindings": "10.13.0.35"}
+    assert manifest_mod.tensorrt_cuda_variant() == "cu12"
+    installed = {}  # JetPack: Debian packages, no pip metadata
+    assert manifest_mod.tensorrt_cuda_variant() is None
+    monkeypatch.setattr(build_mod, "tensorrt_cuda_variant", lambda: "cu12")
+    first = _build(simulated)
+    assert read_manifest(first.path).builder["tensorrt_cuda"] == "cu12"
+    monkeypatch.setattr(build_mod, "tensorrt_cuda_variant", lambda: "cu13")
+    assert not _build(simulated, "b.engine").reused  # same version number, another build of TensorRT
+
+
+def test_ort_trt_ep_options_fall_back_on_older_onnxruntime(tmp_path, caplog):
+    from edgepix.runtime.backends.ort import OrtTensorrtOptions, trt_provider_options
+
+    model = tmp_path / "seg.onnx"
+    cache = str(tmp_path / "seg.ort-trt-cache")
+    o = OrtTensorrtOptions(builder_optimization_level=5)
+    current = trt_provider_options(o, model, ort_version="1.20.1")
+    assert current["trt_timing_cache_path"] == cache and current["trt_builder_optimization_level"] == "5"
+    with caplog.at_level(logging.WARNING):
+        v116 = trt_provider_options(o, model, ort_version="1.16.3")
+        v114 = trt_provider_options(o, model, ort_version="1.14.1")
+    # before 1.17 the EP writes the timing cache into trt_engine_cache_path: the same folder
+    assert "trt_timing_cache_path" not in v116 and v116["trt_engine_cache_path"] == cache
+    assert v116["trt_timing_cache_enable"] == "True" and v116["trt_builder_optimization_level"] == "5"
+    assert "trt_builder_optimization_level" not in v114  # before 1.15: TensorRT's default level
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("trt_builder_optimization_level" in m and "1.15" in m and "1.14.1" in m for m in messages)
+    # timing cache without the engine cache: the path still points at our folder, the engine cache stays off
+    timing_only = trt_provider_options(OrtTensorrtOptions(engine_cache=False), model, ort_version="1.16.0")
+    assert timing_only["trt_engine_cache_path"] == cache and "trt_engine_cache_enable" not in timing_only
 
 
 def _tiny_onnx(path: Path, spec: ModelSpec) -> Path:

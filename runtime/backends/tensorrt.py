@@ -8,8 +8,18 @@ Inference (TensorRT's name-based API, TensorRT 10 and 11): the optimization prof
 selected, `set_input_shape` fixes the dynamic dims, device buffers (cudaMalloc) are allocated per shape capacity and
 bound with `set_tensor_address`, inputs are copied from pinned host buffers with cudaMemcpyAsync, `execute_async_v3`
 runs on a non-blocking stream, outputs are copied back and the stream synchronized. CUDA events bracket each stage,
-so `last_timings` holds H2D, compute and D2H times as trtexec reports them. With `cuda_graph=True` and fixed shapes
-the `execute_async_v3` call is captured once into a CUDA graph and replayed.
+so `last_timings` holds H2D, compute and D2H times as trtexec reports them: inputs are staged into the pinned
+buffers before the first event, and each event is recorded right after the enqueue it closes, so a window holds
+only its stage's GPU work. Compute is measured on the stream from the end of H2D to the end of the kernels, as
+trtexec's GPU Compute Time is; when the host enqueues more slowly than the GPU runs (`enqueue_ms`, trtexec's
+Enqueue Time, larger than `compute_ms`) the GPU waits on the host inside that window, which a CUDA graph removes.
+With `cuda_graph=True` and fixed shapes the `execute_async_v3` call is captured once into a CUDA graph and replayed.
+"Fixed" comes from the optimization profiles (min == max): TensorRT reports -1 for every dimension that is dynamic
+in the network, whatever the profile, so an engine built from a dynamic-batch ONNX with `--batch 4` is fixed.
+
+An engine built for DLA (the manifest records its core) is deserialized with `IRuntime.DLA_core` set to that core,
+or to `dla_core` when given. I/O tensors must have numpy types (BF16, FP8 and INT4 live inside engines, not at
+their inputs and outputs here).
 
 `tensorrt` and `cuda` (cuda-python) are imported when a backend is created, never at module import.
 """
@@ -19,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +57,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class TensorRTOptions:
     device_id: int = 0
+    dla_core: int | None = None  # DLA engines: run on this core; None: the core the manifest records
     rebuild: bool = False  # on a TensorRT/GPU mismatch, rebuild from the ONNX the manifest names (minutes)
     require_manifest: bool = True  # False: load a foreign engine without a manifest (no spec, no device check)
     cuda_graph: bool = False  # capture execute_async_v3 into a CUDA graph (engines with fixed shapes only)
@@ -56,6 +68,9 @@ class TensorRTOptions:
     def __post_init__(self) -> None:
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             raise BackendError(f"device_id: expected a CUDA device index >= 0, got {self.device_id!r}")
+        if self.dla_core is not None and (isinstance(self.dla_core, bool) or not isinstance(self.dla_core, int)
+                                          or self.dla_core < 0):
+            raise BackendError(f"dla_core: expected a DLA core index >= 0 or None, got {self.dla_core!r}")
         for name in ("rebuild", "require_manifest", "cuda_graph", "pinned", "timing"):
             if not isinstance(getattr(self, name), bool):
                 raise BackendError(f"{name}: expected True or False, got {getattr(self, name)!r}")
@@ -64,18 +79,20 @@ class TensorRTOptions:
 @dataclass(frozen=True)
 class StageTimes:
     """One inference's GPU-side stages in milliseconds, measured with CUDA events (trtexec's H2D Latency, GPU
-    Compute Time and D2H Latency)."""
+    Compute Time and D2H Latency), and the host time of the enqueue call (trtexec's Enqueue Time)."""
 
     h2d_ms: float
     compute_ms: float
     d2h_ms: float
+    enqueue_ms: float = 0.0
 
     @property
     def total_ms(self) -> float:
         return self.h2d_ms + self.compute_ms + self.d2h_ms
 
     def as_dict(self) -> dict[str, float]:
-        return {"h2d_ms": self.h2d_ms, "compute_ms": self.compute_ms, "d2h_ms": self.d2h_ms}
+        return {"h2d_ms": self.h2d_ms, "compute_ms": self.compute_ms, "d2h_ms": self.d2h_ms,
+                "enqueue_ms": self.enqueue_ms}
 
 
 class _Buffer:
@@ -97,6 +114,15 @@ class _Buffer:
 
 def _volume(shape) -> int:
     return int(np.prod([int(d) for d in shape], dtype=np.int64)) if len(shape) else 1
+
+
+def _fixed_dims(shape: tuple[int, ...], entries: list[ProfileShapes]) -> tuple[int | None, ...]:
+    """An input's shape with each dynamic (-1) dimension fixed where every profile has min == max at one value."""
+    dims: list[int | None] = []
+    for i, d in enumerate(shape):
+        values = {e.min[i] for e in entries} | {e.max[i] for e in entries}
+        dims.append(d if d >= 0 else (values.pop() if len(values) == 1 else None))
+    return tuple(dims)
 
 
 class TensorRTBackend(Backend):
@@ -128,7 +154,7 @@ class TensorRTBackend(Backend):
     # ---- loading ---------------------------------------------------------------------------------------
 
     def _load(self, path: Path) -> None:
-        from ..trt_build import import_tensorrt, make_logger, rebuild_from_manifest
+        from ..trt_build import dtype_label, import_tensorrt, make_logger, numpy_dtype, rebuild_from_manifest
 
         o = self.options
         manifest = None
@@ -166,6 +192,14 @@ class TensorRTBackend(Backend):
         self._cuda.set_device(o.device_id)
         self._logger = make_logger(trt)
         self.runtime = trt.Runtime(self._logger)
+        dla = o.dla_core if o.dla_core is not None else (manifest.builder.get("dla_core") if manifest else None)
+        if dla is not None:  # a DLA engine runs on the runtime's DLA core, which is unset (-1) by default
+            n_dla = int(self.runtime.num_DLA_cores)
+            if not 0 <= int(dla) < n_dla:
+                raise BackendError(f"{path.name} runs on DLA; dla_core {dla}: this device has {n_dla} DLA core(s)"
+                                   + (f": 0..{n_dla - 1}" if n_dla else " (DLA exists on Jetson AGX/NX Orin and "
+                                      "Xavier)"))
+            self.runtime.DLA_core = int(dla)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -180,26 +214,37 @@ class TensorRTBackend(Backend):
         if self.context is None:
             raise BackendError(f"TensorRT could not create an execution context for {path.name} (out of GPU memory?)")
 
-        inputs, outputs = [], []
+        inputs, outputs = [], []  # (name, numpy dtype, shape as the engine reports it: -1 where dynamic)
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            shape = tuple(normalise_dim(int(d)) for d in self.engine.get_tensor_shape(name))
-            meta = TensorMeta(name, dtype, shape)
-            (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(meta)
-        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            trt_dtype = self.engine.get_tensor_dtype(name)
+            dtype = numpy_dtype(trt, trt_dtype)
+            if dtype is None:
+                raise BackendError(f"{'input' if is_input else 'output'} {name!r} is {dtype_label(trt_dtype)} in "
+                                   f"{path.name}, which numpy has no type for, and the tensorrt backend exchanges "
+                                   "numpy arrays; build the engine from an ONNX whose inputs and outputs are "
+                                   "float32, float16 or integers")
+            shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+            (inputs if is_input else outputs).append((name, dtype, shape))
         # Per profile, per input: (min, opt, max) as TensorRT reports them.
         self.profiles: list[tuple[ProfileShapes, ...]] = []
         for p in range(self.engine.num_optimization_profiles):
             shapes = []
-            for meta in self.inputs:
-                if meta.static:
-                    s = tuple(int(d) for d in meta.shape)
-                    shapes.append(ProfileShapes(meta.name, s, s, s))
+            for name, _, shape in inputs:
+                if all(d >= 0 for d in shape):
+                    shapes.append(ProfileShapes(name, shape, shape, shape))
                 else:
-                    lo, mid, hi = self.engine.get_tensor_profile_shape(meta.name, p)
-                    shapes.append(ProfileShapes(meta.name, tuple(lo), tuple(mid), tuple(hi)))
+                    lo, mid, hi = self.engine.get_tensor_profile_shape(name, p)
+                    shapes.append(ProfileShapes(name, *(tuple(int(d) for d in s) for s in (lo, mid, hi))))
             self.profiles.append(tuple(shapes))
+        # TensorRT reports -1 for every dimension that is dynamic in the network, even when every profile fixes
+        # it (a dynamic-batch ONNX built with --batch 4): a dimension is fixed when all profiles agree on it.
+        self.inputs = tuple(TensorMeta(name, dtype, _fixed_dims(shape, [e for profile in self.profiles
+                                                                        for e in profile if e.input == name]))
+                            for name, dtype, shape in inputs)
+        self.outputs = tuple(TensorMeta(name, dtype, tuple(normalise_dim(d) for d in shape))
+                             for name, dtype, shape in outputs)
         self._static = all(m.static for m in self.inputs)
         self._stream = self._cuda.stream_create()
         if o.timing:
@@ -223,6 +268,11 @@ class TensorRTBackend(Backend):
         if self.options.cuda_graph and self._static:
             extras.append("CUDA graph")
         return f"{self.name} ({', '.join(extras)})"
+
+    @property
+    def cuda_graph_active(self) -> bool:
+        """True once inference replays a captured CUDA graph (after the first call with cuda_graph=True)."""
+        return self._graph_exec is not None
 
     def optimal_shape(self, input_name: str, profile: int = 0) -> tuple[int, ...]:
         """The shape the engine was tuned for (the profile's opt shape)."""
@@ -307,20 +357,27 @@ class TensorRTBackend(Backend):
         if any(self._bound_shapes.get(n) != s for n, s in shapes.items()):
             self._bind(shapes)
         keep_alive = []  # pageable sources must outlive their async copies (until the sync below)
-        if events:
-            cuda.event_record(events[0], stream)
+        copies = []  # (device, host, nbytes)
+        # Host staging first (dtype conversion, the copy into pinned memory): it is not H2D time.
         for meta in self.inputs:
             array = np.ascontiguousarray(feed[meta.name], dtype=meta.dtype)
             buf = self._buffers[meta.name]
             if buf.host:
                 np.copyto(pinned_array(buf.host, buf.nbytes, meta.dtype, array.shape), array)
-                cuda.memcpy_htod_async(buf.device, buf.host, array.nbytes, stream)
+                copies.append((buf.device, buf.host, array.nbytes))
             else:
-                cuda.memcpy_htod_async(buf.device, array.ctypes.data, array.nbytes, stream)
+                copies.append((buf.device, array.ctypes.data, array.nbytes))
                 keep_alive.append(array)
+        # From here on only enqueues: each event closes the stage enqueued just before it.
+        if events:
+            cuda.event_record(events[0], stream)
+        for device, host, nbytes in copies:
+            cuda.memcpy_htod_async(device, host, nbytes, stream)
         if events:
             cuda.event_record(events[1], stream)
+        start = time.perf_counter()
         self._execute()
+        enqueue_ms = (time.perf_counter() - start) * 1e3
         if events:
             cuda.event_record(events[2], stream)
         results: dict[str, np.ndarray] = {}
@@ -344,7 +401,7 @@ class TensorRTBackend(Backend):
         if events:
             self.last_timings = StageTimes(cuda.event_elapsed_ms(events[0], events[1]),
                                            cuda.event_elapsed_ms(events[1], events[2]),
-                                           cuda.event_elapsed_ms(events[2], events[3]))
+                                           cuda.event_elapsed_ms(events[2], events[3]), enqueue_ms)
         if self.options.cuda_graph and self._static and self._graph_exec is None:
             try:
                 self._capture_graph()
