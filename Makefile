@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,plot,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,plot,dev]"
 	touch $(STAMP)
 
 # The stream tests serve a real network stream with ffmpeg, screenshot the MJPEG page in headless Chromium and
@@ -49,7 +49,9 @@ system-tools:
 
 setup: $(STAMP) system-tools
 
+# The docs build into build/ (ignored); --strict fails on broken links, missing anchors and pages left out of the nav.
 test: setup
+	$(PY) -m mkdocs build --strict --quiet --site-dir build/docs-site
 	$(PY) -m pytest -q
 
 # The main job end to end, small enough for a laptop CPU (a few minutes): data, training, verified export,

@@ -51,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads for CPU backends and PyTorch (default: all cores)")
     p.add_argument("--data", default="synthetic", help="accuracy data: 'synthetic' or a dataset folder")
     p.add_argument("--accuracy-n", type=int, default=20, help="images for the accuracy column (0: none)")
-    p.add_argument("--torch", type=Path, metavar="CKPT", help="also run this checkpoint in PyTorch eager (baseline)")
+    p.add_argument("--torch", type=Path, metavar="CKPT",
+                   help="also run this checkpoint (or Hugging Face folder) in PyTorch eager, on the models' input "
+                        "size unless --imgsz says otherwise (baseline)")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure this machine's GEMM and memory ceiling (reports always include it)")
     p.add_argument("--out", type=Path, help="folder for report.json, report.csv, report.md and plots")
@@ -101,6 +103,7 @@ def resolve_backends(text: str, path: Path) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
     import sys
 
     from edgepix.runtime.errors import EdgepixError
@@ -135,9 +138,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"[{i}/{len(jobs)}] {model.name} on {backend}", file=sys.stderr, flush=True)
         runs.append(bench_model(model, backend, config, samples))
     if args.torch:
+        torch_config = config
+        if config.imgsz is None:  # the baseline runs on the input the artifacts ran on, not the checkpoint's size
+            sizes = list(dict.fromkeys(tuple(row.input_shape[2:]) for run in runs for row in run.rows
+                                       if len(row.input_shape) == 4))
+            if sizes:
+                torch_config = dataclasses.replace(config, imgsz=sizes[0])
+                if len(sizes) > 1:
+                    notes.append(f"PyTorch ran at {sizes[0][0]}x{sizes[0][1]}, the first model's input; the models "
+                                 f"ran at {', '.join(f'{h}x{w}' for h, w in sizes)}")
         if not args.quiet:
             print(f"[torch] {args.torch.name} in PyTorch eager", file=sys.stderr, flush=True)
-        runs.append(bench_torch(args.torch, config, samples))
+        runs.append(bench_torch(args.torch, torch_config, samples))
     fill_generator_accuracy(runs)
     rows = [row for run in runs for row in run.rows]
     for run in runs:

@@ -283,12 +283,17 @@ def bench_torch(checkpoint: str | os.PathLike, config: BenchConfig, samples) -> 
     backend = TorchBackend(checkpoint, threads=config.threads, imgsz=config.imgsz)
     load_ms = (time.perf_counter() - start) * 1e3
     with backend:
-        run = bench_backend(backend, label=Path(checkpoint).name, file_mb=Path(checkpoint).stat().st_size / 1e6,
+        run = bench_backend(backend, label=Path(checkpoint).name, file_mb=_size_bytes(Path(checkpoint)) / 1e6,
                             load_ms=load_ms, config=config, spec=backend.spec, onnx_path=None, samples=samples)
         peak = peak_rss_mb()
     for row in run.rows:
         row.peak_rss_mb = peak
     return run
+
+
+def _size_bytes(path: Path) -> int:
+    """A checkpoint file's size, or the total of a Hugging Face folder's files."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def fill_generator_accuracy(runs: Sequence[ModelRun]) -> None:

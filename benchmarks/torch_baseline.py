@@ -18,14 +18,13 @@ class TorchBackend(Backend):
                  imgsz: tuple[int, int] | None = None) -> None:
         import torch
 
-        from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+        from edgepix.train.checkpoint import load_source
 
         super().__init__(checkpoint)
         if threads is not None:
             torch.set_num_threads(threads)
         self._torch = torch
-        ckpt = load_checkpoint(checkpoint)
-        self.model = model_from_checkpoint(ckpt)
+        ckpt, self.model = load_source(checkpoint)
         spec: ModelSpec = ckpt["spec"]
         if imgsz is not None and spec.task is not Task.GENERATION_NOISE:
             spec = spec.replace(input_size=tuple(imgsz))

@@ -85,10 +85,22 @@ class _Recorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def audit_model(model: nn.Module, example: torch.Tensor, *, dynamic_size: bool = False) -> list[Finding]:
-    """Run `model(example)` once in eval mode and report export hazards, naming the module of each."""
+def audit_model(model: nn.Module, example: torch.Tensor, *, dynamic_size: bool = False,
+                exporter: str = "torchscript") -> list[Finding]:
+    """Run `model(example)` once in eval mode and report export hazards, naming the module of each.
+
+    Modules that know their own limits (a Hugging Face architecture whose patch grid is computed in Python) say so
+    through `export_hazards(dynamic_size=..., exporter=...)`, a list of (construct, reason) errors: those are
+    reported without running anything, since the forward pass would not show them."""
     stack: list[str] = []
     findings: list[Finding] = []
+    for name, module in model.named_modules():
+        hazards = getattr(module, "export_hazards", None)
+        if callable(hazards):
+            findings += [Finding(name, construct, reason, Severity.ERROR)
+                         for construct, reason in hazards(dynamic_size=dynamic_size, exporter=exporter)]
+    if findings:
+        return findings
     handles = []
     def enter(name: str):
         def hook(module, args) -> None:

@@ -10,7 +10,9 @@ FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8) or TensorRT engine, verified")
-    p.add_argument("checkpoint", type=Path, help="an edgepix checkpoint (.pt); with --format engine also an .onnx file")
+    p.add_argument("checkpoint", type=Path,
+                   help="an edgepix checkpoint (.pt) or a Hugging Face save_pretrained folder; with --format engine "
+                        "also an .onnx file")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
     p.add_argument("--dynamic-batch", action="store_true", help="batch dimension left dynamic")
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("verify", help="run the parity gate: does ARTIFACT compute what CKPT computes?")
     p.add_argument("artifact", type=Path, help="an exported .onnx file")
-    p.add_argument("checkpoint", type=Path, help="the edgepix checkpoint it came from")
+    p.add_argument("checkpoint", type=Path, help="the edgepix checkpoint (or Hugging Face folder) it came from")
     p.add_argument("--data", default="synthetic", help="validation data: a dataset folder or 'synthetic'")
     p.add_argument("--verify-n", type=int, default=20)
     p.add_argument("--train-mode", action="store_true", help="run PyTorch in training mode (train-mode exports)")
@@ -125,8 +127,8 @@ def export_request(args: argparse.Namespace):
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from edgepix.runtime.errors import ModelFormatError
-    from edgepix.runtime.spec import ModelSpec
-    from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgepix.runtime.spec import ModelSpec, Task
+    from edgepix.train.checkpoint import load_source
 
     from .pipeline import load_samples
     from .verify import VERIFY_SEED, verify
@@ -134,12 +136,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_onnx(args.artifact)
     if spec is None:
         raise ModelFormatError(f"{args.artifact} has no edgepix spec in its metadata; export it with edgepix export")
-    ckpt = load_checkpoint(args.checkpoint)
     from .generators import reference_mode
 
-    model = reference_mode(model_from_checkpoint(ckpt, use_ema=not args.no_ema), train_mode=args.train_mode,
-                           dropout=args.dropout)
-    samples = load_samples(args.data, args.verify_n, spec.input_size, seed=VERIFY_SEED)
+    _, model = load_source(args.checkpoint, use_ema=not args.no_ema)
+    model = reference_mode(model, train_mode=args.train_mode, dropout=args.dropout)
+    samples = load_samples(args.data, args.verify_n, spec.input_size, seed=VERIFY_SEED,
+                           class_names=spec.class_names if spec.task is Task.SEGMENTATION else None)
     report = verify(args.artifact, model, spec, samples, stochastic=args.train_mode and args.dropout)
     print(report.format())
     return 0 if report.passed else 1

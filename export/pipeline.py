@@ -19,7 +19,9 @@ import numpy as np
 from edgepix.runtime.errors import ExportError
 from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.spec import ModelSpec, Task
-from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
+from edgepix.runtime.synthetic import CLASS_NAMES
+from edgepix.train.checkpoint import load_source
+from edgepix.train.data import read_classes_json
 
 from .generators import generator_input_image, reference_mode
 from .precision import Int8Options, convert_fp16, quantize_int8
@@ -69,16 +71,34 @@ class ExportResult:
 
 
 def default_output_path(request: ExportRequest) -> Path:
+    """Beside the checkpoint (`best.pt` -> `best.int8.onnx`), or inside a Hugging Face folder (`model.onnx`)."""
     suffix = {ExportFormat.ONNX: "", ExportFormat.ONNX_FP16: ".fp16", ExportFormat.ONNX_INT8: ".int8"}[request.format]
     if request.onnx.argmax:
         suffix += ".argmax"
+    if request.checkpoint.is_dir():
+        return request.checkpoint / f"model{suffix}.onnx"
     return request.checkpoint.with_name(request.checkpoint.stem + suffix + ".onnx")
 
 
-def load_samples(source: str, n: int, size: tuple[int, int], *, seed: int) -> list[Sample]:
+def load_samples(source: str, n: int, size: tuple[int, int], *, seed: int,
+                 class_names: tuple[str, ...] | None = None) -> list[Sample]:
+    """Gate or calibration images. With `class_names` (a segmentation model's), labels whose classes are not the
+    model's are dropped: a pretrained 19-class model checked on 6-class scenes is compared output for output only."""
+    samples = synthetic_samples(n, size, seed=seed) if source == "synthetic" else folder_samples(source, n)
+    data_classes = _data_class_names(source)
+    if class_names is not None and data_classes is not None and tuple(data_classes) != tuple(class_names):
+        log.info("the validation data's classes (%s) are not the model's (%s): the gate compares outputs without "
+                 "labels", ", ".join(data_classes), ", ".join(class_names[:8]) + (", ..." if len(class_names) > 8
+                                                                                  else ""))
+        samples = [Sample(s.image, None) for s in samples]
+    return samples
+
+
+def _data_class_names(source: str) -> tuple[str, ...] | None:
     if source == "synthetic":
-        return synthetic_samples(n, size, seed=seed)
-    return folder_samples(source, n)
+        return CLASS_NAMES
+    classes_file = Path(source) / "classes.json"
+    return read_classes_json(classes_file).names if classes_file.is_file() else None
 
 
 def calibration_batches(request: ExportRequest, spec: ModelSpec) -> list[np.ndarray]:
@@ -111,8 +131,7 @@ def run_export(request: ExportRequest) -> ExportResult:
                           "edgepix.export.tensorrt.export_engine_from_checkpoint (edgepix export --format engine)")
     out = Path(request.out) if request.out else default_output_path(request)
     check_writable(out)
-    ckpt = load_checkpoint(request.checkpoint)
-    model = model_from_checkpoint(ckpt, use_ema=request.use_ema)
+    ckpt, model = load_source(request.checkpoint, use_ema=request.use_ema)
     spec: ModelSpec = ckpt["spec"]
     with tempfile.TemporaryDirectory(prefix="edgepix-export-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -127,7 +146,9 @@ def run_export(request: ExportRequest) -> ExportResult:
                                           request.int8)
         report = None
         if request.verify:
-            samples = load_samples(request.data, request.verify_n, artifact_spec.input_size, seed=VERIFY_SEED)
+            labels = artifact_spec.class_names if artifact_spec.task is Task.SEGMENTATION else None
+            samples = load_samples(request.data, request.verify_n, artifact_spec.input_size, seed=VERIFY_SEED,
+                                   class_names=labels)
             reference_mode(model, train_mode=request.onnx.train_mode, dropout=request.onnx.dropout)
             report = verify(artifact, model, artifact_spec, samples,
                             stochastic=request.onnx.train_mode and request.onnx.dropout)

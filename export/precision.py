@@ -8,6 +8,7 @@ benchmarks/int8_matrix.py measures the choices on the current machine.
 from __future__ import annotations
 
 import enum
+import contextlib
 import logging
 import os
 import tempfile
@@ -123,6 +124,27 @@ def _conv_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
 
 
+class _DropQuantizerChatter(logging.Filter):
+    """ONNX Runtime's quantizer logs a line per bias it copies and per 1-D weight it quantizes per tensor instead
+    of per channel (LayerNorm weights in a transformer: hundreds of lines); only its errors reach the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    handlers = logging.getLogger().handlers
+    chatter = _DropQuantizerChatter()
+    for h in handlers:
+        h.addFilter(chatter)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(chatter)
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -169,18 +191,20 @@ def quantize_int8(
         # The documented pre-processing step: symbolic shape inference and graph optimisation before calibration.
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
         try:
-            q.quantize_static(
-                str(prepped),
-                str(quantized),
-                _Reader(spec.input_name, calibration),
-                quant_format=q.QuantFormat.QDQ if options.quant_format is QuantFormat.QDQ else q.QuantFormat.QOperator,
-                per_channel=options.per_channel,
-                activation_type=q.QuantType.QInt8 if signed else q.QuantType.QUInt8,
-                weight_type=q.QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                calibrate_method=method,
-                extra_options=extra,
-            )
+            with _quiet_quantizer():
+                q.quantize_static(
+                    str(prepped),
+                    str(quantized),
+                    _Reader(spec.input_name, calibration),
+                    quant_format=q.QuantFormat.QDQ if options.quant_format is QuantFormat.QDQ
+                    else q.QuantFormat.QOperator,
+                    per_channel=options.per_channel,
+                    activation_type=q.QuantType.QInt8 if signed else q.QuantType.QUInt8,
+                    weight_type=q.QuantType.QInt8,
+                    nodes_to_exclude=exclude,
+                    calibrate_method=method,
+                    extra_options=extra,
+                )
         except Exception as e:  # ORT's quantizer raises plain exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {str(e).strip().splitlines()[0]}") from e
         result = onnx.load(str(quantized))

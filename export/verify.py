@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepix.runtime.errors import DataError, require
+from edgepix.runtime.errors import DataError, ExportError, require
+from edgepix.runtime.imageops import Geometry, map_to_frame
 from edgepix.runtime.metrics import ConfusionMatrix, psnr
 from edgepix.runtime.onnxinfo import open_session
 from edgepix.runtime.spec import ModelSpec, OutputKind, Precision, Task
@@ -134,7 +135,11 @@ def preprocess(image: np.ndarray, spec: ModelSpec, size: tuple[int, int] | None 
 
 
 def _run_onnx(session, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
-    return session.run([spec.output_name], {spec.input_name: x})[0]
+    try:
+        return session.run([spec.output_name], {spec.input_name: x})[0]
+    except Exception as e:  # ONNX Runtime raises its own exception types; one line names the input that failed
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the exported graph fails on an input of shape {x.shape}: {reason}") from e
 
 
 @torch.no_grad()
@@ -175,8 +180,11 @@ def verify_segmentation(artifact: str | os.PathLike, model: nn.Module, spec: Mod
             labelled = True
             h, w = spec.input_size
             mask = cv2.resize(s.mask, (w, h), interpolation=cv2.INTER_NEAREST)
-            cm_ref.update(ref[0], mask)
-            cm_out.update(out[0].astype(np.int64), mask)
+            # Low-resolution outputs (SegFormer's 1/4) are scored as the runtime delivers them: the class map
+            # resized to the input by the runtime's own nearest-neighbour mapping.
+            frame = Geometry((h, w), (h, w), (h, w))
+            cm_ref.update(map_to_frame(ref[0], frame).astype(np.int64), mask)
+            cm_out.update(map_to_frame(out[0], frame).astype(np.int64), mask)
     agreement = agree / total if total else float("nan")
     checks: list[Check] = []
     info: dict[str, float] = {}
@@ -191,8 +199,9 @@ def verify_segmentation(artifact: str | os.PathLike, model: nn.Module, spec: Mod
             info["max abs logit difference"] = max_abs
     else:
         if not labelled:
-            raise DataError("the INT8 gate needs labelled validation data (masks/); use --data synthetic or a "
-                            "dataset folder with masks")
+            raise DataError(f"the INT8 gate needs labelled validation data with the model's {spec.num_classes} "
+                            f"classes ({', '.join(spec.class_names[:6])}{', ...' if spec.num_classes > 6 else ''}); "
+                            "pass --data with a dataset folder of those classes (images/, masks/, classes.json)")
         drop = cm_ref.miou() - cm_out.miou()
         checks.append(Check("mIoU drop vs PyTorch FP32", drop, thresholds.int8_miou_drop, False))
         info["argmax agreement"] = agreement

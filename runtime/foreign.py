@@ -126,6 +126,9 @@ def infer_spec(path: Path, inputs: Sequence[TensorMeta], outputs: Sequence[Tenso
                                    f"found {out.describe()} ({kind})")
         fields["class_names"] = tuple(classes)
         fields["palette"] = default_palette(len(classes))
+        out_w, in_w = out.dim(len(out.shape) - 1), fields["input_size"][1]
+        if out_w and not fields["dynamic_size"] and in_w % out_w == 0:
+            fields["output_stride"] = in_w // out_w  # logits at 1/4 of the input (SegFormer): 4
         if mean is None or std is None:
             assumed.append("ImageNet mean/std on RGB 0..1 (pass mean=, std=)")
     else:

@@ -152,6 +152,34 @@ def append_argmax_file(path: str | os.PathLike, logits_output: str) -> tuple[byt
     raise ModelFormatError(f"{path}: {error}")
 
 
+def set_metadata(model: bytes | memoryview, entries: dict[str, str]) -> bytes:
+    """Model bytes whose metadata_props hold `entries` (replacing entries with those keys); the graph, the weights
+    and every other field are copied byte for byte."""
+    buf = memoryview(model)
+    parts: list[bytes | memoryview] = []
+    try:
+        for number, wire, value, raw in _raw_fields(buf):
+            if number == 14 and wire == 2:  # ModelProto.metadata_props: StringStringEntryProto {key = 1, value = 2}
+                key = next((_text(v, "a metadata key") for n, w, v in _fields(value) if n == 1 and w == 2), "")
+                if key in entries:
+                    continue
+            parts.append(raw)
+    except _ParseError as e:
+        raise ModelFormatError(f"not an ONNX model (protobuf parse failed: {e})") from None
+    for key, value in entries.items():
+        parts.append(_field_bytes(14, _field_str(1, key) + _field_str(2, value)))
+    return b"".join(parts)
+
+
+def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, entries: dict[str, str]) -> None:
+    """Copy the ONNX file `src` to `dst` (atomically) with `entries` in its metadata_props."""
+    from .fileio import atomic_write_bytes
+
+    with open(src, "rb") as f:
+        data = f.read()
+    atomic_write_bytes(dst, set_metadata(data, entries))
+
+
 def output_names(model: bytes) -> list[str]:
     """The graph's output names (for checks)."""
     names = []

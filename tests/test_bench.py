@@ -52,6 +52,17 @@ def test_bench_reports_rows_side_by_side_with_torch(edgepix_cli, exported, seg_c
     assert (out / "latency_vs_batch.png").stat().st_size > 5000
 
 
+def test_torch_baseline_runs_on_the_artifacts_input_size(edgepix_cli, seg_checkpoint, tmp_path):
+    """A checkpoint trained at 64x64 and exported at 96x96: without --imgsz, PyTorch runs at 96x96 too."""
+    onnx96 = run_export(ExportRequest(seg_checkpoint, out=tmp_path / "seg96.onnx", verify=False,
+                                      onnx=OnnxExportOptions(imgsz=(96, 96)))).path
+    r = edgepix_cli("bench", str(onnx96), "--runs", "2", "--warmup", "1", "--accuracy-n", "0", "--threads", "1",
+                    "--torch", str(seg_checkpoint), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    shapes = {row["model"]: row["input_shape"] for row in json.loads(r.stdout)["results"]}
+    assert shapes == {"seg96.onnx": [1, 3, 96, 96], "fastscnn64.pt": [1, 3, 96, 96]}
+
+
 def test_bench_errors_are_one_line(edgepix_cli, tmp_path):
     r = edgepix_cli("bench", str(tmp_path / "missing.onnx"))
     assert r.returncode == 1 and "model file not found" in r.stderr

@@ -22,9 +22,9 @@ from conftest import REPO, run_edgepix  # noqa: E402
 
 from edgepix.runtime.errors import EdgepixError  # noqa: E402
 from edgepix.runtime.spec import ModelSpec, Task  # noqa: E402
-from edgepix.train.checkpoint import load_checkpoint  # noqa: E402
+from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from edgepix.train.segmentation import (  # noqa: E402
-    SegTrainConfig, evaluate_checkpoint, format_iou_table, load_model_weights, train_segmentation,
+    SegTrainConfig, evaluate_checkpoint, format_iou_table, train_segmentation,
 )
 from edgepix.train.transforms import AugmentConfig, preprocess  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_fastscnn_learns_and_writes_its_run_folder(easy_data, tmp_path):
     assert {"optimizer", "scheduler", "history", "train_config", "rng"} <= set(ckpt)
 
     # The checkpoint reproduces the recorded number through the runtime's preprocessing, image by image.
-    model = load_model_weights(ckpt).eval()
+    model = model_from_checkpoint(ckpt)
     from edgepix.train.metrics import SegmentationMeter
 
     meter = SegmentationMeter(3)

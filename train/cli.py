@@ -63,7 +63,9 @@ def add_train_seg(tasks) -> None:
                     + TRAIN_SEG_DEFAULTS_NOTE + ".",
     )
     p.add_argument("--data", required=True, help="dataset folder, Pascal VOC folder, or 'synthetic'")
-    p.add_argument("--model", default=None, help="architecture: fastscnn (default), lraspp or unet")
+    p.add_argument("--model", default=None,
+                   help="architecture: fastscnn (default), lraspp or unet, or hf:PATH for a pretrained Hugging Face "
+                        "model saved with save_pretrained (its classifier is replaced when the data's classes differ)")
     p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[],
                    metavar="KEY=VALUE", help="architecture keyword, e.g. base_channels=32 (repeatable)")
     p.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
@@ -76,6 +78,10 @@ def add_train_seg(tasks) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--exist-ok", action="store_true", help="overwrite a finished or abandoned run in --out")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 AdamW)")
+    p.add_argument("--pretrained-lr-ratio", type=float, default=None,
+                   help="hf: models: every layer but the classifier trains at lr x this (default 0.1)")
+    p.add_argument("--freeze-epochs", type=int, default=None,
+                   help="hf: models: keep the pretrained backbone frozen for the first N epochs (default 0)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="default adamw")
     p.add_argument("--schedule", choices=["cosine", "poly"], default=None, help="after warm-up (default cosine)")
     p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 0.3)")
@@ -99,7 +105,8 @@ def add_train_seg(tasks) -> None:
 
 def add_val_seg(tasks) -> None:
     p = tasks.add_parser("seg", help="per-class IoU, mIoU and pixel accuracy of a segmentation checkpoint")
-    p.add_argument("checkpoint", type=Path, help="an edgepix checkpoint (best.pt / last.pt)")
+    p.add_argument("checkpoint", type=Path,
+                   help="an edgepix checkpoint (best.pt / last.pt) or a Hugging Face save_pretrained folder")
     p.add_argument("--data", required=True, help="dataset folder, Pascal VOC folder, or 'synthetic' (held-out scenes)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--batch", type=int, default=16)
@@ -116,6 +123,7 @@ _CONFIG_FIELDS = {  # CLI attribute -> SegTrainConfig field
     "schedule": "schedule", "warmup_epochs": "warmup_epochs", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "loss": "loss", "dice_weight": "dice_weight", "amp": "amp", "ema": "ema",
     "seed": "seed", "synthetic_n": "synthetic_n", "val_every": "val_every",
+    "pretrained_lr_ratio": "pretrained_lr_ratio", "freeze_epochs": "freeze_epochs",
 }
 
 

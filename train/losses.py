@@ -34,6 +34,10 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        if logits.shape[-2:] != target.shape[-2:]:
+            # Models whose logits come out at a fraction of the input (SegFormer: 1/4) are scored at the labels'
+            # resolution, as their own training recipes do.
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         if self.kind is LossKind.OHEM:
             loss = self._ohem(logits, target)
         else:

@@ -43,12 +43,12 @@ from edgepix.runtime.fileio import atomic_write_text
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ModelSpec, Task
 
-from .checkpoint import load_checkpoint, prepare_run, save_checkpoint
+from .checkpoint import load_source, prepare_run, save_checkpoint
 from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
 from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, init_distributed, shutdown_distributed
 from .losses import LossKind, SegmentationLoss
 from .metrics import SegmentationMeter, SegmentationMetrics
-from .registry import create_model, get_entry
+from .registry import checkpoint_arch, create_model, get_entry, measure_output_stride
 from .transforms import AugmentConfig, EvalTransform, TrainTransform
 
 log = logging.getLogger("edgepix.train")
@@ -76,6 +76,10 @@ class SegTrainConfig:
     epochs: int = 3  # tuned for --data synthetic (6000 augmented scenes); real datasets want more
     batch: int = 16  # global: split over the processes of a torchrun job
     lr: float = 4e-3
+    # Pretrained models (--model hf:PATH): every layer but the classifier trains at lr x this ratio, and the
+    # backbone (encoder) stays frozen for the first `freeze_epochs` epochs.
+    pretrained_lr_ratio: float = 0.1
+    freeze_epochs: int = 0
     optimizer: OptimizerKind = OptimizerKind.ADAMW
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
@@ -114,6 +118,10 @@ class SegTrainConfig:
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (0 < self.pretrained_lr_ratio <= 1,
+             f"pretrained lr ratio must be in (0, 1], got {self.pretrained_lr_ratio}"),
+            (0 <= self.freeze_epochs < self.epochs,
+             f"freeze epochs must be in 0..epochs-1 ({self.epochs - 1}), got {self.freeze_epochs}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
             (0 < self.warmup_start <= 1, f"warmup start must be in (0, 1], got {self.warmup_start}"),
@@ -235,10 +243,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_spec(arch: str, imgsz: tuple[int, int], source: SegmentationSource) -> ModelSpec:
+def make_spec(arch: str, imgsz: tuple[int, int], source: SegmentationSource, *,
+              model_fields: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec of a model trained on `source`: the dataset's classes, the model's own normalisation (a pretrained
+    model's `model_fields`: its image processor's mean/std and scale; ImageNet's otherwise)."""
     c = source.classes
-    return ModelSpec(task=Task.SEGMENTATION, model_name=arch, input_size=tuple(imgsz), class_names=c.names,
-                     palette=c.palette, ignore_index=c.ignore_index)
+    fields = {k: v for k, v in (model_fields or {}).items()
+              if k in ("model_name", "scale", "mean", "std", "channel_order")}
+    fields.setdefault("model_name", arch)
+    return ModelSpec(task=Task.SEGMENTATION, input_size=tuple(imgsz), class_names=c.names, palette=c.palette,
+                     ignore_index=c.ignore_index, **fields)
+
+
+def parameter_groups(model: nn.Module, cfg: SegTrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: no weight decay on BatchNorm/LayerNorm weights and biases, and for a pretrained model
+    (one that names its classifier) every layer but the classifier at lr x `pretrained_lr_ratio`. The grouping
+    depends only on the architecture, so a resumed run rebuilds the groups its optimizer state was saved with."""
+    head_names = getattr(model, "head_parameter_names", None)
+    head = head_names() if callable(head_names) else None
+    by_kind: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        by_kind.setdefault((p.ndim <= 1, head is not None and name not in head), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+             "lr": cfg.lr * (cfg.pretrained_lr_ratio if pretrained else 1.0)}
+            for (no_decay, pretrained), params in sorted(by_kind.items())]
+
+
+def _frozen_parameters(model: nn.Module, cfg: SegTrainConfig) -> list[nn.Parameter]:
+    """The backbone parameters `--freeze-epochs` holds still (none when it is 0)."""
+    if cfg.freeze_epochs == 0:
+        return []
+    names = getattr(model, "backbone_parameter_names", None)
+    backbone = names() if callable(names) else frozenset()
+    if not backbone:
+        raise EdgepixError(f"--freeze-epochs needs a pretrained model with a backbone (--model hf:PATH); "
+                           f"{cfg.model} has none")
+    return [p for n, p in model.named_parameters() if n in backbone]
 
 
 def _worker_init(_: int) -> None:
@@ -249,18 +289,6 @@ def _worker_init(_: int) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def load_model_weights(ckpt: dict[str, Any], *, prefer_ema: bool = True) -> nn.Module:
-    """Rebuild a checkpoint's model from the registry with its weights (the EMA weights when there are some)."""
-    model = create_model(ckpt["arch"], **ckpt["arch_kwargs"])
-    weights = ckpt.get("ema") if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ModelFormatError(f"checkpoint weights do not fit {ckpt['arch']}({ckpt['arch_kwargs']}): "
-                               f"{str(e).strip().splitlines()[0]}") from e
-    return model
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
@@ -431,7 +459,8 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
                                       announce=info.is_main)
     if finished:
         return None
-    get_entry(cfg.model)  # an unknown model name fails before any data work
+    if ckpt is None:
+        get_entry(cfg.model)  # an unknown model name (or an unreadable hf: folder) fails before any data work
 
     device = resolve_device(cfg.device, info)
     saved_threads = torch.get_num_threads(), cv2.getNumThreads()
@@ -468,14 +497,24 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
     seed_everything(cfg.seed)
 
     train_src, val_src = _open_sources(cfg, info)
-    spec = make_spec(cfg.model, cfg.imgsz, train_src)
-    if ckpt is not None and ckpt["spec"].class_names != spec.class_names:
-        raise DataError(f"{cfg.data}: classes {list(spec.class_names)} differ from the checkpoint's "
-                        f"{list(ckpt['spec'].class_names)}; resume with the same data")
-    arch_kwargs = {**cfg.model_kwargs, "num_classes": spec.num_classes}
-    model = create_model(cfg.model, **arch_kwargs)
-    if ckpt is not None:
+    if ckpt is not None:  # rebuilt from what the checkpoint recorded, so a pretrained model needs no folder now
+        spec = ckpt["spec"]
+        if spec.class_names != train_src.classes.names:
+            raise DataError(f"{cfg.data}: classes {list(train_src.classes.names)} differ from the checkpoint's "
+                            f"{list(spec.class_names)}; resume with the same data")
+        arch, arch_kwargs = ckpt["arch"], ckpt["arch_kwargs"]
+        model = create_model(arch, **arch_kwargs)
         model.load_state_dict(ckpt["model"])
+    else:
+        entry = get_entry(cfg.model)
+        spec = make_spec(cfg.model, cfg.imgsz, train_src, model_fields=entry.spec_fields)
+        kwargs = {**cfg.model_kwargs, "num_classes": spec.num_classes}
+        if entry.takes_class_names:
+            kwargs["class_names"] = spec.class_names
+        model = create_model(cfg.model, **kwargs)
+        arch, arch_kwargs = checkpoint_arch(model, cfg.model, kwargs)
+        spec = spec.replace(output_stride=measure_output_stride(model, cfg.imgsz))
+    frozen = _frozen_parameters(model, cfg)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -485,8 +524,13 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
         ema.updates = int(ckpt.get("ema_updates", 0))
     if info.enabled and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else model
+
+    def wrap() -> nn.Module:  # DDP registers the parameters that need gradients: wrap again after (un)freezing
+        if not info.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    net = wrap()
     torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout differs per rank; weights came from cfg.seed
 
     # ---- data
@@ -509,10 +553,13 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
     iters_per_epoch = len(train_loader)
 
     # ---- optimisation
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = parameter_groups(model, cfg)
+    if main and any(g["lr"] != cfg.lr for g in groups):
+        at_lr = sum(p.numel() for g in groups if g["lr"] == cfg.lr for p in g["params"])
+        log.info("fine-tuning: the classifier's %d parameters at lr %g, the other %.2fM at lr x %g%s", at_lr, cfg.lr,
+                 (sum(p.numel() for p in model.parameters()) - at_lr) / 1e6, cfg.pretrained_lr_ratio,
+                 f"; backbone ({sum(p.numel() for p in frozen) / 1e6:.2f}M) frozen for {cfg.freeze_epochs} epochs"
+                 if frozen else "")
     if cfg.optimizer is OptimizerKind.ADAMW:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     else:
@@ -557,6 +604,13 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
     train_time_total, train_images_total = 0.0, 0
     metrics: SegmentationMetrics | None = None
     for epoch in range(start_epoch, cfg.epochs):
+        freeze = epoch < cfg.freeze_epochs
+        if frozen and frozen[0].requires_grad == freeze:
+            for p in frozen:
+                p.requires_grad_(not freeze)
+            net = wrap()
+            if main:
+                log.info("backbone %s from epoch %d", "frozen" if freeze else "unfrozen", epoch + 1)
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         net.train()
@@ -617,6 +671,8 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
             row.update({f"iou_{n}": v for n, v in zip(spec.class_names, metrics.iou)})
             row["val_time_s"] = time.perf_counter() - t1
         row["elapsed_s"] = time.perf_counter() - wall0
+        # This process's CPU time: comparable between runs on a machine that other work shares.
+        row["cpu_s"] = time.process_time()
         history.append(row)
         rng_states = _gather_rng_states(info, device)
 
@@ -624,8 +680,9 @@ def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | 
         if improved:
             best_miou, best_epoch = metrics.miou, epoch + 1
         if main:
-            state = _checkpoint(cfg, spec, arch_kwargs, model, ema, optimizer, scheduler, scaler if use_amp else None,
-                                epoch + 1, row, history, best_miou, best_epoch, rng_states, info)
+            state = _checkpoint(cfg, spec, arch, arch_kwargs, model, ema, optimizer, scheduler,
+                                scaler if use_amp else None, epoch + 1, row, history, best_miou, best_epoch,
+                                rng_states, info)
             save_checkpoint(out / "last.pt", state)
             if improved:
                 save_checkpoint(out / "best.pt", state)
@@ -674,10 +731,10 @@ def _gather_rng_states(info: DistInfo, device: torch.device) -> dict[str, list[t
     return {k: [g[k] for g in gathered] for k in states}
 
 
-def _checkpoint(cfg, spec, arch_kwargs, model, ema, optimizer, scheduler, scaler, epoch, row, history, best_miou,
+def _checkpoint(cfg, spec, arch, arch_kwargs, model, ema, optimizer, scheduler, scaler, epoch, row, history, best_miou,
                 best_epoch, rng_states, info) -> dict[str, Any]:
     state = {
-        "arch": cfg.model,
+        "arch": arch,
         "arch_kwargs": arch_kwargs,
         "spec": spec,
         "model": _cpu_state(model.state_dict()),
@@ -726,7 +783,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val
                         prefer_ema: bool = True) -> EvalResult:
     """mIoU, per-class IoU and pixel accuracy of a checkpoint on a dataset ('synthetic': the held-out scenes)."""
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(path)
+    ckpt, model = load_source(path, use_ema=prefer_ema)
     spec: ModelSpec = ckpt["spec"]
     if spec.task is not Task.SEGMENTATION:
         raise ModelFormatError(f"{path}: a {spec.task.value} checkpoint; `val seg` needs a segmentation model")
@@ -736,13 +793,12 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val
     if dev.type == "cpu":
         torch.set_num_threads(cpu_cores())
     try:
-        return _evaluate_checkpoint(path, ckpt, spec, data, split, batch, dev, workers, synthetic_n, quiet, prefer_ema,
-                                    t0)
+        return _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, workers, synthetic_n, quiet, t0)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _evaluate_checkpoint(path, ckpt, spec, data, split, batch, dev, workers, synthetic_n, quiet, prefer_ema,
+def _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, workers, synthetic_n, quiet,
                          t0) -> EvalResult:
     if str(data) == "synthetic" and split == "train":
         seed = int(ckpt.get("train_config", {}).get("seed", 0))
@@ -754,7 +810,7 @@ def _evaluate_checkpoint(path, ckpt, spec, data, split, batch, dev, workers, syn
         raise DataError(f"{data}: the dataset's classes {list(source.classes.names)} differ from the model's "
                         f"{list(spec.class_names)}")
     source.scan()
-    model = load_model_weights(ckpt, prefer_ema=prefer_ema).to(dev).to(memory_format=torch.channels_last)
+    model = model.to(dev).to(memory_format=torch.channels_last)
     dataset = SegmentationDataset(source, EvalTransform(spec.input_size), spec)
     loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
                         worker_init_fn=_worker_init if workers else None)
