@@ -8,8 +8,8 @@ Without --model it exports the default model (fastscnn, 6 synthetic classes, 512
 edgepix cache (needs torch; weights do not change the timing of a CNN). Frames are synthetic moving scenes of
 --size (H W; 576x768 by default), made before timing. Each stage is timed per frame from the timings
 `segment()` records (and `render()`), the calls an application makes, and reported as median and p90 over the
-timed frames; the share line is (pre + post + render) / total, from the medians and from the means. The
-acceptance goal is a share under 25%. By default the ONNX Runtime backends compute the argmax inside the graph
+timed frames; the share line is (pre + post + render) / total, from the medians and from the means. The goal
+is a share under 25%. By default the ONNX Runtime backends compute the argmax inside the graph
 (`Segmenter.load(fuse_argmax=True)`), so it is counted in `infer`; --no-fuse-argmax moves it to `postprocess`.
 """
 

@@ -84,10 +84,6 @@ def reference_mode(model: nn.Module, *, train_mode: bool, dropout: bool = False)
     return model
 
 
-def has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.p > 0 for m in model.modules())
-
-
 def generator_input_image(image: np.ndarray, mask: np.ndarray | None, spec: ModelSpec) -> np.ndarray:
     """What an image generator is fed for a (scene, mask) sample: a mask -> image model (its spec carries a
     palette) gets the mask painted with the palette (BGR), any other model the image itself."""

@@ -75,13 +75,6 @@ class CudaRuntime:
     def set_device(self, device: int) -> None:
         self.call("cudaSetDevice", device)
 
-    def device_count(self) -> int:
-        return int(self.call("cudaGetDeviceCount"))
-
-    def runtime_version(self) -> str:
-        v = int(self.call("cudaRuntimeGetVersion"))
-        return f"{v // 1000}.{(v % 1000) // 10}"
-
     # ---- memory ----------------------------------------------------------------------------------------
 
     def malloc(self, nbytes: int) -> int:

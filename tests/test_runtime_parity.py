@@ -212,11 +212,3 @@ def test_importing_the_runtime_package_loads_nothing_heavy():
     assert r.returncode == 0, r.stderr
     # The package itself is free; naming Segmenter loads numpy and OpenCV, and ONNX Runtime only when a model loads.
     assert r.stdout.strip() == "[] False False"
-
-
-def test_report(fitted, capsys):
-    """Print the measured numbers (run with -s to see them)."""
-    with capsys.disabled():
-        for key, value in REPORT.items():
-            print(f"\n  {key}: {value:.6g}", end="")
-        print()

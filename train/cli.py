@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     train_tasks = train.add_subparsers(dest="task", metavar="TASK")
     train_tasks.required = True
     add_train_seg(train_tasks)
-    from .gan_cli import add_train_gan, add_train_pix2pix, add_val_gen  # generation sub-verbs (issue 7)
+    from .gan_cli import add_train_gan, add_train_pix2pix, add_val_gen  # generation sub-verbs
 
     add_train_gan(train_tasks)
     add_train_pix2pix(train_tasks)

@@ -12,7 +12,7 @@ pix2pix, on validation pairs (A -> B):
 DCGAN: sample diversity, the mean pairwise distance between images, for generated samples and for real images of
 the training distribution, in two fixed feature spaces: downsampled pixels (16x16 colour, [0, 1]) and random
 convolution features (a fixed, seeded 2-layer random ReLU conv net, pooled to 4x4). A collapsed generator has a
-ratio (samples / real) far below 1; the acceptance band is 0.7-1.3.
+ratio (samples / real) far below 1; a healthy generator stays within 0.7-1.3.
 
 Everything is numpy/OpenCV except running the models (torch), so the metrics can be reused on the device.
 """

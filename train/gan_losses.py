@@ -86,7 +86,3 @@ def make_adam(params, *, lr: float = DEFAULT_LR, betas: tuple[float, float] = DE
     return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
-def is_finite(value: torch.Tensor | float) -> bool:
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    return math.isfinite(value)

@@ -287,10 +287,6 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # ---- evaluation ----------------------------------------------------------------------------------------
 
 

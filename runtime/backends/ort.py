@@ -115,11 +115,6 @@ def _enum(enum_type: type[enum.Enum], name: str, value: Any) -> enum.Enum:
         raise BackendError(f"{name}: expected one of {valid}, got {value!r}") from None
 
 
-def available_providers() -> list[str]:
-    ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
-    return list(ort.get_available_providers())
-
-
 def session_options(options: OrtOptions):
     ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
     so = ort.SessionOptions()

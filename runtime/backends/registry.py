@@ -6,15 +6,15 @@
 | `ort-cuda` | ONNX Runtime, CUDA execution provider + IOBinding | .onnx          |
 | `ort-cpu`  | ONNX Runtime, CPU execution provider              | .onnx          |
 | `opencv`   | OpenCV dnn (CUDA target when OpenCV has CUDA)     | .onnx          |
-| `tensorrt` | native TensorRT (the TensorRT issue adds it)      | .engine / .plan|
+| `tensorrt` | native TensorRT (runtime/backends/tensorrt.py)    | .engine / .plan|
 
 Backend modules are imported only when a backend is loaded, so `import edgepix.runtime` stays light.
 `auto` picks, for an ONNX file, the first available of ort-trt > ort-cuda > ort-cpu > opencv (by what
 `onnxruntime.get_available_providers()` offers) and logs what it chose; for an engine file, `tensorrt`.
 A backend that is registered but cannot run here raises BackendError with the reason and the available names.
 
-The `tensorrt` slot is reserved for `edgepix.runtime.backends.tensorrt.TensorRTBackend` (a Backend subclass that
-loads a serialized engine and its `<engine>.json` manifest). Until that module exists, asking for it says so.
+The `tensorrt` backend (`TensorRTBackend`) loads a serialized engine and its `<engine>.json` manifest; it needs the
+`tensorrt` and cuda-python packages, and says which one is missing.
 """
 
 from __future__ import annotations
@@ -83,9 +83,6 @@ TENSORRT_MODULE = "edgepix.runtime.backends.tensorrt"
 
 
 def _tensorrt_check() -> str | None:
-    if importlib.util.find_spec(TENSORRT_MODULE) is None:
-        return ("the native TensorRT backend is not part of this edgepix yet (it comes with the TensorRT engine "
-                "work); for TensorRT today use 'ort-trt' (ONNX Runtime's TensorRT execution provider) on the .onnx")
     if importlib.util.find_spec("tensorrt") is None:
         return "the Python package 'tensorrt' is not installed (pip install 'edgepix[gpu]'; JetPack ships it)"
     if not any(_module_exists(m) for m in ("cuda.bindings.runtime", "cuda.cudart")):
