@@ -25,7 +25,7 @@ import numpy as np
 
 from edgepix.runtime.engine_manifest import ProfileShapes
 from edgepix.runtime.errors import ExportError
-from edgepix.runtime.spec import Layout, ModelSpec, OutputKind, Precision, Task
+from edgepix.runtime.spec import Layout, ModelSpec, OutputKind, Precision
 from edgepix.runtime.trt_build import (
     EngineBuildOptions,
     EngineBuildResult,
@@ -34,7 +34,7 @@ from edgepix.runtime.trt_build import (
     import_tensorrt,
 )
 
-from .gate import Check
+from .compare import compare_backends
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def export_engine_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike
                                cache_dir=options.cache_dir, rebuild=options.rebuild, calibration=calibration,
                                onnx_spec=onnx_spec)
     if options.verify:
-        report = compare_engine(result.path, reference_onnx or onnx_path, n=options.verify_n)
+        report = compare_backends(result.path, "tensorrt", reference_onnx or onnx_path, n=options.verify_n)
         log.info("%s", report.format())
         if not report.passed:
             raise ExportError(f"the engine does not match ONNX Runtime and should not be trusted:\n{report.format()}")
@@ -299,96 +299,7 @@ def export_engine_from_checkpoint(request, out: str | os.PathLike | None, option
     return result, exported.report
 
 
-# ---- engine vs ONNX Runtime (needs a GPU and TensorRT) -----------------------------------------------------
-
-
-@dataclass
-class EngineReport:
-    engine: str
-    reference: str
-    precision: str
-    checks: list[Check]
-    info: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def format(self) -> str:
-        lines = [f"engine check {Path(self.engine).name} ({self.precision}) vs ONNX Runtime CPU on "
-                 f"{Path(self.reference).name}: {'PASS' if self.passed else 'FAIL'}"]
-        for c in self.checks:
-            op = ">=" if c.higher_is_better else "<="
-            lines.append(f"  {c.name:<34}{c.measured:>12.4f}  {op} {c.threshold:<8.4f}  {'ok' if c.passed else 'FAIL'}")
-        for k, v in self.info.items():
-            lines.append(f"  {k:<34}{v:>12.4f}  (info)")
-        return "\n".join(lines)
-
-
-# Thresholds from the issue: FP16 agreement >= 99.5%, INT8 mIoU drop <= 1 point; FP32 as the export gate.
-AGREEMENT = {Precision.FP32: 0.999, Precision.FP16: 0.995}
-INT8_MIOU_DROP = 0.01
-PSNR_DB = {Precision.FP32: 40.0, Precision.FP16: 30.0, Precision.INT8: 25.0}
-CHECK_SEED = 7_100_003  # scenes unlike training, validation and the ONNX gate's
-
-
-def compare_engine(engine: str | os.PathLike, reference_onnx: str | os.PathLike, *, n: int = 20,
-                   seed: int = CHECK_SEED) -> EngineReport:
-    """Run the engine (backend `tensorrt`) and the ONNX (backend `ort-cpu`) on the same synthetic scenes.
-
-    Segmentation: argmax agreement (FP32/FP16) or mIoU drop against the scenes' masks (INT8). Generators: PSNR."""
-    from edgepix.runtime.backends import load_backend
-    from edgepix.runtime.imageops import Normalizer
-    from edgepix.runtime.metrics import ConfusionMatrix, psnr
-    from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
-
-    with load_backend(engine, "tensorrt") as trt_b, load_backend(reference_onnx, "ort-cpu") as ort_b:
-        spec = trt_b.spec
-        if spec is None:
-            raise ExportError(f"{engine}: the manifest has no spec")
-        precision = spec.precision
-        in_name, out_name = spec.input_name, spec.output_name
-        feed_dtype = ort_b.input(in_name).dtype
-        if spec.task is not Task.SEGMENTATION:
-            rng = np.random.default_rng(seed)
-            worst = np.inf
-            for _ in range(n):
-                if spec.task is Task.GENERATION_NOISE:
-                    x = rng.standard_normal((1, spec.latent_size), dtype=np.float32)
-                else:
-                    x = rng.standard_normal((1, 3, *spec.input_size), dtype=np.float32)
-                a = ort_b.infer({in_name: x.astype(feed_dtype)})[out_name]
-                b = trt_b.infer({in_name: x.astype(feed_dtype)})[out_name]
-                lo, hi = spec.output_range or (0.0, 255.0)
-                scale = 255.0 / (hi - lo) if spec.output_kind is OutputKind.IMAGE else 1.0
-                worst = min(worst, psnr((a.astype(np.float64) - lo) * scale, (b.astype(np.float64) - lo) * scale))
-            return EngineReport(str(engine), str(reference_onnx), precision.value,
-                                [Check("PSNR vs ONNX Runtime (dB, worst)", float(worst), PSNR_DB[precision], True)])
-        normalizer = Normalizer(spec, spec.input_size)
-        cm_ref, cm_trt = (ConfusionMatrix(spec.num_classes, spec.ignore_index) for _ in range(2))
-        agree = total = 0
-        for i in range(n):
-            image, mask = make_scene(scene_seed(seed, i), SceneConfig(size=spec.input_size))
-            x, _ = normalizer([image])
-            a = ort_b.infer({in_name: x.astype(feed_dtype)})[out_name]
-            b = trt_b.infer({in_name: x.astype(feed_dtype)})[out_name]
-            if spec.output_kind is OutputKind.LOGITS:
-                a, b = a.argmax(1), b.argmax(1)
-            a, b = a.astype(np.int64), b.astype(np.int64)
-            agree += int((a == b).sum())
-            total += a.size
-            cm_ref.update(a[0], mask)
-            cm_trt.update(b[0], mask)
-    agreement = agree / total if total else float("nan")
-    drop = cm_ref.miou() - cm_trt.miou()
-    info = {"mIoU ONNX Runtime": cm_ref.miou(), "mIoU TensorRT": cm_trt.miou()}
-    if precision is Precision.INT8:
-        checks = [Check("mIoU drop vs ONNX Runtime", drop, INT8_MIOU_DROP, False)]
-        info["argmax agreement"] = agreement
-    else:
-        checks = [Check("argmax agreement", agreement, AGREEMENT[precision], True)]
-        info["mIoU drop"] = drop
-    return EngineReport(str(engine), str(reference_onnx), precision.value, checks, info)
+# ---- engine timings (needs a GPU and TensorRT) -------------------------------------------------------------
 
 
 def bench_engine(engine: str | os.PathLike, *, iters: int = 200, warmup: int = 20, cuda_graph: bool = False

@@ -1,84 +1,41 @@
 """The parity gate: an exported artifact must still compute what the PyTorch model computed.
 
-PyTorch and ONNX Runtime run the same random and real validation inputs. Thresholds (from the export issue):
-
-| artifact | check | threshold |
-|---|---|---|
-| segmentation FP32 | max abs logit difference (random and real inputs) | <= 1e-4 |
-| segmentation FP32 | argmax agreement on real inputs | >= 99.9% |
-| segmentation FP16 | argmax agreement on real inputs | >= 99.5% |
-| segmentation INT8 | mIoU drop vs PyTorch FP32 on labelled validation scenes | <= 1.0 point |
-| generator FP32 / FP16 / INT8 | PSNR vs PyTorch (uint8 images) | >= 40 / 30 / 25 dB |
-
-Artifacts whose graph ends in ArgMax are held to the argmax checks only (they have no logits).
+PyTorch and ONNX Runtime run the same random and real validation inputs, pre-processed by the runtime's own
+Normalizer; the comparison, its thresholds and its report are the one comparator's (export/compare.py), which the
+TensorRT engine check uses too. A dynamic-size graph is also run at a size it was not traced at.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from torch import nn
 
-from edgepix.runtime.errors import DataError, ExportError, require
-from edgepix.runtime.imageops import Geometry, map_to_frame
-from edgepix.runtime.metrics import ConfusionMatrix, psnr
-from edgepix.runtime.onnxinfo import open_session
-from edgepix.runtime.spec import ModelSpec, OutputKind, Precision, Task
+from edgepix.runtime.errors import DataError, require
+from edgepix.runtime.metrics import psnr
+from edgepix.runtime.spec import ModelSpec, Task
 from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
 
+from .compare import (
+    THRESHOLDS,
+    BackendRunner,
+    GateReport,
+    Thresholds,
+    TorchRunner,
+    compare_images,
+    compare_segmentation,
+    resize_mask,
+    to_uint8_image,
+)
 from .gate import Check
 
 # Seeds of verification scenes: far from the training (0) and validation (1) seeds of `train seg`.
 VERIFY_SEED = 7_000_003
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    fp32_max_abs: float = 1e-4
-    fp32_agreement: float = 0.999
-    fp16_agreement: float = 0.995
-    int8_miou_drop: float = 0.01
-    psnr_db: dict = field(default_factory=lambda: {Precision.FP32: 40.0, Precision.FP16: 30.0, Precision.INT8: 25.0})
-
-
-@dataclass
-class GateReport:
-    artifact: str
-    precision: str
-    checks: list[Check]
-    info: dict[str, float] = field(default_factory=dict)  # measured but not gated
-    per_class: list[tuple[str, float, float]] = field(default_factory=list)  # (class, IoU torch, IoU artifact)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def format(self) -> str:
-        lines = [f"parity gate for {self.artifact} ({self.precision}): {'PASS' if self.passed else 'FAIL'}",
-                 f"  {'check':<34}{'measured':>12}{'threshold':>14}  result"]
-        for c in self.checks:
-            op = ">=" if c.higher_is_better else "<="
-            lines.append(f"  {c.name:<34}{_num(c.measured):>12}{op + ' ' + _num(c.threshold):>14}  "
-                         f"{'ok' if c.passed else 'FAIL'}")
-        for k, v in self.info.items():
-            lines.append(f"  {k:<34}{_num(v):>12}{'(info)':>14}")
-        if self.per_class:
-            lines.append(f"  {'class':<20}{'IoU torch':>10}{'IoU artifact':>14}{'delta':>9}")
-            for name, a, b in self.per_class:
-                lines.append(f"  {name:<20}{a:>10.4f}{b:>14.4f}{b - a:>+9.4f}")
-        return "\n".join(lines)
-
-
-def _num(v: float) -> str:
-    if v == 0 or np.isnan(v) or np.isinf(v):
-        return str(v)
-    return f"{v:.3e}" if abs(v) < 1e-2 else f"{v:.4f}"
 
 
 # ---- validation inputs ---------------------------------------------------------------------------------
@@ -134,98 +91,31 @@ def preprocess(image: np.ndarray, spec: ModelSpec, size: tuple[int, int] | None 
 # ---- the gate ------------------------------------------------------------------------------------------
 
 
-def _run_onnx(session, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
-    try:
-        return session.run([spec.output_name], {spec.input_name: x})[0]
-    except Exception as e:  # ONNX Runtime raises its own exception types; one line names the input that failed
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the exported graph fails on an input of shape {x.shape}: {reason}") from e
+def _runners(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec) -> tuple[TorchRunner, BackendRunner]:
+    from edgepix.runtime.backends import load_backend
 
-
-@torch.no_grad()
-def _run_torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    return model(torch.from_numpy(x)).float().numpy()
+    backend = load_backend(artifact, "ort-cpu", fuse_argmax=None)
+    return TorchRunner(model), BackendRunner(backend, spec)
 
 
 def verify_segmentation(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-                        *, thresholds: Thresholds = Thresholds(), n_random: int = 2) -> GateReport:
-    session = open_session(artifact)
-    model = model.eval().float()
-    class_map = spec.output_kind is OutputKind.CLASS_MAP
+                        *, thresholds: Thresholds = THRESHOLDS, n_random: int = 2) -> GateReport:
     rng = np.random.default_rng(0)
-    max_abs = 0.0
     sizes = [spec.input_size]
     if spec.dynamic_size:  # a dynamic graph must also hold at a size it was not traced at
         sizes.append((spec.input_size[0] + 2 * spec.size_divisor, spec.input_size[1] + spec.size_divisor))
-    for size in sizes:
-        for _ in range(n_random):
-            x = rng.standard_normal((1, 3, *size), dtype=np.float32)
-            ref, out = _run_torch(model, x), _run_onnx(session, spec, x)
-            if not class_map:
-                max_abs = max(max_abs, float(np.abs(ref - out).max()))
-    agree = total = 0
-    cm_ref = ConfusionMatrix(spec.num_classes, spec.ignore_index)
-    cm_out = ConfusionMatrix(spec.num_classes, spec.ignore_index)
-    labelled = False
-    for s in samples:
-        x = preprocess(s.image, spec)
-        ref, out = _run_torch(model, x), _run_onnx(session, spec, x)
-        if not class_map:
-            max_abs = max(max_abs, float(np.abs(ref - out).max()))
-            out = out.argmax(1)
-        ref = ref.argmax(1)
-        agree += int((ref == out).sum())
-        total += ref.size
-        if s.mask is not None:
-            labelled = True
-            h, w = spec.input_size
-            mask = cv2.resize(s.mask, (w, h), interpolation=cv2.INTER_NEAREST)
-            # Low-resolution outputs (SegFormer's 1/4) are scored as the runtime delivers them: the class map
-            # resized to the input by the runtime's own nearest-neighbour mapping.
-            frame = Geometry((h, w), (h, w), (h, w))
-            cm_ref.update(map_to_frame(ref[0], frame).astype(np.int64), mask)
-            cm_out.update(map_to_frame(out[0], frame).astype(np.int64), mask)
-    agreement = agree / total if total else float("nan")
-    checks: list[Check] = []
-    info: dict[str, float] = {}
-    per_class: list[tuple[str, float, float]] = []
-    if spec.precision is Precision.FP32:
-        if not class_map:
-            checks.append(Check("max abs logit difference", max_abs, thresholds.fp32_max_abs, False))
-        checks.append(Check("argmax agreement", agreement, thresholds.fp32_agreement, True))
-    elif spec.precision is Precision.FP16:
-        checks.append(Check("argmax agreement", agreement, thresholds.fp16_agreement, True))
-        if not class_map:
-            info["max abs logit difference"] = max_abs
-    else:
-        if not labelled:
-            raise DataError(f"the INT8 gate needs labelled validation data with the model's {spec.num_classes} "
-                            f"classes ({', '.join(spec.class_names[:6])}{', ...' if spec.num_classes > 6 else ''}); "
-                            "pass --data with a dataset folder of those classes (images/, masks/, classes.json)")
-        drop = cm_ref.miou() - cm_out.miou()
-        checks.append(Check("mIoU drop vs PyTorch FP32", drop, thresholds.int8_miou_drop, False))
-        info["argmax agreement"] = agreement
-    if labelled:
-        info["mIoU PyTorch FP32"] = cm_ref.miou()
-        info["mIoU artifact"] = cm_out.miou()
-        per_class = [(n, float(a), float(b)) for n, a, b in zip(spec.class_names, cm_ref.iou(), cm_out.iou())]
-    return GateReport(str(artifact), spec.precision.value, checks, info, per_class)
-
-
-def to_uint8_image(y: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    if y.dtype == np.uint8:
-        return y
-    low, high = spec.output_range
-    return np.clip(np.round((y - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    random_inputs = [rng.standard_normal((1, 3, *size), dtype=np.float32) for size in sizes for _ in range(n_random)]
+    real = [(preprocess(s.image, spec), resize_mask(s.mask, spec.input_size)) for s in samples]
+    torch_runner, onnx_runner = _runners(artifact, model.eval(), spec)
+    with onnx_runner.backend:
+        return compare_segmentation(torch_runner, onnx_runner, spec, random_inputs=random_inputs, samples=real,
+                                    artifact_name=str(artifact), thresholds=thresholds)
 
 
 def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-                     *, thresholds: Thresholds = Thresholds(), n_random: int = 8) -> GateReport:
+                     *, thresholds: Thresholds = THRESHOLDS, n_random: int = 8) -> GateReport:
     """PSNR between PyTorch's and the artifact's uint8 images, on noise (or random + real images)."""
-    session = open_session(artifact)
-    model = model.float()  # the caller chose eval or train mode, matching the export
     rng = np.random.default_rng(0)
-    inputs: list[np.ndarray] = []
     if spec.task is Task.GENERATION_NOISE:
         inputs = [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(n_random)]
     else:
@@ -234,13 +124,10 @@ def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelS
         inputs = [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples]
         inputs += [np.clip(rng.standard_normal((1, 3, *spec.input_size), dtype=np.float32), -1, 1)
                    for _ in range(2)]
-    refs, outs = [], []
-    for x in inputs:
-        refs.append(to_uint8_image(_run_torch(model, x), spec))
-        outs.append(to_uint8_image(_run_onnx(session, spec, x), spec))
-    value = psnr(np.concatenate(refs), np.concatenate(outs))
-    threshold = thresholds.psnr_db[spec.precision]
-    return GateReport(str(artifact), spec.precision.value, [Check("PSNR vs PyTorch (dB)", value, threshold, True)])
+    torch_runner, onnx_runner = _runners(artifact, model, spec)  # the caller chose eval or train mode
+    with onnx_runner.backend:
+        return compare_images(torch_runner, onnx_runner, spec, inputs=inputs, artifact_name=str(artifact),
+                              thresholds=thresholds)
 
 
 def verify_stochastic_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec,
@@ -251,23 +138,23 @@ def verify_stochastic_generator(artifact: str | os.PathLike, model: nn.Module, s
     mean is (PSNR within `margin_db`), and the per-pixel spread of the outputs must match (std ratio 0.8-1.25)."""
     from .generators import generator_input_image
 
-    session = open_session(artifact)
-    model = model.float()
     rng = np.random.default_rng(0)
     if spec.task is Task.GENERATION_NOISE:
         inputs = [rng.standard_normal((1, spec.latent_size), dtype=np.float32) for _ in range(n_inputs)]
     else:
         inputs = [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples[:n_inputs]]
+    torch_run, onnx_run = _runners(artifact, model, spec)
     torch_a, torch_b, onnx_m, std_t, std_o = [], [], [], [], []
-    for x in inputs:
-        ta = np.stack([_run_torch(model, x) for _ in range(k)]).astype(np.float64)
-        tb = np.stack([_run_torch(model, x) for _ in range(k)]).astype(np.float64)
-        oo = np.stack([_run_onnx(session, spec, x) for _ in range(k)]).astype(np.float64)
-        torch_a.append(to_uint8_image(ta.mean(0), spec))
-        torch_b.append(to_uint8_image(tb.mean(0), spec))
-        onnx_m.append(to_uint8_image(oo.mean(0), spec))
-        std_t.append(float(ta.std(0).mean()))
-        std_o.append(float(oo.std(0).mean()))
+    with onnx_run.backend:
+        for x in inputs:
+            ta = np.stack([torch_run(x) for _ in range(k)]).astype(np.float64)
+            tb = np.stack([torch_run(x) for _ in range(k)]).astype(np.float64)
+            oo = np.stack([onnx_run(x) for _ in range(k)]).astype(np.float64)
+            torch_a.append(to_uint8_image(ta.mean(0), spec))
+            torch_b.append(to_uint8_image(tb.mean(0), spec))
+            onnx_m.append(to_uint8_image(oo.mean(0), spec))
+            std_t.append(float(ta.std(0).mean()))
+            std_o.append(float(oo.std(0).mean()))
     a, b, o = np.concatenate(torch_a), np.concatenate(torch_b), np.concatenate(onnx_m)
     torch_vs_torch = psnr(a, b)
     ratio = float(np.mean(std_o) / max(np.mean(std_t), 1e-12))
@@ -280,7 +167,7 @@ def verify_stochastic_generator(artifact: str | os.PathLike, model: nn.Module, s
 
 
 def verify(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-           *, thresholds: Thresholds = Thresholds(), stochastic: bool = False) -> GateReport:
+           *, thresholds: Thresholds = THRESHOLDS, stochastic: bool = False) -> GateReport:
     """`stochastic`: the artifact samples random dropout masks (a `--train-mode --dropout` export)."""
     require("onnxruntime", extra="cpu", purpose="Verifying exported models")
     if spec.task is Task.SEGMENTATION:

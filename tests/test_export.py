@@ -250,3 +250,30 @@ def test_final_resize_is_made_planar_and_computes_the_same():
     np.testing.assert_allclose(run(changed, x), run(original, x), rtol=1e-6, atol=1e-6)
     one_row = graph((1, 48))  # the two modes differ for an output length of 1: left alone
     assert keep_final_resize_planar(one_row) == [] and modes(one_row)["final"] == b"half_pixel"
+
+
+def test_one_comparator_checks_any_backend_against_the_reference_onnx(seg_checkpoint, seg_onnx, tmp_path):
+    """The engine check's code path, run on CPU backends: an FP16 export on ort-cpu and the FP32 export on OpenCV
+    pass against the FP32 ONNX on ort-cpu; an untrained model with the same spec fails."""
+    from edgepix.export.compare import compare_backends
+    from edgepix.export.pipeline import ExportFormat
+    from edgepix.train.checkpoint import load_checkpoint, save_checkpoint, wrap_state_dict
+    from edgepix.train.registry import create_model
+
+    fp16 = run_export(ExportRequest(seg_checkpoint, format=ExportFormat.ONNX_FP16, out=tmp_path / "fp16.onnx",
+                                    verify=False)).path
+    report = compare_backends(fp16, "ort-cpu", seg_onnx, n=6)
+    assert report.passed, report.format()
+    assert [c.name for c in report.checks] == ["argmax agreement"] and report.checks[0].threshold == 0.995
+    assert report.format().startswith("backend check for ")
+    assert compare_backends(seg_onnx, "opencv", seg_onnx, n=4).passed
+
+    spec = load_checkpoint(seg_checkpoint)["spec"]
+    torch.manual_seed(1)
+    untrained = tmp_path / "untrained.pt"
+    save_checkpoint(untrained, wrap_state_dict(create_model("fastscnn", num_classes=spec.num_classes).state_dict(),
+                                               arch="fastscnn", arch_kwargs={"num_classes": spec.num_classes},
+                                               spec=spec))
+    wrong = run_export(ExportRequest(untrained, out=tmp_path / "wrong.onnx", verify=False)).path
+    failing = compare_backends(wrong, "ort-cpu", seg_onnx, n=4)
+    assert not failing.passed and failing.checks[0].measured < 0.9
