@@ -33,8 +33,16 @@ from torch.utils.data import Dataset
 from edgepix.runtime.errors import DataError
 from edgepix.runtime.spec import ModelSpec
 
-from .data import (IMAGE_SUFFIXES, SYNTHETIC_VAL_SEED, ClassInfo, SegmentationSource, SyntheticSource, _stem_hash,
-                   open_source, read_image)
+from .data import (
+    IMAGE_SUFFIXES,
+    SYNTHETIC_VAL_SEED,
+    ClassInfo,
+    SegmentationSource,
+    SyntheticSource,
+    _stem_hash,
+    open_source,
+    read_image,
+)
 from .transforms import normalize
 
 VAL_FRACTION = 0.1

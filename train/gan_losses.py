@@ -16,14 +16,13 @@ pix2pix: L_G = L_GAN(G, D) + lambda * L1(G(A), B), lambda = 100; the discriminat
 optimising D ("we divide the objective by 2 while optimizing D, which slows down the rate at which D learns
 relative to G", Isola et al.), which the trainer does with `d_scale = 0.5`.
 
-The EMA of generator weights is the segmentation trainer's `edgepix.train.segmentation.ModelEMA` (one class for
+The EMA of generator weights is the trainers' shared `edgepix.train.loop.ModelEMA` (one class for
 both); the trainer saves it as the checkpoint's "ema" entry, which `model_from_checkpoint` prefers for export.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 
 import torch
 import torch.nn.functional as F

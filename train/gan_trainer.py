@@ -48,18 +48,34 @@ from edgepix.runtime.generator import tile_grid
 from edgepix.runtime.metrics import psnr
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
-
-from .checkpoint import prepare_run, save_checkpoint
-from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, dist_info_from_env, init_distributed,
-                          shutdown_distributed)
 from edgepix.runtime.synthetic import APPEARANCES
 
+from .checkpoint import prepare_run, save_checkpoint
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_flag,
+    dist_info_from_env,
+    init_distributed,
+    shutdown_distributed,
+)
 from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, open_pair_source, pregenerate
 from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
+from .loop import (
+    ModelEMA,
+    cpu_cores,
+    cpu_state,
+    gather_rng_states,
+    resolve_device,
+    restored_threads,
+    run_log,
+    seed_everything,
+    worker_init,
+    write_metrics_csv,
+)
 from .models.pix2pix import VARIANTS
 from .registry import create_model, get_entry
-from .segmentation import (ModelEMA, _cpu_state, _gather_rng_states, _worker_init, cpu_cores, run_log,
-                           resolve_device, seed_everything, write_metrics_csv)
 
 log = logging.getLogger("edgepix.train")
 
@@ -320,14 +336,15 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
     check_models_fit(cfg)
 
     device = resolve_device(cfg.device, info)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
-    init_distributed(info, device)
-    try:
-        with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
-            return _Run(cfg, info, device, ckpt).train(on_epoch_end)
-    finally:
-        shutdown_distributed()
+    with restored_threads():
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
+        init_distributed(info, device)
+        try:
+            with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
+                return _Run(cfg, info, device, ckpt).train(on_epoch_end)
+        finally:
+            shutdown_distributed()
 
 
 class _Run:
@@ -429,7 +446,7 @@ class _Run:
         workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
         loader = DataLoader(dataset, batch_size=cfg.batch // info.world_size, sampler=sampler, drop_last=True,
                             num_workers=workers, pin_memory=device.type == "cuda",
-                            worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0)
+                            worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0)
         return dataset, sampler, loader
 
     # ---- checks
@@ -516,54 +533,21 @@ class _Run:
                      cfg.gan_mode.value, f" + {cfg.lambda_l1:g} L1" if cfg.kind is GanKind.PIX2PIX else "",
                      cfg.imgsz, cfg.imgsz, info.world_size, self.device, torch.get_num_threads(), cfg.batch, iters,
                      self.start_epoch + 1, cfg.epochs, cfg.epochs)
-        train_t0 = time.perf_counter()
+        self.train_t0 = time.perf_counter()
         train_time_total, images_total, stopped = 0.0, 0, False
         for epoch in range(self.start_epoch, cfg.epochs):
-            dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            self.g_net.train()
-            self.d_net.train()
-            sums: dict[str, float] = {}
-            n_steps, n_images = 0, 0
-            t0 = time.perf_counter()
-            with progress_bar(iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                              quiet=cfg.quiet or not main) as bar:
-                for step, batch in enumerate(loader):
-                    values = self._step(batch, epoch, step)
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_steps += 1
-                    n_images += cfg.batch
-                    bar.update(1)
-                    if step % 5 == 0 or step == iters - 1:
-                        rate = n_images / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix_str(f"D {sums['loss_d'] / n_steps:.3f} G {sums['loss_g'] / n_steps:.3f} "
-                                            f"{rate:.1f} img/s")
-                    if cfg.time_limit is not None:
-                        over = (time.perf_counter() - train_t0) / 60.0 >= cfg.time_limit
-                        if broadcast_flag(over, self.device):
-                            stopped = True
-                            break
-            train_time = time.perf_counter() - t0
-            train_time_total += train_time
-            images_total += n_images
-            keys = sorted(sums)
-            reduced = all_reduce_sum([sums[k] for k in keys] + [float(n_steps)], self.device)
-            means = {k: reduced[i] / max(reduced[-1], 1) for i, k in enumerate(keys)}
-            if not weights_finite(self.G, self.D):
-                raise TrainingDiverged(self._diverged_message("a weight became NaN or Inf", epoch, None))
-            row: dict[str, Any] = {"epoch": epoch + 1, **means, "iterations": n_steps,
-                                   "train_images_per_s": n_images / max(train_time, 1e-9), "train_time_s": train_time}
-            if stopped:
-                row["stopped_early"] = 1
+            row, stopped = self.train_one_epoch(epoch, dataset, sampler, loader)
+            train_time_total += row["train_time_s"]
+            images_total += row.pop("train_images")
+            train_time = row["train_time_s"]
             improved = False
             if main:
-                row.update(self._end_of_epoch(epoch))
+                row.update(self.validate(epoch))
                 if "val_l1" in row and row["val_l1"] < self.best_val_l1:
                     self.best_val_l1, improved = row["val_l1"], True
             row["elapsed_s"] = time.perf_counter() - self.wall0
             self.history.append(row)
-            rng_states = _gather_rng_states(info, self.device)
+            rng_states = gather_rng_states(info, self.device)
             if main:
                 state = self._checkpoint(epoch + 1, row, rng_states)
                 save_checkpoint(self.out / "last.pt", state)
@@ -595,13 +579,56 @@ class _Run:
                  throughput, self.out / "last.pt")
         return GanTrainResult(self.out, int(last.get("epoch", 0)), last, self.history, throughput, wall, stopped)
 
-    # ---- per epoch: samples, validation, checkpoint
+    # ---- per epoch: training, samples and validation, checkpoint
+
+    def train_one_epoch(self, epoch: int, dataset, sampler, loader) -> tuple[dict[str, Any], bool]:
+        """One pass over the data: the epoch's row (mean losses, speed) and whether --time-limit stopped it."""
+        cfg = self.cfg
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        self.g_net.train()
+        self.d_net.train()
+        sums: dict[str, float] = {}
+        n_steps, n_images, stopped = 0, 0, False
+        iters = len(loader)
+        t0 = time.perf_counter()
+        with progress_bar(iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                          quiet=cfg.quiet or not self.main) as bar:
+            for step, batch in enumerate(loader):
+                values = self._step(batch, epoch, step)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+                n_images += cfg.batch
+                bar.update(1)
+                if step % 5 == 0 or step == iters - 1:
+                    rate = n_images / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"D {sums['loss_d'] / n_steps:.3f} G {sums['loss_g'] / n_steps:.3f} "
+                                        f"{rate:.1f} img/s")
+                if cfg.time_limit is not None:
+                    over = (time.perf_counter() - self.train_t0) / 60.0 >= cfg.time_limit
+                    if broadcast_flag(over, self.device):
+                        stopped = True
+                        break
+        train_time = time.perf_counter() - t0
+        keys = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in keys] + [float(n_steps)], self.device)
+        means = {k: reduced[i] / max(reduced[-1], 1) for i, k in enumerate(keys)}
+        if not weights_finite(self.G, self.D):
+            raise TrainingDiverged(self._diverged_message("a weight became NaN or Inf", epoch, None))
+        row: dict[str, Any] = {"epoch": epoch + 1, **means, "iterations": n_steps,
+                               "train_images_per_s": n_images / max(train_time, 1e-9), "train_time_s": train_time,
+                               "train_images": n_images}
+        if stopped:
+            row["stopped_early"] = 1
+        return row, stopped
 
     def _sample_model(self) -> nn.Module:
         return (self.ema.module if self.ema is not None else self.G).eval()
 
     @torch.no_grad()
-    def _end_of_epoch(self, epoch: int) -> dict[str, Any]:
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Samples of the epoch (a grid PNG) and, for pix2pix, L1 and PSNR on the validation pairs."""
         cfg, device = self.cfg, self.device
         model = self._sample_model()
         row: dict[str, Any] = {}
@@ -640,9 +667,9 @@ class _Run:
             "arch": cfg.model,
             "arch_kwargs": self.g_kwargs,
             "spec": self.spec,
-            "model": _cpu_state(self.G.state_dict()),
+            "model": cpu_state(self.G.state_dict()),
             "discriminator": {"arch": cfg.discriminator, "arch_kwargs": self.d_kwargs,
-                              "model": _cpu_state(self.D.state_dict())},
+                              "model": cpu_state(self.D.state_dict())},
             "optimizer": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
             "epoch": epoch,
             "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
@@ -655,6 +682,6 @@ class _Run:
             "torch_version": str(torch.__version__),
         }
         if self.ema is not None:
-            state["ema"] = _cpu_state(self.ema.module.state_dict())
+            state["ema"] = cpu_state(self.ema.module.state_dict())
             state["ema_updates"] = self.ema.updates
         return state

@@ -15,22 +15,18 @@ logs and writes files.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import enum
-import io
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,13 +35,26 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
-from edgepix.runtime.fileio import atomic_write_text
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ModelSpec, Task
 
 from .checkpoint import load_source, prepare_run, save_checkpoint
 from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
 from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, init_distributed, shutdown_distributed
+from .loop import (
+    ModelEMA,
+    broadcast_buffers,
+    cpu_cores,
+    cpu_state,
+    default_workers,
+    gather_rng_states,
+    resolve_device,
+    restored_threads,
+    run_log,
+    seed_everything,
+    worker_init,
+    write_metrics_csv,
+)
 from .losses import LossKind, SegmentationLoss
 from .metrics import SegmentationMeter, SegmentationMetrics
 from .registry import checkpoint_arch, create_model, get_entry, measure_output_stride
@@ -178,69 +187,7 @@ def lr_factor(iteration: int, *, total: int, warmup: int, schedule: Schedule, wa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-class ModelEMA:
-    """Exponential moving average of the weights (timm/YOLO style: the decay ramps up over the first updates)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / 2000))
-        source = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
-            else:
-                value.copy_(source[name])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.module.state_dict(), "updates": self.updates}
-
-
 # ---- helpers -------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EdgepixError("--device cuda: this PyTorch has no usable CUDA device (CPU build or no GPU); "
-                               "use --device cpu")
-        return torch.device("cuda", info.local_rank if info.enabled else (torch.device(name).index or 0))
-    if name != "cpu":
-        raise EdgepixError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return torch.device("cpu")
-
-
-def default_workers(device: torch.device, info: DistInfo) -> int:
-    """Loader processes per training process. On a CPU with few cores per process, loading in the training process
-    is faster: a worker process takes cycles from the training threads (measured on 2 cores: 22 img/s with none,
-    16-20 img/s with one)."""
-    cores = max(1, cpu_cores() // info.local_world_size)
-    if device.type == "cuda":
-        return min(4, cores)
-    return 0 if cores <= 4 else 2
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def make_spec(arch: str, imgsz: tuple[int, int], source: SegmentationSource, *,
@@ -279,12 +226,6 @@ def _frozen_parameters(model: nn.Module, cfg: SegTrainConfig) -> list[nn.Paramet
         raise EdgepixError(f"--freeze-epochs needs a pretrained model with a backbone (--model hf:PATH); "
                            f"{cfg.model} has none")
     return [p for n, p in model.named_parameters() if n in backbone]
-
-
-def _worker_init(_: int) -> None:
-    # OpenCV's thread count is set to 1 in the parent before the workers fork: calling cv2.setNumThreads in a
-    # forked child can deadlock on the parent's thread-pool state.
-    torch.set_num_threads(1)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
@@ -338,20 +279,6 @@ def evaluate(model: nn.Module, loader: DataLoader, meter: SegmentationMeter, dev
 # ---- the run folder ------------------------------------------------------------------------------------
 
 
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    if not history:
-        return
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     """Training loss and validation mIoU / pixel accuracy per epoch; False (and a note) without matplotlib."""
     plt = pyplot(path)
@@ -381,30 +308,6 @@ def plot_curves(path: Path, history: list[dict[str, Any]]) -> bool:
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     return True
-
-
-@contextlib.contextmanager
-def run_log(out: Path, *, quiet: bool, main: bool) -> Iterator[None]:
-    """Create the run folder and send the run's log lines to out/train.log (rank 0 only; other ranks log nothing
-    to files). With `quiet` the lines go only to the file, not to the console."""
-    if not main:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    saved = (log.level, log.propagate)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    if quiet:
-        log.propagate = False
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -459,304 +362,326 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
         get_entry(cfg.model)  # an unknown model name (or an unreadable hf: folder) fails before any data work
 
     device = resolve_device(cfg.device, info)
-    saved_threads = torch.get_num_threads(), cv2.getNumThreads()
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, cpu_cores() // info.local_world_size))
-    # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the training
-    # threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
-    cv2.setNumThreads(1)
-    init_distributed(info, device)
-    try:
-        return _train(cfg, info, device, ckpt, on_epoch_end)
-    finally:
-        shutdown_distributed()
-        torch.set_num_threads(saved_threads[0])
-        cv2.setNumThreads(saved_threads[1])
+    with restored_threads():
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.threads or max(1, cpu_cores() // info.local_world_size))
+        # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the
+        # training threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
+        cv2.setNumThreads(1)
+        init_distributed(info, device)
+        try:
+            with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
+                return _SegmentationRun(cfg, info, device, ckpt).train(on_epoch_end)
+        finally:
+            shutdown_distributed()
 
 
-def _train(cfg: SegTrainConfig, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None,
-           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult | None:
-    wall0 = time.perf_counter()
-    with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
-        return _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0)
+class _SegmentationRun:
+    """One training run, in the shape every edgepix trainer has: set-up (data, model, optimisation, restored
+    state), then per epoch `train_one_epoch`, `validate` and a checkpoint."""
 
+    def __init__(self, cfg: SegTrainConfig, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None):
+        self.cfg, self.info, self.device, self.ckpt = cfg, info, device, ckpt
+        self.main, self.out, self.wall0 = info.is_main, Path(cfg.out), time.perf_counter()
+        if cfg.batch % info.world_size:
+            raise EdgepixError(f"--batch {cfg.batch} must be divisible by the number of processes "
+                               f"({info.world_size})")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+        seed_everything(cfg.seed)
+        train_src, val_src = _open_sources(cfg, info)
+        self._model(train_src)
+        self._data(train_src, val_src)
+        self._optimisation()
+        self._restore()
 
-def _train_inner(cfg, info, device, ckpt, on_epoch_end, wall0) -> TrainResult | None:
-    main = info.is_main
-    out = Path(cfg.out)
-    if cfg.batch % info.world_size:
-        raise EdgepixError(f"--batch {cfg.batch} must be divisible by the number of processes ({info.world_size})")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
-    seed_everything(cfg.seed)
+    # ---- set-up
 
-    train_src, val_src = _open_sources(cfg, info)
-    if ckpt is not None:  # rebuilt from what the checkpoint recorded, so a pretrained model needs no folder now
-        spec = ckpt["spec"]
-        if spec.class_names != train_src.classes.names:
-            raise DataError(f"{cfg.data}: classes {list(train_src.classes.names)} differ from the checkpoint's "
-                            f"{list(spec.class_names)}; resume with the same data")
-        arch, arch_kwargs = ckpt["arch"], ckpt["arch_kwargs"]
-        model = create_model(arch, **arch_kwargs)
-        model.load_state_dict(ckpt["model"])
-    else:
-        entry = get_entry(cfg.model)
-        spec = make_spec(cfg.model, cfg.imgsz, train_src, model_fields=entry.spec_fields)
-        kwargs = {**cfg.model_kwargs, "num_classes": spec.num_classes}
-        if entry.takes_class_names:
-            kwargs["class_names"] = spec.class_names
-        model = create_model(cfg.model, **kwargs)
-        arch, arch_kwargs = checkpoint_arch(model, cfg.model, kwargs)
-        spec = spec.replace(output_stride=measure_output_stride(model, cfg.imgsz))
-    frozen = _frozen_parameters(model, cfg)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
-    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
-        ema.module.load_state_dict(ckpt["ema"])
-        ema.updates = int(ckpt.get("ema_updates", 0))
-    if info.enabled and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    def _model(self, train_src: SegmentationSource) -> None:
+        cfg, ckpt = self.cfg, self.ckpt
+        if ckpt is not None:  # rebuilt from what the checkpoint recorded, so a pretrained model needs no folder now
+            self.spec = ckpt["spec"]
+            if self.spec.class_names != train_src.classes.names:
+                raise DataError(f"{cfg.data}: classes {list(train_src.classes.names)} differ from the checkpoint's "
+                                f"{list(self.spec.class_names)}; resume with the same data")
+            self.arch, self.arch_kwargs = ckpt["arch"], ckpt["arch_kwargs"]
+            model = create_model(self.arch, **self.arch_kwargs)
+            model.load_state_dict(ckpt["model"])
+        else:
+            entry = get_entry(cfg.model)
+            spec = make_spec(cfg.model, cfg.imgsz, train_src, model_fields=entry.spec_fields)
+            kwargs = {**cfg.model_kwargs, "num_classes": spec.num_classes}
+            if entry.takes_class_names:
+                kwargs["class_names"] = spec.class_names
+            model = create_model(cfg.model, **kwargs)
+            self.arch, self.arch_kwargs = checkpoint_arch(model, cfg.model, kwargs)
+            self.spec = spec.replace(output_stride=measure_output_stride(model, cfg.imgsz))
+        self.frozen = _frozen_parameters(model, cfg)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+        if self.ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt.get("ema_updates", 0))
+        if self.info.enabled and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.net = self._wrap()
+        torch.manual_seed(cfg.seed + 1000 * self.info.rank)  # dropout differs per rank; weights came from cfg.seed
 
-    def wrap() -> nn.Module:  # DDP registers the parameters that need gradients: wrap again after (un)freezing
-        if not info.enabled:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def _wrap(self) -> nn.Module:
+        """The model as the training step calls it: DistributedDataParallel registers the parameters that need
+        gradients, so it is made again when the backbone is frozen or unfrozen."""
+        if not self.info.enabled:
+            return self.model
+        device = self.device
+        return nn.parallel.DistributedDataParallel(self.model,
+                                                   device_ids=[device.index] if device.type == "cuda" else None)
 
-    net = wrap()
-    torch.manual_seed(cfg.seed + 1000 * info.rank)  # dropout differs per rank; weights came from cfg.seed
+    def _data(self, train_src: SegmentationSource, val_src: SegmentationSource) -> None:
+        cfg, info, spec = self.cfg, self.info, self.spec
+        self.train_ds = SegmentationDataset(
+            train_src, TrainTransform(cfg.imgsz, cfg.augment, ignore_index=spec.ignore_index,
+                                      pad_value=spec.pad_value), spec, seed=cfg.seed)
+        self.val_ds = SegmentationDataset(val_src, EvalTransform(cfg.imgsz), spec, seed=cfg.seed)
+        self.per_rank_batch = cfg.batch // info.world_size
+        if len(self.train_ds) < cfg.batch:
+            raise DataError(f"{cfg.data}: {len(self.train_ds)} training samples is fewer than one batch "
+                            f"({cfg.batch}); lower --batch or add data")
+        self.sampler = DistributedSampler(self.train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
+        self.workers = cfg.workers if cfg.workers is not None else default_workers(self.device, info)
+        loader_kw = dict(num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+                         worker_init_fn=worker_init if self.workers else None)
+        self.train_loader = DataLoader(self.train_ds, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                       drop_last=True, **loader_kw)
+        val_part = Subset(self.val_ds, list(range(info.rank, len(self.val_ds), info.world_size)))
+        self.val_loader = DataLoader(val_part, batch_size=max(1, self.per_rank_batch), shuffle=False, **loader_kw)
+        self.iters_per_epoch = len(self.train_loader)
 
-    # ---- data
-    train_ds = SegmentationDataset(
-        train_src, TrainTransform(cfg.imgsz, cfg.augment, ignore_index=spec.ignore_index, pad_value=spec.pad_value),
-        spec, seed=cfg.seed)
-    val_ds = SegmentationDataset(val_src, EvalTransform(cfg.imgsz), spec, seed=cfg.seed)
-    per_rank_batch = cfg.batch // info.world_size
-    if len(train_ds) < cfg.batch:
-        raise DataError(f"{cfg.data}: {len(train_ds)} training samples is fewer than one batch ({cfg.batch}); "
-                        "lower --batch or add data")
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    workers = cfg.workers if cfg.workers is not None else default_workers(device, info)
-    loader_kw = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                     worker_init_fn=_worker_init if workers else None)
-    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_kw)
-    val_part = Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
-    val_loader = DataLoader(val_part, batch_size=max(1, per_rank_batch), shuffle=False, **loader_kw)
-    iters_per_epoch = len(train_loader)
+    def _optimisation(self) -> None:
+        cfg, spec = self.cfg, self.spec
+        groups = parameter_groups(self.model, cfg)
+        if self.main and any(g["lr"] != cfg.lr for g in groups):
+            at_lr = sum(p.numel() for g in groups if g["lr"] == cfg.lr for p in g["params"])
+            frozen = sum(p.numel() for p in self.frozen)
+            log.info("fine-tuning: the classifier's %d parameters at lr %g, the other %.2fM at lr x %g%s", at_lr,
+                     cfg.lr, (sum(p.numel() for p in self.model.parameters()) - at_lr) / 1e6,
+                     cfg.pretrained_lr_ratio,
+                     f"; backbone ({frozen / 1e6:.2f}M) frozen for {cfg.freeze_epochs} epochs" if frozen else "")
+        if cfg.optimizer is OptimizerKind.ADAMW:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        total_iters = cfg.epochs * self.iters_per_epoch
+        warmup_iters = min(int(round(cfg.warmup_epochs * self.iters_per_epoch)), total_iters // 2)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(
+            it, total=total_iters, warmup=warmup_iters, schedule=cfg.schedule, warmup_start=cfg.warmup_start,
+            min_ratio=cfg.min_lr_ratio))
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.criterion = SegmentationLoss(cfg.loss, ignore_index=spec.ignore_index, dice_weight=cfg.dice_weight)
+        self.eval_criterion = SegmentationLoss(LossKind.CE, ignore_index=spec.ignore_index)
+        self.meter = SegmentationMeter(spec.num_classes, ignore_index=spec.ignore_index, device=self.device)
 
-    # ---- optimisation
-    groups = parameter_groups(model, cfg)
-    if main and any(g["lr"] != cfg.lr for g in groups):
-        at_lr = sum(p.numel() for g in groups if g["lr"] == cfg.lr for p in g["params"])
-        log.info("fine-tuning: the classifier's %d parameters at lr %g, the other %.2fM at lr x %g%s", at_lr, cfg.lr,
-                 (sum(p.numel() for p in model.parameters()) - at_lr) / 1e6, cfg.pretrained_lr_ratio,
-                 f"; backbone ({sum(p.numel() for p in frozen) / 1e6:.2f}M) frozen for {cfg.freeze_epochs} epochs"
-                 if frozen else "")
-    if cfg.optimizer is OptimizerKind.ADAMW:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    total_iters = cfg.epochs * iters_per_epoch
-    warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
-        it, total=total_iters, warmup=warmup_iters, schedule=cfg.schedule, warmup_start=cfg.warmup_start,
-        min_ratio=cfg.min_lr_ratio))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = SegmentationLoss(cfg.loss, ignore_index=spec.ignore_index, dice_weight=cfg.dice_weight)
-    eval_criterion = SegmentationLoss(LossKind.CE, ignore_index=spec.ignore_index)
-    meter = SegmentationMeter(spec.num_classes, ignore_index=spec.ignore_index, device=device)
-
-    start_epoch, history, best_miou, best_epoch = 0, [], -1.0, 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if use_amp and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"])
-        history = list(ckpt.get("history", []))
-        best_miou = float(ckpt.get("best_miou", -1.0))
-        best_epoch = int(ckpt.get("best_epoch", 0))
+    def _restore(self) -> None:
+        """The resume state: optimizer, schedule, scaler, history, best so far and every rank's RNG."""
+        self.start_epoch, self.history, self.best_miou, self.best_epoch = 0, [], -1.0, 0
+        ckpt, info, device = self.ckpt, self.info, self.device
+        if ckpt is None:
+            return
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.use_amp and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.history = list(ckpt.get("history", []))
+        self.best_miou = float(ckpt.get("best_miou", -1.0))
+        self.best_epoch = int(ckpt.get("best_epoch", 0))
         rng = ckpt.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"][info.rank] if info.rank < len(rng["torch"]) else rng["torch"][0])
         if device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][min(info.rank, len(rng["cuda"]) - 1)], device)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    if main:
+    def _announce(self) -> None:
+        cfg, info, device = self.cfg, self.info, self.device
+        n_params = sum(p.numel() for p in self.model.parameters())
         log.info("%s %s: %.2fM parameters, %d classes, input %dx%d; %d processes (%s), device %s, %d threads, "
-                 "%d workers", "resuming" if ckpt else "training", cfg.model, n_params / 1e6, spec.num_classes,
-                 *cfg.imgsz, info.world_size, "gloo" if device.type == "cpu" else "nccl" if info.enabled else "-",
-                 device, torch.get_num_threads(), workers)
+                 "%d workers", "resuming" if self.ckpt else "training", cfg.model, n_params / 1e6,
+                 self.spec.num_classes, *cfg.imgsz, info.world_size,
+                 "gloo" if device.type == "cpu" else "nccl" if info.enabled else "-", device,
+                 torch.get_num_threads(), self.workers)
         log.info("%d training samples, %d validation samples; batch %d (%d per process), %d iterations per epoch, "
-                 "epochs %d-%d of %d", len(train_ds), len(val_ds), cfg.batch, per_rank_batch, iters_per_epoch,
-                 start_epoch + 1, cfg.epochs, cfg.epochs)
+                 "epochs %d-%d of %d", len(self.train_ds), len(self.val_ds), cfg.batch, self.per_rank_batch,
+                 self.iters_per_epoch, self.start_epoch + 1, cfg.epochs, cfg.epochs)
 
-    train_time_total, train_images_total = 0.0, 0
-    metrics: SegmentationMetrics | None = None
-    for epoch in range(start_epoch, cfg.epochs):
-        freeze = epoch < cfg.freeze_epochs
-        if frozen and frozen[0].requires_grad == freeze:
-            for p in frozen:
+    # ---- per epoch
+
+    def _set_frozen(self, epoch: int) -> None:
+        freeze = epoch < self.cfg.freeze_epochs
+        if self.frozen and self.frozen[0].requires_grad == freeze:
+            for p in self.frozen:
                 p.requires_grad_(not freeze)
-            net = wrap()
-            if main:
+            self.net = self._wrap()
+            if self.main:
                 log.info("backbone %s from epoch %d", "frozen" if freeze else "unfrozen", epoch + 1)
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        net.train()
+
+    def train_one_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        self._set_frozen(epoch)
+        self.train_ds.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.net.train()
         loss_sum, loss_count, n_images = 0.0, 0, 0
         t0 = time.perf_counter()
-        bar = progress_bar(iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                           quiet=cfg.quiet or not main)
+        bar = progress_bar(self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                           quiet=cfg.quiet or not self.main)
         with bar:
-            for step, (images, masks) in enumerate(train_loader):
+            for step, (images, masks) in enumerate(self.train_loader):
                 images = images.to(device, non_blocking=True)
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 masks = masks.to(device, non_blocking=True).long()
-                with torch.autocast(device.type, enabled=use_amp):
-                    logits = net(images)
-                    loss = criterion(logits, masks)
-                if not torch.isfinite(loss):
-                    raise EdgepixError(f"the loss became {loss.item()} at epoch {epoch + 1}, iteration {step + 1}; "
-                                       f"lower --lr (now {cfg.lr}) or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
+                loss = self._step(images, masks, epoch, step)
                 loss_sum += float(loss.detach()) * len(images)
                 loss_count += len(images)
-                n_images += len(images) * info.world_size
+                n_images += len(images) * self.info.world_size
                 bar.update(1)
-                if step % 5 == 0 or step == iters_per_epoch - 1:
+                if step % 5 == 0 or step == self.iters_per_epoch - 1:
                     rate = n_images / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"loss {loss_sum / loss_count:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                                        f"{rate:.1f} img/s")
+                    bar.set_postfix_str(f"loss {loss_sum / loss_count:.4f} "
+                                        f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s")
         train_time = time.perf_counter() - t0
         loss_sum, loss_count = all_reduce_sum([loss_sum, float(loss_count)], device)
-        train_loss = loss_sum / max(loss_count, 1)
-        train_time_total += train_time
-        train_images_total += n_images
-        images_per_s = n_images / max(train_time, 1e-9)
+        return {"epoch": epoch + 1, "train_loss": loss_sum / max(loss_count, 1),
+                "lr": self.optimizer.param_groups[0]["lr"], "train_images_per_s": n_images / max(train_time, 1e-9),
+                "train_time_s": train_time, "train_images": n_images}
 
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
-                               "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": images_per_s,
-                               "train_time_s": train_time}
-        validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        if validate:
-            t1 = time.perf_counter()
-            if info.enabled:
-                _broadcast_buffers(model)
-            eval_model = ema.module if ema is not None else model
-            metrics, val_loss = evaluate(eval_model, val_loader, meter, device, criterion=eval_criterion,
-                                         channels_last=cfg.channels_last, amp=use_amp)
-            row.update({"val_loss": val_loss, "val_miou": metrics.miou,
-                        "val_pixel_accuracy": metrics.pixel_accuracy})
-            row.update({f"iou_{n}": v for n, v in zip(spec.class_names, metrics.iou)})
-            row["val_time_s"] = time.perf_counter() - t1
-        row["elapsed_s"] = time.perf_counter() - wall0
-        # This process's CPU time: comparable between runs on a machine that other work shares.
-        row["cpu_s"] = time.process_time()
-        history.append(row)
-        rng_states = _gather_rng_states(info, device)
+    def _step(self, images: torch.Tensor, masks: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            logits = self.net(images)
+            loss = self.criterion(logits, masks)
+        if not torch.isfinite(loss):
+            raise EdgepixError(f"the loss became {loss.item()} at epoch {epoch + 1}, iteration {step + 1}; "
+                               f"lower --lr (now {cfg.lr}) or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss
 
-        improved = validate and metrics is not None and metrics.miou > best_miou
+    def validate(self) -> tuple[SegmentationMetrics, dict[str, Any]]:
+        """Metrics of the weights the checkpoint will hold (the EMA's when there is one), reduced over ranks."""
+        t1 = time.perf_counter()
+        if self.info.enabled:
+            broadcast_buffers(self.model)
+        eval_model = self.ema.module if self.ema is not None else self.model
+        metrics, val_loss = evaluate(eval_model, self.val_loader, self.meter, self.device,
+                                     criterion=self.eval_criterion, channels_last=self.cfg.channels_last,
+                                     amp=self.use_amp)
+        row = {"val_loss": val_loss, "val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy,
+               **{f"iou_{n}": v for n, v in zip(self.spec.class_names, metrics.iou)},
+               "val_time_s": time.perf_counter() - t1}
+        return metrics, row
+
+    def _save(self, epoch: int, row: dict[str, Any], *, improved: bool, rng_states) -> None:
+        state = self._checkpoint(epoch, row, rng_states)
+        save_checkpoint(self.out / "last.pt", state)
         if improved:
-            best_miou, best_epoch = metrics.miou, epoch + 1
-        if main:
-            state = _checkpoint(cfg, spec, arch, arch_kwargs, model, ema, optimizer, scheduler,
-                                scaler if use_amp else None, epoch + 1, row, history, best_miou, best_epoch,
-                                rng_states, info)
-            save_checkpoint(out / "last.pt", state)
+            save_checkpoint(self.out / "best.pt", state)
+        write_metrics_csv(self.out / "metrics.csv", self.history)
+        plot_curves(self.out / "curves.png", self.history)
+
+    def train(self, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult | None:
+        cfg = self.cfg
+        if self.main:
+            self._announce()
+        train_time_total, train_images_total = 0.0, 0
+        metrics: SegmentationMetrics | None = None
+        for epoch in range(self.start_epoch, cfg.epochs):
+            row = self.train_one_epoch(epoch)
+            train_time_total += row["train_time_s"]
+            train_images_total += row.pop("train_images")
+            validated = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if validated:
+                metrics, val_row = self.validate()
+                row.update(val_row)
+            row["elapsed_s"] = time.perf_counter() - self.wall0
+            # This process's CPU time: comparable between runs on a machine that other work shares.
+            row["cpu_s"] = time.process_time()
+            self.history.append(row)
+            rng_states = gather_rng_states(self.info, self.device)
+            improved = validated and metrics is not None and metrics.miou > self.best_miou
             if improved:
-                save_checkpoint(out / "best.pt", state)
-            write_metrics_csv(out / "metrics.csv", history)
-            plot_curves(out / "curves.png", history)
-            message = (f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  lr {row['lr']:.2e}  "
-                       f"{images_per_s:.1f} img/s  ({train_time:.0f} s)")
-            if validate:
-                message += (f"  val loss {row['val_loss']:.4f}  mIoU {metrics.miou:.4f}  "
-                            f"pixel acc {metrics.pixel_accuracy:.4f}" + ("  *best*" if improved else ""))
-            log.info(message)
-        barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, row)
+                self.best_miou, self.best_epoch = metrics.miou, epoch + 1
+            if self.main:
+                self._save(epoch + 1, row, improved=improved, rng_states=rng_states)
+                log.info(_epoch_line(row, cfg.epochs, improved=improved))
+            barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+        if not self.main:
+            return None
+        return self._summary(metrics, train_time_total, train_images_total)
 
-    if not main:
-        return None
-    wall = time.perf_counter() - wall0
-    throughput = train_images_total / max(train_time_total, 1e-9)
-    if metrics is not None:
-        per_class = "  ".join(f"{n} {v:.3f}" for n, v in zip(spec.class_names, metrics.iou))
-        log.info("per-class IoU (epoch %d): %s", cfg.epochs, per_class)
-    log.info("done: %d epochs in %.1f s (%.1f min); best val mIoU %.4f at epoch %d; training %.1f images/s; "
-             "checkpoints %s, %s", cfg.epochs, wall, wall / 60, best_miou, best_epoch, throughput,
-             out / "best.pt", out / "last.pt")
-    final = history[-1] if history else {}
-    return TrainResult(out, cfg.epochs, best_miou, best_epoch, final, history, throughput, wall)
+    def _summary(self, metrics: SegmentationMetrics | None, train_time: float, train_images: int) -> TrainResult:
+        cfg, out = self.cfg, self.out
+        wall = time.perf_counter() - self.wall0
+        throughput = train_images / max(train_time, 1e-9)
+        if metrics is not None:
+            per_class = "  ".join(f"{n} {v:.3f}" for n, v in zip(self.spec.class_names, metrics.iou))
+            log.info("per-class IoU (epoch %d): %s", cfg.epochs, per_class)
+        log.info("done: %d epochs in %.1f s (%.1f min); best val mIoU %.4f at epoch %d; training %.1f images/s; "
+                 "checkpoints %s, %s", cfg.epochs, wall, wall / 60, self.best_miou, self.best_epoch, throughput,
+                 out / "best.pt", out / "last.pt")
+        final = self.history[-1] if self.history else {}
+        return TrainResult(out, cfg.epochs, self.best_miou, self.best_epoch, final, self.history, throughput, wall)
 
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's BatchNorm statistics (the ones rank 0 saves), so validation on every shard uses the
-    weights of the checkpoint and the reduced metrics are those of the saved model."""
-    for buffer in model.buffers():
-        torch.distributed.broadcast(buffer, src=0)
-
-
-def _gather_rng_states(info: DistInfo, device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """Every rank's torch (and CUDA) RNG state, gathered on all ranks so rank 0 can save them."""
-    states = {"torch": [torch.get_rng_state()]}
-    if device.type == "cuda":
-        states["cuda"] = [torch.cuda.get_rng_state(device)]
-    if not info.enabled:
-        return states
-    gathered: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, {k: v[0] for k, v in states.items()})
-    return {k: [g[k] for g in gathered] for k in states}
-
-
-def _checkpoint(cfg, spec, arch, arch_kwargs, model, ema, optimizer, scheduler, scaler, epoch, row, history, best_miou,
-                best_epoch, rng_states, info) -> dict[str, Any]:
-    state = {
-        "arch": arch,
-        "arch_kwargs": arch_kwargs,
-        "spec": spec,
-        "model": _cpu_state(model.state_dict()),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
-        "best_miou": best_miou,
-        "best_epoch": best_epoch,
-        "history": history,
-        "train_config": cfg.to_dict(),
-        "rng": rng_states,
-        "world_size": info.world_size,
-        "edgepix_version": __version__,
-        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it
-    }
-    if ema is not None:
-        state["ema"] = _cpu_state(ema.module.state_dict())
-        state["ema_updates"] = ema.updates
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    return state
+    def _checkpoint(self, epoch: int, row: dict[str, Any], rng_states) -> dict[str, Any]:
+        state = {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "spec": self.spec,
+            "model": cpu_state(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "train_config": self.cfg.to_dict(),
+            "rng": rng_states,
+            "world_size": self.info.world_size,
+            "edgepix_version": __version__,
+            "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it
+        }
+        if self.ema is not None:
+            state["ema"] = cpu_state(self.ema.module.state_dict())
+            state["ema_updates"] = self.ema.updates
+        if self.use_amp:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
 
-def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+def _epoch_line(row: dict[str, Any], epochs: int, *, improved: bool) -> str:
+    line = (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{row['train_images_per_s']:.1f} img/s  ({row['train_time_s']:.0f} s)")
+    if "val_miou" in row:
+        line += (f"  val loss {row['val_loss']:.4f}  mIoU {row['val_miou']:.4f}  "
+                 f"pixel acc {row['val_pixel_accuracy']:.4f}" + ("  *best*" if improved else ""))
+    return line
 
 
 # ---- evaluation of a checkpoint ------------------------------------------------------------------------
@@ -785,13 +710,10 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val
         raise ModelFormatError(f"{path}: a {spec.task.value} checkpoint; `val seg` needs a segmentation model")
     info = DistInfo()
     dev = resolve_device(device, info)
-    saved_threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(cpu_cores())
-    try:
+    with restored_threads():
+        if dev.type == "cpu":
+            torch.set_num_threads(cpu_cores())
         return _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, workers, synthetic_n, quiet, t0)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 def _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, workers, synthetic_n, quiet,
@@ -809,7 +731,7 @@ def _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, worke
     model = model.to(dev).to(memory_format=torch.channels_last)
     dataset = SegmentationDataset(source, EvalTransform(spec.input_size), spec)
     loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
-                        worker_init_fn=_worker_init if workers else None)
+                        worker_init_fn=worker_init if workers else None)
     meter = SegmentationMeter(spec.num_classes, ignore_index=spec.ignore_index, device=dev)
     with progress_bar(len(dataset), desc="val", unit="img", quiet=quiet) as bar:
         metrics, loss = evaluate(model, loader, meter, dev, criterion=SegmentationLoss(ignore_index=spec.ignore_index),
