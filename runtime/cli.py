@@ -32,12 +32,15 @@ def register(subparsers) -> None:
                     "a folder, a glob, synthetic:// (the default). Sinks: display:// (the default when there is a "
                     "screen), a video file (.mp4 .avi .mkv .webm), a folder/, http://HOST:PORT (MJPEG + page; "
                     "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.")
-    p.add_argument("model", type=Path, help="an exported .onnx file (or a TensorRT .engine)")
+    p.add_argument("model", type=Path,
+                   help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
+                        "the server")
     p.add_argument("--source", "-s", action="append", default=[], metavar="URI",
                    help="where frames come from (repeat for several streams, batched together)")
     p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
                    help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
-    p.add_argument("--backend", default="auto", help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
+    p.add_argument("--backend", default="auto",
+                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt, triton)")
     p.add_argument("--vis", choices=VIS_MODES, default="overlay", help="how to draw the classes")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay (0..1)")
     p.add_argument("--classes", nargs="+", type=_class_key, metavar="CLASS",
@@ -58,6 +61,9 @@ def register(subparsers) -> None:
     g.add_argument("--batch-timeout", type=float, default=40.0, metavar="MS",
                    help="multi-stream: push a partial batch after MS milliseconds (default 40)")
     g.add_argument("--max-batch", type=int, help="multi-stream: frames per inference call (default: one per stream)")
+    g.add_argument("--triton-url", metavar="URL",
+                   help="--backend triton: the server, HOST:PORT or http://HOST:PORT (HTTP, default localhost:8000) "
+                        "or grpc://HOST:PORT")
     g = p.add_argument_group("sources")
     g.add_argument("--input-size", type=_size, metavar="WxH", help="requested camera mode, e.g. 1280x720")
     g.add_argument("--input-fps", type=float, metavar="FPS", help="requested camera frame rate")
@@ -69,8 +75,8 @@ def register(subparsers) -> None:
                    help="auto: TCP, or UDP when the server refuses TCP")
     g.add_argument("--reconnect-attempts", type=int, metavar="N",
                    help="live sources: reopen tries per outage (default unlimited; 0: end the stream)")
-    g.add_argument("--backoff-max", type=float, default=2.0, metavar="S",
-                   help="longest wait between reopen tries (the wait doubles from 0.25 s)")
+    g.add_argument("--backoff-max", type=float, default=0.5, metavar="S",
+                   help="longest wait between reopen tries (the wait doubles from 0.25 s; default 0.5)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -81,8 +87,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .errors import InputError, ModelFormatError
-    from .fileio import atomic_write_text
+    from .errors import InputError, ModelFormatError, SinkError
+    from .fileio import atomic_write_text, check_writable
     from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, summary_line, tune_malloc
     from .render import RenderOptions
     from .segmenter import Segmenter
@@ -102,7 +108,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if model.suffix.lower() in (".pt", ".pth", ".ckpt"):
         raise ModelFormatError(f"{model} is a training checkpoint; the runtime runs exported models: "
                                f"edgepix export {model} (then pass the .onnx)")
-    if not model.exists():
+    if args.triton_url is not None and args.backend != "triton":
+        raise InputError(f"--triton-url applies to --backend triton, not {args.backend}")
+    if not model.exists() and args.backend != "triton":  # a triton model is a name on the server
         raise ModelFormatError(f"model file not found: {model}")
     for name in ("workers", "threads", "max_frames", "max_batch"):
         value = getattr(args, name)
@@ -128,6 +136,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             log.info("no --sink and no display:// (%s): frames are only counted; add --sink http://0.0.0.0:8080 "
                      "to watch in a browser or --sink out.mp4 to keep them", reason)
     sinks = [make_sink(u, hud=not args.no_hud) for u in sink_uris]
+    # Every file the run will write is checked now (folders, permissions, stale partial files of a killed run),
+    # before the model loads, so a bad path fails in milliseconds rather than after the whole run.
+    for sink in sinks:
+        sink.preflight()
+    if args.stats is not None:
+        check_writable(args.stats, "--stats", SinkError)
     render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
                            hide=tuple(args.hide), legend=args.legend)
     plan = choose_workers(resolve_backend(model, args.backend), workers=args.workers, threads=args.threads)
@@ -137,7 +151,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         for source in sources:
             source.start()
-        seg = Segmenter.load(model, plan.backend, render=render, **plan.backend_options())
+        server = {"url": args.triton_url} if args.triton_url is not None else {}
+        seg = Segmenter.load(model, plan.backend, render=render, **plan.backend_options(), **server)
     except BaseException:
         for source in sources:
             source.close()
@@ -161,14 +176,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
         pipeline.stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed_run = True
     try:
         stats = pipeline.run()
+        failed_run = False
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         seg.close()
         if args.stats is not None:
-            atomic_write_text(args.stats, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
+            try:
+                atomic_write_text(args.stats, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
+            except OSError as e:
+                message = f"cannot write --stats {args.stats}: {e.strerror or e}"
+                if not failed_run:
+                    raise SinkError(message) from None
+                log.error("%s", message)  # the run's own error follows; it is the one that matters
     if not args.quiet:
         print(summary_line(stats), file=sys.stderr)
     failed = [s for s in stats["streams"] if s.get("error")]

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--grid", type=Path, help="also tile the images into this PNG (noise models; at most 256)")
     p.add_argument("--grid-cols", type=int, default=None, help="grid columns (default: square)")
     p.add_argument("--frame-size", action="store_true", help="image models: resize outputs back to the input size")
-    p.add_argument("--backend", default="auto", help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
+    p.add_argument("--backend", default="auto",
+                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
     p.add_argument("--threads", type=int, help="threads per inference call (CPU backends)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing (default 1)")
     p.set_defaults(func=cmd_generate)
@@ -58,12 +59,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError("a noise -> image model needs --num N (N >= 1) images to generate")
         if args.out is None and args.grid is None:
             raise InputError("give --out DIR and/or --grid FILE: nowhere to put the images")
+        _check_outputs(args, out_is_video=False)
         return _generate_noise(args)
     if task is Task.GENERATION_IMAGE:
         if args.input is None:
             raise InputError(f"{args.model.name} is an image -> image model: give --input DIR|IMAGE|VIDEO")
         if args.out is None:
             raise InputError("give --out DIR (or --out FILE.mp4 for a video input)")
+        _check_outputs(args, out_is_video=args.out.suffix.lower() in VIDEO_SUFFIXES)
         return _generate_images(args)
     raise InputError(f"{args.model.name} is a {task.value} model; `edgepix generate` runs generators "
                      f"(use `edgepix segment` for segmentation)")
@@ -81,13 +84,43 @@ def _read_spec(path: Path):
     return ModelSpec.load_json(manifest) if manifest.exists() else None
 
 
+def _check_outputs(args: argparse.Namespace, *, out_is_video: bool) -> None:
+    """Check every path the run will write before the model loads (a bad --grid must not cost the whole run)."""
+    import cv2
+
+    from .errors import InputError, SinkError
+    from .fileio import check_writable, check_writable_folder
+
+    if args.grid is not None:
+        if not cv2.haveImageWriter(str(args.grid)):
+            raise InputError(f"--grid {args.grid}: expected an image file name such as grid.png")
+        check_writable(args.grid, "--grid", SinkError)
+    if args.out is not None:
+        if out_is_video:
+            check_writable(args.out, "--out video", SinkError)
+        else:
+            check_writable_folder(args.out, "--out folder", SinkError)
+
+
 def _write(path: Path, image) -> None:
     import cv2
 
     from .errors import SinkError
 
     if not cv2.imwrite(str(path), image):
-        raise SinkError(f"cannot write {path}")
+        raise SinkError(f"cannot write {path} (disk full or not writable?)")
+
+
+def _write_atomic(path: Path, image) -> None:
+    """An image that appears complete or not at all (the partial name keeps the extension cv2 needs)."""
+    from .errors import SinkError
+    from .fileio import atomic_output
+
+    try:
+        with atomic_output(path) as tmp:
+            _write(tmp, image)
+    except OSError as e:
+        raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _closing_line(what: str, n: int, seconds: float, batch_ms: list[float], backend: str, batch: int) -> str:
@@ -131,8 +164,7 @@ def _generate_noise(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         backend = gen.backend.name if hasattr(gen.backend, "name") else type(gen.backend).__name__
     if keep_for_grid:
-        args.grid.parent.mkdir(parents=True, exist_ok=True)
-        _write(args.grid, tile_grid(keep_for_grid, cols=args.grid_cols))
+        _write_atomic(args.grid, tile_grid(keep_for_grid, cols=args.grid_cols))
     # Throughput of the generation itself (latents + inference + conversion), not of PNG encoding, is below.
     gen_s = float(np.sum(batch_ms)) / 1e3
     print(_closing_line("generated", done, gen_s, batch_ms, backend, batch)
@@ -165,9 +197,10 @@ def _image_inputs(text: str):
 def _generate_images(args: argparse.Namespace) -> int:
     import cv2
 
-    from .errors import InputError, SinkError, SourceError
+    from .errors import InputError, SourceError
     from .generator import ImageGenerator
     from .progress import progress_bar
+    from .sinks import VIDEO_CODECS, VideoFileWriter
 
     kind, items = _image_inputs(args.input)
     to_video = args.out.suffix.lower() in VIDEO_SUFFIXES
@@ -223,21 +256,22 @@ def _generate_images(args: argparse.Namespace) -> int:
                         for out in outputs:
                             if to_video:
                                 if writer is None:
-                                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                                    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if args.out.suffix.lower() in
-                                                                      (".mp4", ".m4v", ".mov") else "MJPG"))
-                                    writer = cv2.VideoWriter(str(args.out), fourcc, fps, (out.shape[1], out.shape[0]))
-                                    if not writer.isOpened():
-                                        raise SinkError(f"cannot write the video {args.out}")
-                                writer.write(out)
+                                    # The stream sink's writer: every write checked, the file verified and
+                                    # renamed into place only when complete.
+                                    writer = VideoFileWriter(args.out, fps, False,
+                                                             VIDEO_CODECS[args.out.suffix.lower()])
+                                writer.write(out, 0.0)
                             else:
                                 _write(args.out / f"{n:06d}.png", out)
                             n += 1
                         bar.update(len(frames))
+                if writer is not None:
+                    writer.close()  # a SinkError if the finished file is incomplete
+                    writer = None
             finally:
                 cap.release()
-                if writer is not None:
-                    writer.release()
+                if writer is not None:  # an error above: no half-written video at --out
+                    writer.abandon()
         seconds = time.perf_counter() - t0
     if n == 0:
         raise SourceError(f"--input {args.input}: no frames")

@@ -124,6 +124,8 @@ def choose_workers(backend: str, *, cores: int | None = None, workers: int | Non
     cores = cores or cpu_count()
     if backend == "opencv":
         return WorkerPlan(backend, 1, threads)
+    if backend == "triton":  # each worker keeps one request in flight while the others' frames are prepared
+        return WorkerPlan(backend, workers or 4, None)
     if backend == "ort-cpu":
         w = workers or 1
         t = threads or max(1, cores // w)
@@ -319,7 +321,8 @@ class Pipeline:
         for sink in self.sinks:
             bad = [i for i in (sink.streams or ()) if not 0 <= i < len(self.sources)]
             if bad:
-                raise InputError(f"sink {sink.uri}: stream {bad[0]} does not exist (streams 0..{len(self.sources) - 1})")
+                raise InputError(f"sink {sink.uri}: stream {bad[0]} does not exist "
+                                 f"(streams 0..{len(self.sources) - 1})")
         n = len(self.sources)
         self.max_batch = options.max_batch or n
         self.title = title
@@ -432,7 +435,8 @@ class Pipeline:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        if self.options.duration is not None and self.t_start is not None and now - self.t_start >= self.options.duration:
+        duration, start = self.options.duration, self.t_start
+        if duration is not None and start is not None and now - start >= duration:
             self.stop()
         if self._stop.is_set() and not self._stopped_sources:
             self._close_sources()
@@ -765,9 +769,12 @@ class Pipeline:
             "streams": streams,
             "sinks": [r.stats() for r in self._runners],
             "config": {"workers": self.options.workers, "max_batch": self.max_batch,
-                       "batch_timeout_s": self.options.batch_timeout, "model": str(getattr(self.seg.backend, "path", "")),
+                       "batch_timeout_s": self.options.batch_timeout,
+                       "model": str(getattr(self.seg.backend, "path", "")),
                        "backend": getattr(self.seg.backend, "description", ""), "cores": cpu_count(), **self.info},
             "errors": [f"{where}: {e}" for where, e in self._errors],
+            # e.g. the triton backend's client / network / server split
+            **({"backend_stats": self.seg.backend.run_stats()} if hasattr(self.seg.backend, "run_stats") else {}),
         }
 
     def status_line(self) -> str:
@@ -793,6 +800,9 @@ def summary_line(stats: dict) -> str:
     infer = f", infer p50 {st['infer']['p50']:.1f} ms" if "infer" in st else ""
     age = f", frame age p50 {st['frame_age']['p50']:.0f} ms" if "frame_age" in st else ""
     n = len(stats["streams"])
+    # e.g. a video that ended before the frames its container promised
+    warnings = "".join(f"; stream {d['stream_id']}: {d['warning']}" for d in stats["streams"] if d.get("warning"))
     return (f"segmented {stats['frames']} frames from {n} stream{'s' if n != 1 else ''} in {stats['elapsed_s']:.1f} s: "
-            f"{stats['fps']:.1f} fps{infer}{age}; dropped {stats['dropped']}, reconnects {stats['reconnects']}")
+            f"{stats['fps']:.1f} fps{infer}{age}; dropped {stats['dropped']}, reconnects {stats['reconnects']}"
+            f"{warnings}")
 

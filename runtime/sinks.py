@@ -19,12 +19,19 @@ of a file are written one for one at the file's rate.
 
 Sinks that must not lose frames (files, folders) make the pipeline wait for them; the others (display, HTTP,
 null) take the newest frame and count what they skipped, so a slow window or a slow browser never holds up the
-pipeline. An HTTP client that reads slowly gets fewer frames; one that vanishes is dropped after a timeout.
+pipeline. An HTTP client that reads slowly gets fewer frames; one that vanishes is dropped after a timeout; a
+connection that does not send its request within a few seconds is closed, and viewers beyond `?clients=N` (16)
+get a 503 (`http://0.0.0.0:8080?clients=32` allows more), so idle or hostile connections cannot starve the server.
+
+A video that cannot be finished (a full disk, an I/O error) stops the run with one error naming the file and the
+cause, and nothing is left at its path. Partial files that a killed run left behind are removed by the next run
+that writes the same file (see `runtime.fileio`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -43,6 +50,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError, unknown_name
+from .fileio import PartialFile, check_writable, check_writable_folder, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +96,9 @@ class Output:
 
 
 class Sink:
-    """Base class. `open()` checks what can be checked before frames flow (folders, ports, the screen);
-    `write()` runs in the sink's own thread; `close()` finishes files."""
+    """Base class. `preflight()` checks, before the model loads, that the paths the sink will write can be
+    written; `open()` checks what can be checked before frames flow (folders, ports, the screen); `write()` runs
+    in the sink's own thread; `close()` finishes files."""
 
     lossless = True  # False: the pipeline hands over the newest frame and counts skipped ones
     uri: str = ""
@@ -101,6 +110,9 @@ class Sink:
 
     def accepts(self, stream_id: int) -> bool:
         return self.streams is None or stream_id in self.streams
+
+    def preflight(self) -> None:
+        """Raise SinkError now if what this sink writes cannot be written (a run must not fail at its end)."""
 
     def open(self, ctx: SinkContext) -> None:
         self.ctx = ctx
@@ -155,22 +167,47 @@ def _quiet_stderr(quiet: bool) -> Iterator[None]:
         os.close(devnull)
 
 
-class _Writer:
-    """One cv2.VideoWriter: opened at the first frame, written to a temporary name, renamed on close."""
+def _disk_full(folder: Path) -> str | None:
+    """'no space left on device' if the file system holding `folder` is (nearly) full, else None."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+    # root may use the blocks reserved for it, other users may not
+    free = (st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < 1 << 20:
+        return f"no space left on device ({free // 1024} KiB free on the disk holding {folder})"
+    return None
+
+
+class VideoFileWriter:
+    """One cv2.VideoWriter: opened at the first frame, written to a locked partial file beside the target and
+    renamed over the target only once it is closed and verified, so the target is a complete, playable video
+    or absent.
+
+    Every write is checked (OpenCV says whether FFmpeg wrote the frame) and so is the finished file (reopened,
+    its frames counted): a full disk or an I/O error becomes one SinkError naming the file and the cause, and the
+    partial file is deleted (an MP4 without its index is unplayable, so there is nothing worth keeping)."""
 
     def __init__(self, path: Path, fps: float, live: bool, codecs: Sequence[str]) -> None:
         self.path, self.fps, self.live, self.codecs = path, fps, live, codecs
-        self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self.part: PartialFile | None = None
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None  # (W, H)
         self.fourcc = ""
         self.written = 0  # frames in the file (repeats included)
         self.t0: float | None = None
+        self.error: str | None = None  # why the file was given up
+        self.complete = False  # closed, verified and renamed to `path`
 
     def _open(self, image: np.ndarray) -> None:
         h, w = image.shape[:2]
         # Most encoders want even sizes; an odd camera mode is scaled by a pixel.
         self.size = (w + (w & 1), h + (h & 1))
+        try:
+            self.part = PartialFile(self.path)
+        except OSError as e:
+            raise SinkError(f"cannot write video {self.path}: {e.strerror or e}") from None
         for i, fourcc in enumerate(self.codecs):
             if _CODEC_WORKS.get(fourcc) is False:
                 continue
@@ -178,17 +215,20 @@ class _Writer:
             # FFmpeg prints its own errors for an encoder it lacks (the opencv-python wheel has no H.264
             # encoder); a fallback follows, so keep the first trial of each codec quiet.
             with _quiet_stderr(not last and fourcc not in _CODEC_WORKS):
-                writer = cv2.VideoWriter(str(self.tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), self.fps,
-                                         self.size)
+                writer = cv2.VideoWriter(str(self.part.path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc),
+                                         self.fps, self.size)
             _CODEC_WORKS[fourcc] = writer.isOpened()
             if writer.isOpened():
                 self.writer, self.fourcc = writer, fourcc
                 return
             writer.release()
+        self.part.discard()
         raise SinkError(f"cannot write video {self.path}: OpenCV's FFmpeg has none of the codecs "
                         f"{', '.join(self.codecs)} for {self.path.suffix} (try .avi, which uses MJPG)")
 
     def write(self, image: np.ndarray, timestamp: float) -> None:
+        if self.error is not None:
+            return
         if self.writer is None:
             self._open(image)
             self.t0 = timestamp
@@ -203,18 +243,72 @@ class _Writer:
                 return  # faster than the nominal rate: this slot is taken
             repeats = min(repeats, int(self.fps * 5) + 1)  # never pad an outage with more than ~5 s
         for _ in range(repeats):
-            self.writer.write(image)  # type: ignore[union-attr]
-        self.written += repeats
+            # False: FFmpeg could not write the frame (a full disk, an I/O error); None: an OpenCV too old to say
+            if self.writer.write(image) is False:  # type: ignore[union-attr]
+                self._give_up(f"FFmpeg could not write frame {self.written + 1}")
+            self.written += 1
+
+    def _give_up(self, cause: str) -> None:
+        """Delete the partial file and raise one SinkError with the cause (a full disk is named as such)."""
+        cause = _disk_full(self.path.parent) or cause
+        if self.writer is not None:
+            with _quiet_stderr(True):  # FFmpeg complains about the trailer it cannot write either
+                self.writer.release()
+            self.writer = None
+        if self.part is not None:
+            self.part.discard()
+        self.error = f"cannot write video {self.path}: {cause}; the unfinished file ({self.written} frames) was deleted"
+        raise SinkError(self.error)
+
+    def _verify(self) -> str | None:
+        """Why the finished partial file is not a complete, playable video, or None if it is."""
+        with _quiet_stderr(True):
+            cap = cv2.VideoCapture(str(self.part.path), cv2.CAP_FFMPEG)  # type: ignore[union-attr]
+            try:
+                if not cap.isOpened():
+                    return "the finished file does not open (its index could not be written)"
+                count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+                # Some containers estimate their frame count from the duration: allow one frame of rounding.
+                if 0 < count < self.written - 1:
+                    return f"the finished file holds {int(count)} of the {self.written} frames written"
+                if not cap.read()[0]:
+                    return "no frame of the finished file decodes"
+            finally:
+                cap.release()
+        return None
 
     def close(self) -> None:
         if self.writer is None:
             return
         self.writer.release()
         self.writer = None
-        if self.written:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        if not self.written:
+            self.part.discard()  # type: ignore[union-attr]
+            return
+        problem = self._verify()
+        if problem is not None:
+            self._give_up(problem)
+        try:
+            self.part.commit()  # type: ignore[union-attr]
+        except OSError as e:
+            self._give_up(e.strerror or str(e))
+        self.complete = True
+
+    def abandon(self) -> None:
+        """Stop without finishing: the partial file is deleted, the target left as it was."""
+        if self.writer is not None:
+            with _quiet_stderr(True):
+                self.writer.release()
+            self.writer = None
+        if self.part is not None:
+            self.part.discard()
+
+    def stats(self) -> dict:
+        d = {"frames": self.written if self.error is None else 0, "fps": self.fps, "size": self.size,
+             "codec": self.fourcc, "complete": self.complete}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
 
 
 class VideoFileSink(Sink):
@@ -227,17 +321,18 @@ class VideoFileSink(Sink):
             raise SinkError(unknown_name("video file type", suffix, VIDEO_CODECS))
         self.codecs = (codec,) if codec else VIDEO_CODECS[suffix]
         self.fps_override = fps
-        self.writers: dict[int, _Writer] = {}
+        self.writers: dict[int, VideoFileWriter] = {}
+
+    def preflight(self) -> None:
+        check_writable(self.path, "video", SinkError)
 
     def open(self, ctx: SinkContext) -> None:
         super().open(ctx)
-        folder = self.path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SinkError(f"cannot create the folder for {self.path}: {e.strerror or e}") from e
-        if not os.access(folder, os.W_OK):
-            raise SinkError(f"cannot write {self.path}: the folder {folder} is not writable")
+        self.preflight()
+        if self.multi():  # one file per stream: their partial files from a killed run go too
+            for s in ctx.streams:
+                if self.accepts(s.stream_id):
+                    remove_stale_partials(self.path_for(s.stream_id))
 
     def path_for(self, stream_id: int) -> Path:
         if not self.multi():
@@ -249,23 +344,22 @@ class VideoFileSink(Sink):
         if w is None:
             info = self.ctx.streams[out.stream_id]
             fps = self.fps_override or info.fps or 30.0
-            w = self.writers[out.stream_id] = _Writer(self.path_for(out.stream_id), fps, info.live, self.codecs)
+            w = self.writers[out.stream_id] = VideoFileWriter(self.path_for(out.stream_id), fps, info.live, self.codecs)
         w.write(out.image, out.timestamp)
         self.frames_written += 1
 
     def close(self) -> None:
         errors = []
-        for w in self.writers.values():
+        for w in self.writers.values():  # every file is finished, even when one of them fails
             try:
                 w.close()
-            except OSError as e:
-                errors.append(f"{w.path}: {e}")
+            except SinkError as e:
+                errors.append(str(e))
         if errors:
-            raise SinkError("cannot finish video file(s): " + "; ".join(errors))
+            raise SinkError("; ".join(errors))
 
     def stats(self) -> dict:
-        return {**super().stats(), "files": {str(w.path): {"frames": w.written, "fps": w.fps, "size": w.size,
-                                                         "codec": w.fourcc} for w in self.writers.values()}}
+        return {**super().stats(), "files": {str(w.path): w.stats() for w in self.writers.values()}}
 
 
 # ---- image folders ------------------------------------------------------------------------------------------
@@ -287,12 +381,12 @@ class ImageFolderSink(Sink):
         else:
             self.folder, self.pattern = Path(target), "%06d.jpg"
 
+    def preflight(self) -> None:
+        check_writable_folder(self.folder, "image folder", SinkError)
+
     def open(self, ctx: SinkContext) -> None:
         super().open(ctx)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SinkError(f"cannot create image folder {self.folder}: {e.strerror or e}") from e
+        self.preflight()
 
     def write(self, out: Output) -> None:
         folder = self.folder / str(out.stream_id) if self.multi() else self.folder
@@ -444,16 +538,31 @@ class _Latest:
 class HttpSink(Sink):
     """MJPEG over HTTP. Routes: `/` page, `/stream.mjpg` (stream 0) and `/stream/N.mjpg`, `/frame.jpg` and
     `/frame/N.jpg` (one JPEG), `/stats.json`. Every client waits for the newest frame on its own, so a slow or
-    vanished client holds up only itself; a send that blocks longer than `client_timeout` drops the client."""
+    vanished client holds up only itself; a send that blocks longer than `client_timeout` drops the client.
+
+    Bad clients cannot starve the server: a connection must deliver its whole request head within
+    `request_timeout` seconds (a silent connection, or one that stops mid-header, is closed with a 408), at most
+    `max_connections` connections are served at once (more get a 503 at once, without a thread), and at most
+    `max_clients` of them may watch a stream (more get a 503 that says so; the page and /stats.json still work)."""
 
     lossless = False
 
     def __init__(self, uri: str, host: str, port: int, streams: frozenset[int] | None = None, *, quality: int = 80,
-                 client_timeout: float = 10.0) -> None:
+                 client_timeout: float = 10.0, request_timeout: float = 5.0, max_clients: int = 16,
+                 max_connections: int = 128) -> None:
         super().__init__(uri, streams)
+        if max_clients < 1 or max_connections < max_clients:
+            raise SinkError(f"{uri}: expected 1 <= max_clients <= max_connections, got {max_clients} and "
+                            f"{max_connections}")
+        if not 0 < request_timeout <= 60 or not 0 < client_timeout <= 600:
+            raise SinkError(f"{uri}: expected timeouts of 0..60 s (request) and 0..600 s (client), got "
+                            f"{request_timeout} and {client_timeout}")
         self.host, self.port = host, port
         self.quality = quality
         self.client_timeout = client_timeout
+        self.request_timeout = request_timeout
+        self.max_clients = max_clients
+        self.max_connections = max_connections
         self.cond = threading.Condition()
         self.latest: dict[int, _Latest] = {}
         self.closed = False
@@ -461,6 +570,9 @@ class HttpSink(Sink):
         self.clients_total = 0
         self.clients_timed_out = 0
         self.frames_sent = 0
+        self.connections = 0  # open connections (each has a thread)
+        self.requests_timed_out = 0  # connections closed because their request head did not arrive in time
+        self.refused_busy = 0  # connections and viewers turned away with a 503
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -481,11 +593,10 @@ class HttpSink(Sink):
 
         Handler.sink = sink
         try:
-            server = ThreadingHTTPServer((self.host, self.port), Handler)
+            server = _Server((self.host, self.port), Handler, sink)
         except OSError as e:
             raise SinkError(f"{self.uri}: cannot listen on {self.host}:{self.port}: {e.strerror or e}; pick another "
                             "port (or :0 for any free one)") from e
-        server.daemon_threads = True
         self.server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -545,7 +656,62 @@ class HttpSink(Sink):
 
     def stats(self) -> dict:
         return {**super().stats(), "url": self.url, "clients": self.clients, "clients_total": self.clients_total,
-                "clients_timed_out": self.clients_timed_out, "frames_sent": self.frames_sent}
+                "clients_timed_out": self.clients_timed_out, "frames_sent": self.frames_sent,
+                "connections": self.connections, "requests_timed_out": self.requests_timed_out,
+                "refused_busy": self.refused_busy}
+
+
+MAX_REQUEST_HEAD = 16 * 1024  # bytes of request line and headers; a GET needs a few hundred
+
+
+def _send_and_close(conn: socket.socket, code: int, reason: str, text: str) -> None:
+    """A short plain-text response on a connection that gets nothing else; never blocks (the kernel's send buffer
+    of a fresh connection takes a few hundred bytes)."""
+    body = text.encode()
+    head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Retry-After: 5\r\nConnection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(head + body)
+
+
+class _Server(ThreadingHTTPServer):
+    """The stdlib's threading server with a cap on concurrent connections: one past `max_connections` gets a 503
+    from the accepting thread itself, so a flood of connections costs neither threads nor the viewers' time."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of new connections waits instead of being refused
+
+    def __init__(self, address: tuple[str, int], handler: type, sink: HttpSink) -> None:
+        self.sink = sink
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        sink = self.sink
+        with sink.cond:
+            busy = sink.connections >= sink.max_connections
+            if busy:
+                sink.refused_busy += 1
+            else:
+                sink.connections += 1
+        if busy:
+            _send_and_close(request, 503, "Service Unavailable",
+                            f"busy: {sink.max_connections} connections are open; try again in a few seconds\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: this connection is not counted any more
+            with sink.cond:
+                sink.connections -= 1
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.sink.cond:
+                self.sink.connections -= 1
 
 
 def _html(text: str) -> str:
@@ -559,6 +725,42 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
         log.debug("http %s: " + format, self.address_string(), *args)
+
+    def handle(self) -> None:
+        """Read the request head under one deadline, then answer it. The stdlib reads headers line by line with
+        no overall limit, so a client sending nothing, or a byte now and then, would hold its thread forever."""
+        head = self._read_head()
+        if head is not None:
+            self.rfile.close()  # the socket's reader is not used: what arrived is all in `head`
+            self.rfile = io.BytesIO(head)  # the parser reads the request from here; GET requests have no body
+            self.handle_one_request()
+
+    def _read_head(self) -> bytes | None:
+        sink = self.sink
+        deadline = time.monotonic() + sink.request_timeout
+        data = b""
+        while b"\r\n\r\n" not in data and b"\n\n" not in data:
+            remaining = deadline - time.monotonic()
+            if len(data) > MAX_REQUEST_HEAD:
+                _send_and_close(self.connection, 431, "Request Header Fields Too Large", "request head too large\n")
+                return None
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.connection.recv(4096)
+            except TimeoutError:  # socket.timeout is TimeoutError
+                with sink.cond:
+                    sink.requests_timed_out += 1
+                _send_and_close(self.connection, 408, "Request Timeout",
+                                f"no complete request within {sink.request_timeout:g} s\n")
+                return None
+            except OSError:
+                return None
+            if not chunk:  # the client closed the connection
+                return None
+            data += chunk
+        return data
 
     def _send(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)
@@ -596,13 +798,37 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(200, "image/jpeg", data)
             else:
                 self._send(404, "text/plain", b"not found: try / , /stream.mjpg, /frame.jpg or /stats.json\n")
-        except socket.timeout:  # the client stopped reading: drop it, the pipeline never waited for it
+        except TimeoutError:  # the client stopped reading: drop it, the pipeline never waited for it
             with sink.cond:
                 sink.clients_timed_out += 1
         except OSError:
             pass  # the client went away
 
     def _mjpeg(self, stream_id: int) -> None:
+        sink = self.sink
+        with sink.cond:
+            full = sink.clients >= sink.max_clients
+            if full:
+                sink.refused_busy += 1
+            else:
+                sink.clients += 1
+                sink.clients_total += 1
+        if full:
+            self.send_response(503)
+            self.send_header("Retry-After", "5")
+            body = f"busy: {sink.max_clients} viewers are watching already; try again later\n".encode()
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        try:
+            self._mjpeg_frames(stream_id)
+        finally:
+            with sink.cond:
+                sink.clients -= 1
+
+    def _mjpeg_frames(self, stream_id: int) -> None:
         sink = self.sink
         # A small send buffer: frames a slow client has not taken wait here as one newest frame, not as seconds
         # of video queued in the kernel (which would also delay what it sees).
@@ -613,25 +839,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("Connection", "close")
         self.end_headers()
-        with sink.cond:
-            sink.clients += 1
-            sink.clients_total += 1
         seq = 0  # frames are numbered from 1: a client that connects after the first frame gets it at once
-        try:
-            while not sink.closed:
-                if not sink.wait_newer(stream_id, seq, 1.0):
-                    continue
-                seq, data = sink.jpeg(stream_id)
-                if data is None:
-                    continue
-                self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
-                                 .encode() + data + b"\r\n")
-                self.wfile.flush()
-                with sink.cond:
-                    sink.frames_sent += 1
-        finally:
+        while not sink.closed:
+            if not sink.wait_newer(stream_id, seq, 1.0):
+                continue
+            seq, data = sink.jpeg(stream_id)
+            if data is None:
+                continue
+            self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
+                             .encode() + data + b"\r\n")
+            self.wfile.flush()
             with sink.cond:
-                sink.clients -= 1
+                sink.frames_sent += 1
 
 
 def _json_default(value):
@@ -654,7 +873,7 @@ class SinkSpec:
     params: dict = field(default_factory=dict)
 
 
-_SINK_PARAMS = {"stream", "fps", "codec", "quality"}
+_SINK_PARAMS = {"stream", "fps", "codec", "quality", "clients"}
 
 
 def _split_params(text: str) -> tuple[str, dict]:
@@ -681,7 +900,8 @@ def parse_sink(uri: str) -> SinkSpec:
         try:
             streams = frozenset(int(s) for s in params["stream"].split(","))
         except ValueError:
-            raise SinkError(f"{uri}: stream: expected stream numbers such as 0 or 0,2, got {params['stream']!r}") from None
+            raise SinkError(f"{uri}: stream: expected stream numbers such as 0 or 0,2, "
+                            f"got {params['stream']!r}") from None
     scheme, sep, rest = base.partition("://")
     scheme = scheme.lower() if sep else ""
     if scheme == "display":
@@ -717,7 +937,8 @@ def parse_http_address(target: str, uri: str) -> tuple[str, int]:
     try:
         port = int(port_text)
     except ValueError:
-        raise SinkError(f"{uri}: expected http://HOST:PORT such as http://127.0.0.1:8080, got port {port_text!r}") from None
+        raise SinkError(f"{uri}: expected http://HOST:PORT such as http://127.0.0.1:8080, "
+                        f"got port {port_text!r}") from None
     if not 0 <= port <= 65535:
         raise SinkError(f"{uri}: port must be 0..65535, got {port}")
     return host, port
@@ -733,7 +954,9 @@ def make_sink(uri: str | SinkSpec, *, hud: bool = True) -> Sink:
             return NullSink(spec.uri, spec.streams)
         if spec.kind == "http":
             host, port = parse_http_address(spec.target, spec.uri)
-            return HttpSink(spec.uri, host, port, spec.streams, quality=int(p.get("quality", 80)))
+            clients = int(p.get("clients", 16))  # viewers at once; connections in all: eight per viewer
+            return HttpSink(spec.uri, host, port, spec.streams, quality=int(p.get("quality", 80)),
+                            max_clients=clients, max_connections=max(128, 8 * clients))
         if spec.kind == "video":
             return VideoFileSink(spec.uri, Path(spec.target).expanduser(), spec.streams,
                                  fps=float(p["fps"]) if "fps" in p else None, codec=p.get("codec"))

@@ -32,6 +32,7 @@ import contextlib
 import enum
 import glob as globlib
 import logging
+import math
 import os
 import re
 import threading
@@ -54,6 +55,13 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".ts", ".mts"
                   ".flv", ".wmv", ".3gp", ".ogv", ".h264", ".h265", ".hevc", ".mjpeg", ".mjpg", ".y4m")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 MAX_SANE_FPS = 240.0
+MIN_FPS = 0.1  # slowest rate a source may be asked for (one frame per 10 s): slower is a typo, not a camera
+MAX_CAPTURE_SIDE = 16384  # no camera mode is wider or taller
+MAX_SYNTHETIC_SIDE = 4096  # synthetic scenes: 4K is plenty for a test pattern (frames and grain stay < 0.5 GB)
+# A live network stream needs its codec parameters, not FFmpeg's default 5 s / 5 MB of analysis (nor 20 frames
+# of timestamps for the frame rate): with these it opens in a fraction of a second, so a camera that reboots is
+# back as soon as it serves again. 1 MB still holds a keyframe of a 4K H.264 stream.
+LIVE_PROBE_OPTIONS = {"probesize": "1000000", "analyzeduration": "1000000", "fpsprobesize": "3"}
 
 
 # ---- frames ----------------------------------------------------------------------------------------------
@@ -76,7 +84,8 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     Grayscale (H, W) / (H, W, 1), BGRA (H, W, 4), 16-bit (scaled by 1/256) and 0..1 float images are converted.
     """
     if not isinstance(image, np.ndarray) or image.size == 0:
-        raise InputError(f"frame: expected a non-empty image array, got {getattr(image, 'shape', type(image).__name__)}")
+        found = getattr(image, "shape", type(image).__name__)
+        raise InputError(f"frame: expected a non-empty image array, got {found}")
     if image.dtype != np.uint8:
         if image.dtype == np.uint16:
             image = (image >> 8).astype(np.uint8)
@@ -127,8 +136,10 @@ class SourceOptions:
     # "auto": TCP (no smeared frames from lost packets), UDP if the server refuses TCP; "tcp" or "udp" force one
     rtsp_transport: str = "auto"
     reconnect_attempts: int | None = None  # live sources: reopen tries per outage; None: unlimited, 0: never
-    backoff_initial: float = 0.25  # seconds before the first reopen; doubles on each failure ...
-    backoff_max: float = 2.0  # ... up to this
+    backoff_initial: float = 0.25  # seconds before the second reopen; doubles on each failure ...
+    # ... up to this: a refused connection costs the server nothing, and a short wait is what lets a stream
+    # be back within a second of its server's return
+    backoff_max: float = 0.5
     realtime: bool = False  # files: read at their frame rate and keep only the newest frame, like a camera
     loop: bool = False  # files and image lists: start again at the end
     queue_size: int = 3  # frame-by-frame sources: frames decoded ahead of the consumer
@@ -137,13 +148,14 @@ class SourceOptions:
     def __post_init__(self) -> None:
         if self.size is not None:
             w, h = self.size
-            if w < 1 or h < 1:
-                raise SourceError(f"size: expected a positive WIDTHxHEIGHT, got {w}x{h}")
-        if self.fps is not None and not 0 <= self.fps <= 1000:
-            raise SourceError(f"fps: expected 0..1000, got {self.fps}")
+            if not (1 <= w <= MAX_CAPTURE_SIDE and 1 <= h <= MAX_CAPTURE_SIDE):
+                raise SourceError(f"size: expected WIDTHxHEIGHT of 1..{MAX_CAPTURE_SIDE} each, got {w}x{h}")
+        if self.fps is not None:
+            check_fps(self.fps, "fps")
         for name in ("open_timeout", "read_timeout", "backoff_initial", "backoff_max"):
-            if getattr(self, name) <= 0:
-                raise SourceError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= 3600):
+                raise SourceError(f"{name}: expected a positive number of seconds (at most 3600), got {value}")
         if self.rtsp_transport not in ("auto", "tcp", "udp"):
             raise SourceError(unknown_name("RTSP transport", self.rtsp_transport, ("auto", "tcp", "udp")))
         if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
@@ -152,6 +164,19 @@ class SourceOptions:
             raise SourceError(f"queue_size: expected >= 1, got {self.queue_size}")
         if self.codec is not None and len(self.codec) != 4:
             raise SourceError(f"codec: expected a four-character code such as MJPG or YUYV, got {self.codec!r}")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters for an error message (a URI or value may be thousands long)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_fps(fps: float, what: str) -> float:
+    """A requested frame rate: 0 (as fast as possible / the device's default) or MIN_FPS..1000."""
+    if not (fps == 0 or MIN_FPS <= fps <= 1000):  # NaN fails both
+        raise SourceError(f"{what}: expected 0 (as fast as possible) or {MIN_FPS:g}..1000 frames per second, "
+                          f"got {fps}")
+    return fps
 
 
 @dataclass(frozen=True)
@@ -178,9 +203,9 @@ _SYNTHETIC_KEYS = {"size", "fps", "seed", "frames", "speed", "shading"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,9})\s*[xX,]\s*(\d{1,9})\s*", text)
     if not m:
-        raise SourceError(f"size: expected WIDTHxHEIGHT such as 640x480, got {text!r}")
+        raise SourceError(f"size: expected WIDTHxHEIGHT such as 640x480, got {_short(text)!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -236,9 +261,11 @@ def parse_source(uri: str | int | os.PathLike | None, options: SourceOptions = S
         params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
         for key in params:
             if key not in _SYNTHETIC_KEYS:
-                raise SourceError(f"{text}: " + unknown_name("synthetic:// parameter", key, sorted(_SYNTHETIC_KEYS)))
+                raise SourceError(f"{_short(text)}: " + unknown_name("synthetic:// parameter", _short(key),
+                                                                     sorted(_SYNTHETIC_KEYS)))
         spec = SourceSpec(text, SourceKind.SYNTHETIC, "", options, tuple(params.items()))
-        synthetic_fps(spec), synthetic_size(spec), _int_param(spec, "seed", 0), _int_param(spec, "frames", None)
+        synthetic_fps(spec), synthetic_size(spec), synthetic_speed(spec)
+        _int_param(spec, "seed", 0, low=0, high=2**63 - 1), _int_param(spec, "frames", None, low=1)
         return spec
     if scheme in ("v4l2", "") and (text.startswith("/dev/video") or scheme == "v4l2"):
         path, _, query = (rest if scheme else text).partition("?")
@@ -288,30 +315,45 @@ def synthetic_fps(spec: SourceSpec) -> float:
         try:
             fps = float(params["fps"])
         except ValueError:
-            raise SourceError(f"{spec.uri}: fps: expected a number, got {params['fps']!r}") from None
+            raise SourceError(f"{_short(spec.uri)}: fps: expected a number, got {_short(params['fps'])!r}") from None
     else:
         fps = spec.options.fps if spec.options.fps is not None else 30.0
-    if not 0 <= fps <= 1000:
-        raise SourceError(f"{spec.uri}: fps: expected 0..1000 (0: as fast as read), got {fps}")
-    return fps
+    return check_fps(fps, f"{_short(spec.uri)}: fps")
 
 
 def synthetic_size(spec: SourceSpec) -> tuple[int, int]:
     params = dict(spec.params)
     w, h = parse_size(params["size"]) if "size" in params else (spec.options.size or (640, 480))
-    if w < 16 or h < 16:
-        raise SourceError(f"{spec.uri}: size: expected at least 16x16, got {w}x{h}")
+    if not (16 <= w <= MAX_SYNTHETIC_SIDE and 16 <= h <= MAX_SYNTHETIC_SIDE):
+        raise SourceError(f"{_short(spec.uri)}: size: expected 16..{MAX_SYNTHETIC_SIDE} pixels each way, got {w}x{h}")
     return w, h
 
 
-def _int_param(spec: SourceSpec, key: str, default: int | None) -> int | None:
+def synthetic_speed(spec: SourceSpec) -> float:
+    text = dict(spec.params).get("speed", "4")
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = math.nan
+    if not 0 <= speed <= 1000:  # NaN fails too
+        raise SourceError(f"{_short(spec.uri)}: speed: expected 0..1000 pixels per frame, got {_short(text)!r}")
+    return speed
+
+
+def _int_param(spec: SourceSpec, key: str, default: int | None, *, low: int | None = None,
+               high: int | None = None) -> int | None:
     params = dict(spec.params)
     if key not in params:
         return default
-    try:
-        return int(params[key])
-    except ValueError:
-        raise SourceError(f"{spec.uri}: {key}: expected an integer, got {params[key]!r}") from None
+    text = params[key]
+    # Digits only, and not thousands of them: int() of a huge literal is slow and means nothing here.
+    if not re.fullmatch(r"\s*[-+]?\d{1,20}\s*", text):
+        raise SourceError(f"{_short(spec.uri)}: {key}: expected an integer of at most 20 digits, got {_short(text)!r}")
+    value = int(text)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"{low}..{high}"
+        raise SourceError(f"{_short(spec.uri)}: {key}: expected an integer {bounds}, got {value}")
+    return value
 
 
 # ---- readers: synchronous open/read/close ------------------------------------------------------------------
@@ -324,6 +366,12 @@ class Reader:
     live: bool = False
     nominal_fps: float | None = None  # frames per second the source claims (sanitised), or None
     ended_cleanly: bool = False  # True after a file reached its end (as opposed to failing)
+    frame_count: int | None = None  # frames the container says it holds (files), or None
+    truncated: str | None = None  # set at the end of a file that delivered fewer frames than its container promised
+
+    def nothing_read(self) -> str:
+        """Why a source that ended delivered no frame at all (for its error)."""
+        return "no frame could be read"
 
     def open(self) -> None:
         raise NotImplementedError
@@ -392,6 +440,7 @@ class CaptureReader(Reader):
         self.cap: cv2.VideoCapture | None = None
         self.nominal_fps = None
         self.frame_count: int | None = None
+        self.delivered = 0  # frames read since the file was opened or rewound
         # A network URL with a known length (an .mp4 over HTTP, a finished HLS playlist) is a file that happens
         # to be remote: read frame by frame like a file, resumed where it broke off after a reconnect.
         self.remote_file = False
@@ -411,6 +460,7 @@ class CaptureReader(Reader):
     def open(self) -> None:
         spec, o = self.spec, self.spec.options
         kind = spec.kind
+        t_open = time.monotonic()
         if kind is SourceKind.CAMERA:
             target: str | int = int(spec.target) if spec.target.isdigit() else spec.target
             api = cv2.CAP_V4L2 if os.name == "posix" and hasattr(cv2, "CAP_V4L2") else cv2.CAP_ANY
@@ -444,7 +494,10 @@ class CaptureReader(Reader):
                     transports.remove(self.transport)
                     transports.insert(0, self.transport)
             for transport in transports:
-                with _ffmpeg_capture_options({"rtsp_transport": transport} if transport else {}):
+                capture_options = dict(LIVE_PROBE_OPTIONS)
+                if transport:
+                    capture_options["rtsp_transport"] = transport
+                with _ffmpeg_capture_options(capture_options):
                     cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, params)
                 if cap.isOpened():
                     if transport and transport != transports[0]:
@@ -457,8 +510,9 @@ class CaptureReader(Reader):
                 cap = cv2.VideoCapture(spec.target)  # another backend may know the format
         if not cap.isOpened():
             cap.release()
-            raise SourceError(self._open_failure())
+            raise SourceError(self._open_failure(time.monotonic() - t_open))
         self.cap = cap
+        self.delivered = 0
         self.nominal_fps = sane_fps(cap.get(cv2.CAP_PROP_FPS))
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
         known = count is not None and 0 < count < 1e9
@@ -470,11 +524,14 @@ class CaptureReader(Reader):
             if self.remote_file and self.last_pts:  # a reconnect: resume where the stream broke off
                 cap.set(cv2.CAP_PROP_POS_MSEC, self.last_pts)
 
-    def _open_failure(self) -> str:
+    def _open_failure(self, seconds: float) -> str:
         spec, o = self.spec, self.spec.options
         if spec.kind is SourceKind.NETWORK:
-            return (f"cannot open {spec.uri} within {o.open_timeout:g} s (is the server up, the address and path "
-                    "right, and the stream's codec supported by FFmpeg?)")
+            # A quick failure is an answer (a refused connection, an HTTP or RTSP error), a slow one silence.
+            how = (f"within {o.open_timeout:g} s" if seconds >= 0.9 * o.open_timeout else
+                   f"(it failed after {seconds:.2f} s: refused, or the server answered with an error)")
+            return (f"cannot open {spec.uri} {how} (is the server up, the address and path right, and the "
+                    "stream's codec supported by FFmpeg?)")
         if spec.kind is SourceKind.CAMERA:
             return (f"cannot open camera {spec.uri} (is it connected and not used by another program? "
                     f"cameras here: {', '.join(sorted(globlib.glob('/dev/video*'))) or 'none'})")
@@ -488,10 +545,20 @@ class CaptureReader(Reader):
         ok, image = self.cap.read()
         if not ok or image is None or image.size == 0:
             self.ended_cleanly = self.spec.kind is SourceKind.VIDEO or (self.remote_file and self._near_end())
+            # Containers that estimate their length from the duration may be one frame off: allow that.
+            if self.spec.kind is SourceKind.VIDEO and self.frame_count and self.delivered < self.frame_count - 1:
+                self.truncated = (f"{self.spec.target}: its container promised {self.frame_count} frames, "
+                                  f"{self.delivered} could be decoded (a truncated or damaged file)")
             return None
         pts = self.cap.get(cv2.CAP_PROP_POS_MSEC) if self.spec.kind in (SourceKind.VIDEO, SourceKind.NETWORK) else None
         self.last_pts = pts
+        self.delivered += 1
         return image, pts
+
+    def nothing_read(self) -> str:
+        if self.spec.kind is SourceKind.VIDEO:
+            return f"{self.spec.target} holds no decodable frame"
+        return "no frame could be read"
 
     def _near_end(self) -> bool:
         """A remote file that stopped within a second of its length ended; earlier, the connection broke."""
@@ -504,6 +571,7 @@ class CaptureReader(Reader):
         if self.spec.kind is not SourceKind.VIDEO or self.cap is None:
             return False
         self.ended_cleanly = False
+        self.delivered = 0
         if not self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.cap.release()
             self.open()
@@ -530,6 +598,7 @@ class ImageListReader(Reader):
         self._video: CaptureReader | None = None
         self.nominal_fps = None
         self.skipped = 0
+        self.skipped_names: list[str] = []
 
     def open(self) -> None:
         target = self.spec.target
@@ -552,6 +621,7 @@ class ImageListReader(Reader):
                 got = self._video.read()
                 if got is not None:
                     return got
+                self.truncated = self._video.truncated or self.truncated
                 self._video.close()
                 self._video = None
             if self._i >= len(self.paths):
@@ -564,7 +634,7 @@ class ImageListReader(Reader):
                 try:
                     video.open()
                 except SourceError as e:
-                    self.skipped += 1
+                    self._skip(path)
                     log.warning("skipping %s: %s", path, e)
                     continue
                 self._video = video
@@ -572,10 +642,22 @@ class ImageListReader(Reader):
             # IMREAD_COLOR: grayscale, BGRA and 16-bit images arrive as 8-bit BGR, EXIF orientation applied.
             image = cv2.imread(path, cv2.IMREAD_COLOR)
             if image is None:
-                self.skipped += 1
+                self._skip(path)
                 log.warning("skipping %s: not an image OpenCV can decode", path)
                 continue
             return image, None
+
+    def _skip(self, path: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_names) < 3:
+            self.skipped_names.append(os.path.basename(path))
+
+    def nothing_read(self) -> str:
+        if self.skipped:
+            more = ", ..." if self.skipped > len(self.skipped_names) else ""
+            return (f"none of the {len(self.paths)} file(s) could be decoded ({', '.join(self.skipped_names)}{more}); "
+                    f"expected images ({', '.join(IMAGE_SUFFIXES)}) or videos OpenCV/FFmpeg can read")
+        return "no frame could be read"
 
     def rewind(self) -> bool:
         self.close()
@@ -598,12 +680,9 @@ class SyntheticReader(Reader):
         self.live = self.fps > 0
         self.nominal_fps = self.fps if self.fps > 0 else 30.0
         self.size = synthetic_size(spec)
-        self.seed = _int_param(spec, "seed", 0)
-        self.limit = _int_param(spec, "frames", None)
-        try:
-            self.speed = float(dict(spec.params).get("speed", 4.0))
-        except ValueError:
-            raise SourceError(f"{spec.uri}: speed: expected pixels per frame, got {dict(spec.params)['speed']!r}") from None
+        self.seed = _int_param(spec, "seed", 0, low=0, high=2**63 - 1)
+        self.limit = _int_param(spec, "frames", None, low=1)
+        self.speed = synthetic_speed(spec)
         self.shading = dict(spec.params).get("shading", "0") not in ("0", "", "false", "no")
         self.scene = None
         self.count = 0
@@ -665,9 +744,14 @@ class SourceState(str, enum.Enum):
 @dataclass
 class Outage:
     start: float  # time.monotonic()
-    end: float | None = None
+    end: float | None = None  # the stream reopened
     attempts: int = 0
     reason: str = ""
+    # The attempt that succeeded started within one retry interval of the server's return (the one before it was
+    # turned away): `answered` is when that attempt started, `end` when the stream was open and probed, and
+    # `first_frame` when its first frame was decoded.
+    answered: float | None = None
+    first_frame: float | None = None
 
     @property
     def duration(self) -> float:
@@ -738,6 +822,8 @@ class Source:
         self.buffer = FrameBuffer(1 if self.live else o.queue_size, drop=self.live, cond=cond)
         self.state = SourceState.STARTING
         self.error: str | None = None  # why a live source gave up, or why a file failed
+        self.warning: str | None = None  # e.g. a file that ended before the frames its container promised
+        self.frames_promised: int | None = None  # a truncated file: what its container promised
         self.frames_read = 0
         self.read_ms: deque[float] = deque(maxlen=4096)  # decode time per frame
         self.read_ms_total = 0.0
@@ -781,6 +867,8 @@ class Source:
         return sum(o.duration for o in self.outages)
 
     def describe_state(self) -> str:
+        if self.state is SourceState.ENDED and self.warning and not self.error:
+            return f"ENDED early ({self.warning})"
         if self.state is SourceState.DOWN and self.outages:
             o = self.outages[-1]
             return f"DOWN {o.duration:.1f}s (attempt {o.attempts}: {o.reason})"
@@ -839,7 +927,7 @@ class Source:
                 return False
             self.reader = make_reader(self.spec)
             self.state = SourceState.DOWN
-            self.outages.append(Outage(now, reason=f"no frame for {quiet:.1f} s (a read that never returned)"))
+            self._record_outage(now, f"no frame for {quiet:.1f} s (a read that never returned)")
             log.warning("source %s: no frame for %.1f s; abandoning the stuck read and reconnecting", self.label,
                         quiet)
             self._spawn(self.reader)
@@ -916,23 +1004,31 @@ class Source:
             if not self._current(generation):
                 return
             if got is None:
+                if reader.truncated and self.warning is None:
+                    self.warning = reader.truncated
+                    self.frames_promised = reader.frame_count
+                    log.warning("source %s: %s", self.label, reader.truncated)
                 if reader.ended_cleanly or not self._reconnects_live():
+                    # A source that never delivered a frame is an error, whatever the reason (and is not looped:
+                    # a folder of undecodable files would spin forever).
+                    if self.frames_read == 0:
+                        self.error = reader.nothing_read()
+                        return
                     if o.loop and reader.rewind():
                         continue
-                    if not reader.ended_cleanly and self.frames_read == 0:
-                        self.error = "no frame could be read"
                     return
                 self._begin_outage(reader, "read failed or timed out")
                 continue
             image, pts = got
             if self._pace_fps:  # paced sources: synthetic scenes and files read in real time
-                next_due += 1.0 / self._pace_fps
+                # The first frame goes out at once, each next one an interval after the one before.
                 delay = next_due - time.monotonic()
                 if delay > 0:
                     if self._stop.wait(delay):
                         return
                 else:
                     next_due = time.monotonic()  # fell behind: do not try to catch up in a burst
+                next_due += 1.0 / self._pace_fps
             elif getattr(reader, "pace_by_pts", False) and pts is not None:
                 now = time.monotonic()
                 if pts_clock is None:
@@ -952,6 +1048,8 @@ class Source:
             self.read_ms_total += ms
             self.size = (image.shape[1], image.shape[0])
             now = time.monotonic()
+            if self.outages and self.outages[-1].end is not None and self.outages[-1].first_frame is None:
+                self.outages[-1].first_frame = now
             frame = Frame(image, self._next_index, now, self.stream_id, pts)
             self._next_index += 1
             self.frames_read += 1
@@ -963,7 +1061,17 @@ class Source:
         log.warning("source %s: %s; reconnecting", self.label, reason)
         reader.close()
         self.state = SourceState.DOWN
-        self.outages.append(Outage(time.monotonic(), reason=reason))
+        self._record_outage(time.monotonic(), reason)
+
+    def _record_outage(self, now: float, reason: str) -> None:
+        last = self.outages[-1] if self.outages else None
+        if last is not None and last.end is not None and last.first_frame is None:
+            # Reopened but failed again before its first frame: the stream never came back, the outage goes on.
+            last.end = last.answered = None
+            last.reason = reason
+            self.reconnects -= 1
+        else:
+            self.outages.append(Outage(now, reason=reason))
 
     def _reconnect(self, generation: int, reader: Reader) -> bool:
         """Reopen after an outage with exponential backoff; False when the attempts are used up or on stop."""
@@ -978,6 +1086,7 @@ class Source:
                               "--reconnect-attempts sets the limit")
                 return False
             outage.attempts += 1
+            attempt_start = time.monotonic()
             try:
                 reader.open()
             except SourceError as e:
@@ -987,6 +1096,7 @@ class Source:
                 continue
             if not self._current(generation):
                 return False
+            outage.answered = attempt_start
             outage.end = time.monotonic()
             self.reconnects += 1
             self.last_frame_at = time.monotonic()  # the new connection gets a full stall timeout
@@ -1003,11 +1113,22 @@ class Source:
             "uri": self.label, "kind": self.spec.kind.value, "live": self.live, "state": self.state.value,
             "error": self.error, "fps_nominal": self.fps, "size": list(self.size) if self.size else None,
             "frames_read": self.frames_read, "dropped": self.dropped, "reconnects": self.reconnects,
-            "outages": [{"start_s": round(o.start - (self.started_at or o.start), 3),
-                         "duration_s": round(o.duration, 3), "attempts": o.attempts, "reason": o.reason,
-                         "ongoing": o.end is None} for o in self.outages],
+            "outages": [self._outage_stats(o) for o in self.outages],
             "outage_s": round(self.outage_seconds(), 3),
+            "warning": self.warning, "frames_promised": self.frames_promised,
         }
+
+    def _outage_stats(self, o: Outage) -> dict:
+        """An outage in seconds since the source started (`answered_s`: the start of the attempt that got through;
+        `reopened_s`: the stream was open; `first_frame_s`: its first frame was decoded)."""
+        t0 = self.started_at or o.start
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - t0, 3)
+
+        return {"start_s": since(o.start), "duration_s": round(o.duration, 3), "attempts": o.attempts,
+                "reason": o.reason, "ongoing": o.end is None, "answered_s": since(o.answered),
+                "reopened_s": since(o.end), "first_frame_s": since(o.first_frame)}
 
 
 def open_source(uri: str | int | os.PathLike | None, options: SourceOptions = SourceOptions(), *,

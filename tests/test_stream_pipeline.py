@@ -163,15 +163,18 @@ def test_ctrl_c_or_sigterm_leaves_a_playable_video_file(model, tmp_path, sig):
         [sys.executable, "-m", "edgepix", "segment", str(model), "--source", "synthetic://?size=160x120&fps=25",
          "--sink", str(out), "--stats", str(stats_file)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = tmp_path / ".out.partial.mp4"
+    def partials() -> list:
+        return list(tmp_path.glob(".out.mp4.*.partial.mp4"))
+
     deadline = time.monotonic() + 20
-    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not partials() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert partials(), "the video is not being written"
     time.sleep(1.0)  # about 25 frames
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
-    assert out.exists() and not partial.exists()
+    assert out.exists() and not partials()
     n, fps, size = video_info(out)
     stats = json.loads(stats_file.read_text())
     written = stats["sinks"][0]["files"][str(out)]["frames"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_edgepix
+
 from edgepix.export.tensorrt import BatchRange, SizeRange, default_engine_path, derive_profiles
 from edgepix.runtime.cudart import CudaRuntime, pinned_array
 from edgepix.runtime.engine_manifest import (
@@ -83,7 +83,7 @@ def test_manifest_round_trips_and_is_written_atomically(tmp_path):
     assert data["spec"]["model_name"] == "fastscnn" and data["compute_capability"] == "8.7"
     assert data["profiles"] == [[{"input": "images", "min": [1, 3, 64, 64], "opt": [1, 3, 64, 64],
                                   "max": [1, 3, 64, 64]}]]
-    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*partial"))
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*.partial*"))
     assert ModelSpec.load_json(path) == SPEC  # the spec loader unwraps {"spec": ...}
 
 
@@ -1001,7 +1001,6 @@ def test_simulated_backend_runs_profiles_pinned_copies_timings_and_cuda_graph(si
 
 def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
     from edgepix.runtime.backends.tensorrt import TensorRTBackend
-
     from edgepix.runtime.trt_build import build_engine_file
 
     profile = (ProfileShapes("images", (2, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64)),)
