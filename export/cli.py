@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "triton", "deepstream")
 
 
 def register(subparsers) -> None:
@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--dynamic-size", action="store_true", help="height and width left dynamic")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
-    p.add_argument("--argmax", action="store_true", help="end with ArgMax + Cast: the graph outputs a uint8 class map")
+    p.add_argument("--argmax", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with ArgMax + Cast: the graph outputs a uint8 class map (the default for --format "
+                        "triton; --no-argmax serves logits)")
     p.add_argument("--uint8-output", action="store_true", help="generators: the graph outputs uint8 images")
     p.add_argument("--train-mode", action="store_true",
                    help="generators: normalise each image with its own statistics, as in training (pix2pix "
@@ -37,11 +39,18 @@ def register(subparsers) -> None:
     p.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
     p.add_argument("--keep-float", nargs="+", default=(), metavar="NODE",
                    help="node names to keep in float; 'first' and 'last' name the first and last Conv")
-    p.add_argument("--data", default="synthetic", help="validation data for the parity gate: a dataset folder or 'synthetic'")
+    p.add_argument("--data", default="synthetic",
+                   help="validation data for the parity gate: a dataset folder or 'synthetic'")
     p.add_argument("--verify-n", type=int, default=20, help="validation images for the parity gate")
-    p.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
+    p.add_argument("--out", type=Path,
+                   help="output file (default: beside the checkpoint); triton: the repository folder; deepstream: "
+                        "the folder for the configs and the model")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (warns)")
     _engine_arguments(p)
+    from . import deepstream, triton  # light modules: their heavy imports happen inside the handlers
+
+    triton.add_arguments(p)
+    deepstream.add_arguments(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="run the parity gate: does ARTIFACT compute what CKPT computes?")
@@ -57,7 +66,9 @@ def register(subparsers) -> None:
 
 def _engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT engine (--format engine; needs TensorRT and an NVIDIA GPU)")
-    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16", help="engine precision")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="engine precision (default fp16); triton: the ONNX's (default fp32); deepstream: nvinfer's "
+                        "network-mode (default fp16)")
     g.add_argument("--int8-mode", choices=("qdq", "calibrate"), default="qdq",
                    help="qdq: explicit Q/DQ ONNX (TensorRT 10 and 11); calibrate: implicit INT8 with an entropy "
                         "calibrator (TensorRT <= 10)")
@@ -76,7 +87,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "engine":
         from .tensorrt import cmd_export_engine
 
+        args.precision = args.precision or "fp16"
         return cmd_export_engine(args, export_request)
+    if args.format == "triton":
+        from .triton import cmd_export_triton
+
+        return cmd_export_triton(args, export_request)
+    if args.format == "deepstream":
+        from .deepstream import cmd_export_deepstream
+
+        return cmd_export_deepstream(args, export_request)
     from .pipeline import run_export
 
     result = run_export(export_request(args))
@@ -103,7 +123,7 @@ def export_request(args: argparse.Namespace):
             opset=args.opset if args.opset is not None else DEFAULT_OPSET,
             dynamic_batch=args.dynamic_batch,
             dynamic_size=args.dynamic_size,
-            argmax=args.argmax,
+            argmax=bool(args.argmax),
             uint8_output=args.uint8_output,
             train_mode=args.train_mode,
             dropout=args.dropout,

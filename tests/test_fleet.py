@@ -1,0 +1,449 @@
+"""Fleet deployment: Triton model repositories (config.pbtxt read by tritonclient's own ModelConfig protobuf), the
+`triton` backend against a loopback KServe v2 stand-in server (tests/kserve_standin.py: not Triton, which needs
+its container), and DeepStream configs (read by GLib's key-file parser) with nvinfer's rules simulated in numpy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_edgepix
+from kserve_standin import KServeStandInServer  # the stand-in, not Triton
+
+from edgepix.runtime.errors import BackendError, DependencyError, ModelFormatError
+from edgepix.runtime.onnxproto import read_onnx_header
+from edgepix.runtime.spec import ModelSpec, Precision
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8", "float16": "TYPE_FP16"}
+needs_tritonclient = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tritonclient") is None,
+    reason="tritonclient is not installed (pip install 'edgepix[triton]')")
+
+
+def parse_config(model_dir: Path):
+    """config.pbtxt through tritonclient's ModelConfig protobuf, as Triton reads it."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def check_config_matches_onnx(config, onnx_path: Path) -> None:
+    """Names, data types and dims of the config equal the ONNX's (batch dim dropped when batching)."""
+    from tritonclient.grpc import model_config_pb2
+
+    header = read_onnx_header(onnx_path)
+    for tensors, values in ((config.input, header.inputs), (config.output, header.outputs)):
+        assert [t.name for t in tensors] == [v.name for v in values]
+        for t, v in zip(tensors, values):
+            assert model_config_pb2.DataType.Name(t.data_type) == TRITON_TYPES[v.dtype]
+            dims = [d if isinstance(d, int) and d >= 0 else -1 for d in v.shape]
+            if config.max_batch_size > 0:
+                assert dims[0] == -1, "a batching model needs a dynamic batch dimension"
+                dims = dims[1:]
+            assert list(t.dims) == dims
+
+
+def instance_groups(config) -> list[tuple[int, str]]:
+    from tritonclient.grpc import model_config_pb2
+
+    return [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group]
+
+
+def spec_parameter(config) -> ModelSpec:
+    return ModelSpec.from_json(config.parameters["edgepix.spec"].string_value)
+
+
+# ---- Triton model repositories ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_repo(seg_checkpoint, tmp_path_factory) -> Path:
+    """A repository with the checkpoint's class-map model (max batch 8) and its logits model (CPU, 2 instances)."""
+    from edgepix.export.pipeline import ExportRequest
+    from edgepix.export.triton import InstanceKind, TritonOptions, write_checkpoint_repository
+
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    request = ExportRequest(seg_checkpoint, verify_n=4)
+    write_checkpoint_repository(request, repo, TritonOptions(max_batch=8))
+    write_checkpoint_repository(request, repo, TritonOptions(name="fastscnn_logits", max_batch=4, argmax=False,
+                                                             kind=InstanceKind.CPU, instances=2))
+    return repo
+
+
+@needs_tritonclient
+def test_triton_repository_from_checkpoint(triton_repo, seg_checkpoint):
+    from edgepix.runtime.spec import OutputKind
+
+    model_dir = triton_repo / "fastscnn"
+    config = parse_config(model_dir)
+    assert (config.name, config.platform, config.max_batch_size) == ("fastscnn", "onnxruntime_onnx", 8)
+    check_config_matches_onnx(config, model_dir / "1" / "model.onnx")
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert instance_groups(config) == [(1, "KIND_GPU")]
+    spec = spec_parameter(config)
+    assert spec == ModelSpec.from_onnx(model_dir / "1" / "model.onnx")
+    assert spec.output_kind is OutputKind.CLASS_MAP and spec.dynamic_batch  # argmax by default for serving
+    assert (model_dir / "labels.txt").read_text().splitlines() == list(spec.class_names)
+    assert config.output[0].label_filename == "labels.txt"
+    assert not any(p.name.startswith(".") for p in triton_repo.iterdir()), "staging folders were left behind"
+
+    logits = parse_config(triton_repo / "fastscnn_logits")
+    check_config_matches_onnx(logits, triton_repo / "fastscnn_logits" / "1" / "model.onnx")
+    assert logits.output[0].data_type == 11  # TYPE_FP32
+    assert instance_groups(logits) == [(2, "KIND_CPU")]
+    assert logits.parameters["intra_op_thread_count"].string_value == "1"
+    assert logits.parameters["inter_op_thread_count"].string_value == "1"
+
+
+@needs_tritonclient
+def test_triton_static_batch_onnx_is_refused_or_served_without_batching(seg_onnx, tmp_path):
+    repo = tmp_path / "repo"
+    r = run_edgepix("export", str(seg_onnx), "--format", "triton", "--out", str(repo), "--max-batch", "8")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "static batch of 1" in lines[0] and "--dynamic-batch" in lines[0], r.stderr
+    assert not (repo / "fastscnn").exists()
+
+    r = run_edgepix("export", str(seg_onnx), "--format", "triton", "--out", str(repo), "--max-batch", "0",
+                    "--no-argmax", "--name", "fixed")
+    assert r.returncode == 0, r.stderr
+    config = parse_config(repo / "fixed")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    check_config_matches_onnx(config, repo / "fixed" / "1" / "model.onnx")
+    assert list(config.input[0].dims) == [1, 3, 64, 64]
+    assert (repo / "fixed" / "1" / "model.onnx").read_bytes() == seg_onnx.read_bytes()
+
+
+@needs_tritonclient
+def test_triton_argmax_appended_to_an_existing_onnx(seg_onnx, tmp_path):
+    import onnxruntime as ort
+
+    from edgepix.export.triton import TritonOptions, write_onnx_repository
+
+    result = write_onnx_repository(seg_onnx, tmp_path / "repo", TritonOptions(max_batch=0))
+    config = parse_config(result.model_dir)
+    check_config_matches_onnx(config, result.model_dir / "1" / "model.onnx")
+    assert config.output[0].data_type == 2  # TYPE_UINT8
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    logits = ort.InferenceSession(str(seg_onnx), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    served = ort.InferenceSession(str(result.model_dir / "1" / "model.onnx"),
+                                  providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    np.testing.assert_array_equal(served, logits.argmax(1).astype(np.uint8))
+    assert spec_parameter(config).output_name == config.output[0].name
+
+
+@needs_tritonclient
+def test_triton_tensorrt_accelerator_block_and_bad_combinations(seg_onnx, tmp_path):
+    from edgepix.export.triton import TritonOptions, TrtAccelerator, model_config_text, write_onnx_repository
+    from edgepix.runtime.errors import ExportError
+
+    result = write_onnx_repository(seg_onnx, tmp_path / "repo", TritonOptions(max_batch=0,
+                                                                               trt_accelerator=TrtAccelerator.FP16))
+    config = parse_config(result.model_dir)
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert "intra_op_thread_count" not in config.parameters  # GPU instances
+    with pytest.raises(ExportError, match="needs GPU instances"):
+        TritonOptions(kind="cpu", trt_accelerator=TrtAccelerator.INT8)
+    with pytest.raises(ExportError, match="--name"):
+        TritonOptions(name="../escape")
+    assert model_config_text  # the text builder is public for tools that write their own repositories
+
+
+@needs_tritonclient
+def test_triton_plan_repository_names_engines_by_compute_capability(seg_onnx, tmp_path):
+    from edgepix.export.triton import TritonOptions, write_plan_repository
+    from edgepix.runtime.engine_manifest import EngineManifest, ProfileShapes, TensorDesc, write_manifest
+    from edgepix.runtime.errors import ExportError
+
+    spec = ModelSpec.from_onnx(seg_onnx).replace(dynamic_batch=True, precision=Precision.FP16)
+    engines = []
+    for cc, gpu in (("8.7", "Orin"), ("8.9", "L4")):
+        engine = tmp_path / f"fastscnn.{cc}.engine"
+        engine.write_bytes(b"engine for " + cc.encode())
+        write_manifest(engine, EngineManifest(
+            spec=spec, tensorrt="10.3.0", cuda="12.6", gpu=gpu, compute_capability=cc, onnx_sha256="0" * 64,
+            precision="fp16", profiles=((ProfileShapes("images", (1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)),),),
+            built="2026-01-01T00:00:00Z",
+            io=(TensorDesc("images", "input", "float32", (-1, 3, 64, 64)),
+                TensorDesc("output", "output", "float32", (-1, 6, 64, 64)))))
+        engines.append(engine)
+    result = write_plan_repository(engines, tmp_path / "repo", TritonOptions(max_batch=8))
+    config = parse_config(result.model_dir)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
+    assert dict(config.cc_model_filenames) == {"8.7": "model_sm87.plan", "8.9": "model_sm89.plan"}
+    assert (result.model_dir / "1" / "model_sm89.plan").read_bytes() == b"engine for 8.9"
+    assert list(config.input[0].dims) == [3, 64, 64] and list(config.output[0].dims) == [6, 64, 64]
+    with pytest.raises(ExportError, match="takes batches up to 8"):
+        write_plan_repository(engines[:1], tmp_path / "repo2", TritonOptions(max_batch=16))
+
+
+# ---- the triton backend, against the stand-in ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin(triton_repo):
+    with KServeStandInServer(triton_repo) as server:
+        yield server
+
+
+def frames(n: int, size=(240, 320)) -> list[np.ndarray]:
+    from edgepix.runtime.synthetic import MovingScene, SceneConfig
+
+    scene = MovingScene(seed=3, config=SceneConfig(size=size))
+    return [np.ascontiguousarray(scene.next()[0]) for _ in range(n)]
+
+
+@needs_tritonclient
+@pytest.mark.parametrize("model", ["fastscnn", "fastscnn_logits"])
+def test_triton_backend_matches_ort_cpu(standin, triton_repo, model):
+    from edgepix.runtime.segmenter import Segmenter
+
+    images = frames(6)
+    with Segmenter.load(model, "triton", url=standin.url) as remote, \
+            Segmenter.load(triton_repo / model / "1" / "model.onnx", "ort-cpu") as local:
+        assert remote.spec == local.spec  # read from the server's model configuration
+        got = [r.class_map for r in remote.segment_batch(images)]  # one request of 6 frames
+        got += [remote.segment(f).class_map for f in images[:2]]
+        want = [r.class_map for r in local.segment_batch(images)] + [local.segment(f).class_map for f in images[:2]]
+        stats = remote.backend.run_stats()
+        requests = -(-len(images) // remote.backend.max_batch_size) + 2  # 6 frames in batches of 8 or 4, then 2
+    agreement = np.mean([np.mean(a == b) for a, b in zip(got, want)])
+    assert agreement >= 0.999
+    assert len(np.unique(np.concatenate([w.ravel() for w in want]))) >= 2  # not a background-only comparison
+    assert stats["requests"] == requests and stats["server_requests"] >= requests
+    for key in ("round_trip_ms", "client_ms", "network_ms", "server_ms", "server_queue_ms", "server_compute_ms"):
+        assert stats[key] >= 0.0, key
+    assert stats["server_ms"] <= stats["round_trip_ms"]
+
+
+@needs_tritonclient
+def test_triton_backend_splits_batches_larger_than_the_server_takes(standin):
+    from edgepix.runtime.backends.registry import load_backend
+
+    with load_backend("fastscnn_logits", "triton", url=f"http://{standin.url}") as b:
+        assert b.max_batch_size == 4 and b.inputs[0].shape == (None, 3, 64, 64)
+        out = b.infer(np.zeros((10, 3, 64, 64), np.float32))["output"]
+        assert out.shape == (10, 6, 64, 64) and b.run_stats()["requests"] == 3
+
+
+@needs_tritonclient
+def test_triton_backend_reconnects_when_the_server_comes_back(triton_repo):
+    from edgepix.runtime.backends.registry import load_backend
+
+    server = KServeStandInServer(triton_repo).start()
+    port = server.port
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    with load_backend("fastscnn", "triton", url=server.url, backoff_max=0.25) as b:
+        first = b.infer(x)["output"]
+        server.stop()  # the server goes away between two frames
+        restarted: list = []
+        timer = threading.Timer(1.0, lambda: restarted.append(KServeStandInServer(triton_repo, port=port).start()))
+        timer.start()
+        t0 = time.monotonic()
+        again = b.infer(x)["output"]  # waits for the server instead of failing
+        assert time.monotonic() - t0 >= 0.9
+        np.testing.assert_array_equal(first, again)
+        stats = b.run_stats()
+        assert stats["reconnects"] == 1 and stats["outage_s"] >= 0.9
+    restarted[0].stop()
+
+
+@needs_tritonclient
+def test_triton_backend_errors_are_one_line(standin):
+    from edgepix.runtime.backends.registry import load_backend
+
+    with pytest.raises(ModelFormatError, match="has no ready model 'nosuch'"):
+        load_backend("nosuch", "triton", url=standin.url)
+    with pytest.raises(BackendError, match="unreachable .* after 1 reconnect attempt"):
+        load_backend("fastscnn", "triton", url="127.0.0.1:9", reconnect_attempts=1, backoff_max=0.05)
+    with pytest.raises(BackendError, match="expected HOST:PORT"):
+        load_backend("fastscnn", "triton", url="http://a b/")
+
+
+def test_triton_backend_without_tritonclient_says_which_extra(monkeypatch):
+    from edgepix.runtime.backends import registry
+    from edgepix.runtime.backends.triton import TritonBackend
+
+    for name in ("tritonclient", "tritonclient.http", "tritonclient.grpc"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert "pip install 'edgepix[triton]'" in registry.backend_status()["triton"]
+    with pytest.raises(BackendError, match=r"pip install 'edgepix\[triton\]'"):
+        registry.load_backend("fastscnn", "triton")
+    with pytest.raises(DependencyError, match=r"pip install 'edgepix\[triton\]'"):
+        TritonBackend("fastscnn")
+
+
+def test_triton_worker_plan_keeps_several_requests_in_flight():
+    from edgepix.runtime.pipeline import choose_workers
+
+    plan = choose_workers("triton", cores=2)
+    assert plan.workers == 4 and plan.backend_options() == {}
+    assert choose_workers("triton", workers=2, threads=8).workers == 2
+
+
+@needs_tritonclient
+def test_segment_cli_through_triton_matches_ort_cpu(standin, triton_repo, tmp_path):
+    """`edgepix segment NAME --backend triton --triton-url` in a subprocess, against the stand-in in this one."""
+    import cv2
+
+    outputs = {}
+    for backend, model in (("triton", "fastscnn"), ("ort-cpu", str(triton_repo / "fastscnn" / "1" / "model.onnx"))):
+        out = tmp_path / backend
+        args = ["segment", model, "--backend", backend, "--source", "synthetic://?size=320x240&fps=0&frames=12",
+                "--sink", str(out / "f_%03d.png"), "--vis", "mask", "--stats", str(tmp_path / f"{backend}.json")]
+        if backend == "triton":
+            args += ["--triton-url", standin.url]
+        r = run_edgepix(*args)
+        assert r.returncode == 0, r.stderr
+        outputs[backend] = [cv2.imread(str(p)) for p in sorted(out.glob("*.png"))]
+    assert len(outputs["triton"]) == len(outputs["ort-cpu"]) == 12
+    agreement = np.mean([np.mean(np.all(a == b, axis=2)) for a, b in zip(outputs["triton"], outputs["ort-cpu"])])
+    assert agreement >= 0.999
+    stats = json.loads((tmp_path / "triton.json").read_text())
+    split = stats["backend_stats"]
+    assert split["requests"] >= 1 and split["server_ms"] is not None and split["network_ms"] is not None
+    assert stats["config"]["workers"] == 4
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEPIX_TRITON_URL"),
+                    reason="needs a real Triton Inference Server, which runs from NVIDIA's container (no Docker "
+                           "daemon here): start one on a repository from `edgepix export --format triton` and set "
+                           "EDGEPIX_TRITON_URL=HOST:PORT and EDGEPIX_TRITON_MODEL=NAME")
+def test_triton_backend_against_a_real_server():
+    from edgepix.runtime.segmenter import Segmenter
+
+    with Segmenter.load(os.environ.get("EDGEPIX_TRITON_MODEL", "fastscnn"), "triton",
+                        url=os.environ["EDGEPIX_TRITON_URL"]) as seg:
+        results = seg.segment_batch(frames(4))
+        stats = seg.backend.run_stats()
+    assert all(r.class_map.shape == (240, 320) for r in results)
+    assert stats["server_ms"] is not None  # Triton's statistics extension answered
+
+
+# ---- DeepStream -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepstream_dir(seg_checkpoint, tmp_path_factory) -> Path:
+    from edgepix.export.deepstream import DeepStreamOptions, write_deepstream_from_checkpoint
+    from edgepix.export.pipeline import ExportRequest
+
+    out = tmp_path_factory.mktemp("deepstream")
+    result = write_deepstream_from_checkpoint(ExportRequest(seg_checkpoint, verify_n=4), out, DeepStreamOptions(
+        batch=3, precision="fp16", sources=("rtsp://camera-1/stream", "file:///videos/yard.mp4")))
+    assert result.agreement >= 0.999
+    return out
+
+
+GLIB_READER = r"""
+import json, sys
+import gi
+gi.require_version("GLib", "2.0")
+from gi.repository import GLib
+out = {}
+for path in sys.argv[1:]:
+    kf = GLib.KeyFile()
+    kf.load_from_file(path, GLib.KeyFileFlags.NONE)
+    out[path] = {g: {k: kf.get_string(g, k) for k in kf.get_keys(g)[0]} for g in kf.get_groups()[0]}
+print(json.dumps(out))
+"""
+
+
+def glib_parse(*paths: Path) -> dict:
+    """Parse key files with GLib's own GKeyFile (what nvinfer and deepstream-app use): from this Python when it has
+    PyGObject, else from the system python3 (Debian's python3-gi)."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        if not Path(python).exists():
+            continue
+        probe = subprocess.run([python, "-c", "import gi; gi.require_version('GLib', '2.0')"], capture_output=True)
+        if probe.returncode == 0:
+            r = subprocess.run([python, "-c", GLIB_READER, *map(str, paths)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr  # a GKeyFile parse error is a failure, not a skip
+            return json.loads(r.stdout)
+    pytest.skip("GLib's key-file parser is not available: apt-get install python3-gi gir1.2-glib-2.0 "
+                "(make system-tools)")
+
+
+def test_deepstream_configs_parse_with_glib(deepstream_dir):
+    infer = deepstream_dir / "config_infer_primary_fastscnn.txt"
+    app = deepstream_dir / "deepstream_app_fastscnn.txt"
+    for path in (infer, app):
+        for line in path.read_text().splitlines():
+            assert "#" not in line or line.startswith("#"), f"inline comment in {path.name}: {line}"
+    parsed = glib_parse(infer, app)
+    prop = parsed[str(infer)]["property"]
+    onnx_file = deepstream_dir / prop["onnx-file"]
+    header = read_onnx_header(onnx_file)
+    assert prop["network-type"] == "2" and prop["batch-size"] == "3" and prop["network-mode"] == "2"
+    assert prop["infer-dims"] == "3;" + ";".join(str(d) for d in header.inputs[0].shape[2:])
+    assert prop["output-blob-names"] in [o.name for o in header.outputs]
+    assert prop["num-detected-classes"] == "6" and prop["segmentation-threshold"] == "0"
+    assert prop["model-engine-file"] == f"{prop['onnx-file']}_b3_gpu0_fp16.engine"
+    assert [float(v) for v in prop["offsets"].split(";")] == pytest.approx([123.675, 116.28, 103.53])
+    assert (deepstream_dir / prop["labelfile-path"]).read_text().splitlines()[0] == "background"
+    groups = parsed[str(app)]
+    assert groups["streammux"]["batch-size"] == "3" and groups["streammux"]["live-source"] == "1"
+    assert [groups[f"source{i}"]["type"] for i in range(3)] == ["4", "3", "3"]
+    assert groups["primary-gie"]["config-file"] == infer.name and groups["segvisual"]["enable"] == "1"
+    assert not isinstance(header.inputs[0].shape[0], int)  # nvinfer batches up to batch-size: a dynamic batch
+
+
+def test_deepstream_adapted_onnx_under_nvinfer_rules_matches_segmenter(deepstream_dir, seg_checkpoint, tmp_path):
+    """nvinfer's pre-processing (net-scale-factor, offsets, RGB, bilinear scaling) and its segmentation parser
+    (argmax over channels above the threshold), simulated on the adapted ONNX, against the Segmenter on the
+    original model: same class maps on camera-sized frames."""
+    import onnxruntime as ort
+
+    from edgepix.export.deepstream import NvinferPreprocess, nvinfer_class_map, nvinfer_preprocess
+    from edgepix.export.pipeline import ExportRequest, run_export
+    from edgepix.runtime.imageops import map_to_frame
+    from edgepix.runtime.segmenter import Segmenter
+
+    original = run_export(ExportRequest(seg_checkpoint, out=tmp_path / "m.onnx", verify=False)).path
+    prop = glib_parse(deepstream_dir / "config_infer_primary_fastscnn.txt")[
+        str(deepstream_dir / "config_infer_primary_fastscnn.txt")]["property"]
+    _, h, w = (int(v) for v in prop["infer-dims"].split(";"))
+    pre = NvinferPreprocess(net_scale_factor=float(prop["net-scale-factor"]),
+                            offsets=tuple(float(v) for v in prop["offsets"].split(";")),
+                            rgb=prop["model-color-format"] == "0", size=(h, w), nchw=True)
+    session = ort.InferenceSession(str(deepstream_dir / prop["onnx-file"]), providers=["CPUExecutionProvider"])
+    images = frames(10, size=(576, 768))
+    with Segmenter.load(original, "ort-cpu") as seg:
+        results = seg.segment_batch(images)
+    probs = session.run([prop["output-blob-names"]], {"images": nvinfer_preprocess(images, pre)})[0]
+    maps = nvinfer_class_map(probs, float(prop["segmentation-threshold"]))
+    assert (maps >= 0).all()  # a softmax output always has a class above threshold 0
+    found = np.unique(np.concatenate([r.model_map.ravel() for r in results]))
+    assert len(found) >= 3, f"the model finds only classes {found}: the comparison would prove little"
+    model_agreement = np.mean([np.mean(m == r.model_map) for m, r in zip(maps, results)])
+    frame_agreement = np.mean([np.mean(map_to_frame(m.astype(np.uint8), r.geometry) == r.class_map)
+                               for m, r in zip(maps, results)])
+    assert model_agreement >= 0.999 and frame_agreement >= 0.999
+
+
+def test_nvinfer_threshold_rule():
+    from edgepix.export.deepstream import nvinfer_class_map
+
+    scores = np.array([[[[0.1, 0.6]], [[0.5, 0.6]], [[0.4, 0.2]]]], np.float32)  # (1, 3, 1, 2)
+    np.testing.assert_array_equal(nvinfer_class_map(scores, 0.0), [[[1, 0]]])  # first of equal maxima wins
+    np.testing.assert_array_equal(nvinfer_class_map(scores, 0.55), [[[-1, 0]]])  # nothing above: -1
+
+
+def test_deepstream_refuses_what_nvinfer_cannot_run(seg_onnx, tmp_path):
+    r = run_edgepix("export", str(seg_onnx), "--format", "deepstream", "--out", str(tmp_path / "ds"), "--batch", "4")
+    assert r.returncode == 1 and "static batch of 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_edgepix("export", str(seg_onnx), "--format", "deepstream", "--out", str(tmp_path / "ds"), "--argmax")
+    assert r.returncode == 1 and "Softmax" in r.stderr
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").glob("*.txt"))
+    shutil.rmtree(tmp_path / "ds", ignore_errors=True)
