@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from edgepix.runtime.cpuinfo import usable_cores
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -80,7 +82,7 @@ def measure_ceiling(threads: int, *, duration: float = 1.0) -> Ceiling:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--duration", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # already in the child

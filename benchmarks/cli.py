@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     p.add_argument("--torch", type=Path, metavar="CKPT",
                    help="also run this checkpoint (or Hugging Face folder) in PyTorch eager, on the models' input "
                         "size unless --imgsz says otherwise (baseline)")
+    p.add_argument("--peers", action="store_true",
+                   help="compare the runtimes a user would pick instead (PyTorch eager and torch.compile with "
+                        "--torch, OpenVINO, OpenCV DNN, ONNX Runtime defaults) with edgepix's backends: same input, "
+                        "same threads, interleaved rounds")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure this machine's GEMM and memory ceiling (reports always include it)")
     p.add_argument("--out", type=Path, help="folder for report.json, report.csv, report.md and plots")
@@ -106,14 +110,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import sys
 
+    from edgepix.runtime.cpuinfo import usable_cores
     from edgepix.runtime.errors import EdgepixError
     from edgepix.runtime.fileio import atomic_write_text
 
     from .ceiling import measure_ceiling
-    from .environment import environment, usable_cores
+    from .environment import environment
     from .harness import BenchConfig, accuracy_samples, bench_model, bench_torch, fill_generator_accuracy
     from .report import csv_text, json_text, markdown, plot_latency_vs_batch
 
+    if args.peers:
+        from .peers import cmd_peers
+
+        return cmd_peers(args)
     threads = args.threads or usable_cores()
     if args.ceiling:
         c = measure_ceiling(threads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.benchmarks.environment import cpu_model
+from edgepix.runtime.cpuinfo import usable_cores
 
 
 def ort_gemm_gflops(threads: int, n: int = 1024, duration: float = 1.5) -> float:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a DCGAN checkpoint (edgepix train gan)")
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--rounds", type=int, default=5, help="alternating ORT / PyTorch rounds per batch size")
     parser.add_argument("--pix2pix", type=Path, help="also time FP32 vs INT8 of this pix2pix checkpoint")
     parser.add_argument("--unet256-random", action="store_true",
@@ -166,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
+    import onnxruntime
+    import torch
+
     from edgepix.benchmarks.ceiling import measure_ceiling
     from edgepix.benchmarks.flops import flops_per_image
     from edgepix.export.pipeline import ExportRequest, run_export
     from edgepix.export.to_onnx import OnnxExportOptions
     from edgepix.train.checkpoint import load_checkpoint
-
-    import onnxruntime
-    import torch
 
     results: dict = {"threads": args.threads, "num": args.num, "cpu": cpu_model(),
                      "versions": {"onnxruntime": onnxruntime.__version__, "torch": str(torch.__version__),

@@ -228,7 +228,7 @@ def bench_backend(backend: Backend, *, label: str, file_mb: float, load_ms: floa
         backend.infer(feed, check=False)
         first_ms = (time.perf_counter() - start) * 1e3 if not first_done else float("nan")
         first_done = True
-        samples_ms = _time_calls(lambda: backend.infer(feed, check=False), config)
+        samples_ms = _time_calls(lambda feed=feed: backend.infer(feed, check=False), config)
         stats = LatencyStats.from_samples(samples_ms)
         throughput = batch * len(samples_ms) / (sum(samples_ms) / 1e3)
         run.rows.append(BenchRow(

@@ -110,7 +110,8 @@ def measure(model: Path, *, backend: str, frames: int, warmup: int, size: tuple[
 
 def format_report(r: dict) -> str:
     lines = [f"model    {r['model']}", f"backend  {r['backend']}",
-             f"frames   {r['frames']} timed after {r['warmup']} warm-up, frame {r['frame_size'][1]}x{r['frame_size'][0]}"
+             f"frames   {r['frames']} timed after {r['warmup']} warm-up, "
+             f"frame {r['frame_size'][1]}x{r['frame_size'][0]}"
              f" -> input {r['input_size'][1]}x{r['input_size'][0]}, OpenCV threads {r['opencv_threads']}",
              f"{'stage':<12}{'p50 ms':>9}{'p90 ms':>9}{'mean ms':>9}"]
     for k, s in r["stages_ms"].items():

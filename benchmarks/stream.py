@@ -28,15 +28,24 @@ from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.errors import ModelFormatError, SinkError, SourceError
 
 from .environment import describe, environment
-from .stream_bound import STREAM_STAGES, LoopResult, load_average, make_video, naive_loop, naive_spec, \
-    pipeline_run, pipeline_stages
+from .stream_bound import (
+    STREAM_STAGES,
+    LoopResult,
+    load_average,
+    make_video,
+    naive_loop,
+    naive_spec,
+    pipeline_run,
+    pipeline_stages,
+)
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("naive", "pipeline")
 RUNTIME_LABELS = {"naive": "naive loop", "pipeline": "pipeline"}
-NAIVE_DESCRIPTION = ("cv2.VideoCapture read, numpy pre-processing, ONNX Runtime CPU with default session options, "
-                     "np.argmax, palette indexing, cv2.addWeighted, cv2.VideoWriter, one frame after the other")
+NAIVE_DESCRIPTION = ("cv2.VideoCapture read, cv2.dnn.blobFromImage pre-processing, ONNX Runtime CPU with default "
+                     "session options, np.argmax, cv2.LUT colouring, cv2.addWeighted, cv2.VideoWriter, one frame "
+                     "after the other")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,7 +34,8 @@ def headline_table(report: dict) -> str:
     lines = [f"Measured by `python -m edgepix.benchmarks.suite` on: {describe(report['environment'])}.",
              f"GEMM ceiling {report['ceiling']['gemm_gflops']:.0f} GFLOP/s. Batch 1, "
              f"{report['environment']['threads']} threads, p50/p90/p99 over the timed calls after warm-up.", "",
-             "| artifact | precision | backend | p50 ms | p90 ms | p99 ms | img/s | vs PyTorch | % GEMM ceiling | mIoU |",
+             "| artifact | precision | backend | p50 ms | p90 ms | p99 ms | img/s | vs PyTorch | % GEMM ceiling "
+             "| mIoU |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = f"{torch_p50 / r['latency_p50_ms']:.2f}x" if torch_p50 else "-"

@@ -257,10 +257,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         rows.append((name, "missing", f"disables {disables}; install: {how}"))
 
     from edgepix import __version__
+    from edgepix.runtime.cpuinfo import usable_cores
 
     ok("edgepix", __version__)
     ok("python", f"{platform.python_version()} ({sys.executable})")
-    ok("platform", f"{platform.platform()}, {platform.machine()}, {_cpu_count()} CPUs")
+    ok("platform", f"{platform.platform()}, {platform.machine()}, {usable_cores()} CPUs")
+    _doctor_cpu(rows)
     numpy, v = _version("numpy")
     ok("numpy", v) if numpy else missing("numpy", "everything", "pip install numpy")
 
@@ -277,7 +279,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             n_cuda = 0
         rows.append(("opencv-cuda", "ok" if n_cuda else "missing",
                      f"{n_cuda} CUDA device(s)" if n_cuda else
-                     "disables the opencv backend's CUDA target (CPU target still works); needs an OpenCV built with CUDA"))
+                     "disables the opencv backend's CUDA target (CPU target still works); needs an OpenCV built "
+                     "with CUDA"))
     else:
         missing("opencv", "image and video I/O", "pip install opencv-python")
 
@@ -301,6 +304,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("onnxslim", "graph simplification at export", "train"),
         ("tqdm", "progress bars (a plain counter is used)", "train"),
         ("matplotlib", "PNG plots of curves and benchmarks", "plot"),
+        ("openvino", "the openvino backend", "openvino"),
     ):
         mod, v = _version(module)
         ok(module, v) if mod else missing(module, disables, f"pip install 'edgepix[{extra}]'")
@@ -343,6 +347,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_cpu(rows: list[tuple[str, str, str]]) -> None:
+    """The instruction sets that decide INT8 and FP16 speed on this CPU (see edgepix.runtime.cpuinfo)."""
+    from edgepix.runtime.cpuinfo import cpu_features
+
+    cpu = cpu_features()
+    rows.append(("cpu", "ok", f"{cpu.model}: {cpu.describe()}"))
+    int8_status = {True: "ok", False: "slow", None: "unknown"}[cpu.fast_int8]
+    rows.append(("cpu-int8", int8_status, cpu.int8_advice()))
+    fp16 = cpu.fp16_arithmetic
+    rows.append(("cpu-fp16", {True: "ok", False: "none", None: "unknown"}[fp16],
+                 "FP16 arithmetic on the CPU" if fp16 else
+                 "no FP16 arithmetic on the CPU: FP16 files gain no speed here (they are meant for GPUs)"
+                 if fp16 is False else "FP16 arithmetic support is unknown"))
+
+
 def _doctor_engines(folder: Path, here) -> int:
     """One line per engine in `folder`: can it load here (manifest vs running TensorRT and GPU)? No TensorRT needed."""
     from edgepix.runtime.engine_manifest import scan_engines
@@ -355,12 +374,6 @@ def _doctor_engines(folder: Path, here) -> int:
     print(f"{len(statuses)} engine(s), {n_bad} cannot load here" + ("" if statuses else " (none found: *.engine, "
                                                                       "*.plan, *.trt)"))
     return 1 if n_bad else 0
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---- data ----------------------------------------------------------------------------------------------

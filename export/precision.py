@@ -7,8 +7,8 @@ benchmarks/int8_matrix.py measures the choices on the current machine.
 
 from __future__ import annotations
 
-import enum
 import contextlib
+import enum
 import logging
 import os
 import tempfile
@@ -53,6 +53,9 @@ class Int8Options:
     activation_signed: bool | None = None  # None: the target's choice (U8 for cpu, S8 for tensorrt)
     per_channel: bool = True
     keep_float: tuple[str, ...] = ()  # node names, or "first"/"last" for the first/last Conv
+    # 7-bit weights: on x86 CPUs without VNNI, U8S8 products are summed in saturating 16-bit pairs (vpmaddubsw),
+    # which can overflow with full 8-bit weights; reduce_range avoids that at a small accuracy cost.
+    reduce_range: bool = False
 
     def activation_is_signed(self) -> bool:
         if self.activation_signed is not None:
@@ -65,6 +68,8 @@ class Int8Options:
                  self.method.value, f"{n_calib} calibration images", f"target {self.target.value}"]
         if self.keep_float:
             parts.append("float: " + ",".join(self.keep_float))
+        if self.reduce_range:
+            parts.append("reduce_range")
         return " ".join(parts[:4]) + ", " + ", ".join(parts[4:])
 
 
@@ -159,6 +164,10 @@ def quantize_int8(
 
     if not calibration:
         raise ExportError("INT8 calibration needs at least one image; got none")
+    if options.target is Int8Target.CPU:
+        from edgepix.runtime.cpuinfo import warn_if_int8_is_slow_here
+
+        warn_if_int8_is_slow_here()  # one log line per process where this CPU has no VNNI/AMX/dot-product
     model = onnx.load(str(fp32_path))
     convs = _conv_nodes(model)
     exclude = [n.name for n in model.graph.node if n.op_type in _NEVER_QUANTIZE]
@@ -199,6 +208,7 @@ def quantize_int8(
                     quant_format=q.QuantFormat.QDQ if options.quant_format is QuantFormat.QDQ
                     else q.QuantFormat.QOperator,
                     per_channel=options.per_channel,
+                    reduce_range=options.reduce_range,
                     activation_type=q.QuantType.QInt8 if signed else q.QuantType.QUInt8,
                     weight_type=q.QuantType.QInt8,
                     nodes_to_exclude=exclude,

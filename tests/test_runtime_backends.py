@@ -13,10 +13,25 @@ import pytest
 import torch
 from test_runtime_models import export, seg_spec, small_seg_net
 
-from edgepix.runtime.backends import Backend, BackendOptionError, available_backends, backend_status, load_backend
-from edgepix.runtime.backends import registry
-from edgepix.runtime.backends.ort import (CPU_EP, CUDA_EP, TRT_EP, IoBindingRunner, OrtCudaOptions, OrtOptions,
-                                          OrtTensorrtOptions, cuda_providers, trt_providers)
+from edgepix.runtime.backends import (
+    Backend,
+    BackendOptionError,
+    available_backends,
+    backend_status,
+    load_backend,
+    registry,
+)
+from edgepix.runtime.backends.ort import (
+    CPU_EP,
+    CUDA_EP,
+    TRT_EP,
+    IoBindingRunner,
+    OrtCudaOptions,
+    OrtOptions,
+    OrtTensorrtOptions,
+    cuda_providers,
+    trt_providers,
+)
 from edgepix.runtime.errors import BackendError, InputError, ModelFormatError
 from edgepix.runtime.onnxedit import append_argmax, output_names
 from edgepix.runtime.onnxproto import parse_onnx_header, read_onnx_header
@@ -45,7 +60,7 @@ def batch(n=2, seed=0) -> np.ndarray:
 
 def test_every_name_is_registered_and_the_cpu_ones_run_here():
     status = backend_status()
-    assert set(status) == {"ort-trt", "ort-cuda", "ort-cpu", "opencv", "tensorrt"}
+    assert set(status) == {"ort-trt", "ort-cuda", "ort-cpu", "opencv", "openvino", "tensorrt", "triton"}
     assert status["ort-cpu"] is None and status["opencv"] is None
     assert {"ort-cpu", "opencv"} <= set(available_backends())
 
@@ -91,8 +106,9 @@ def test_auto_skips_a_gpu_backend_that_cannot_start(net, monkeypatch, caplog):
 
 
 def test_unknown_names_list_the_valid_ones_with_close_matches(net):
-    with pytest.raises(BackendError, match=r"unknown backend 'ort-gpu'; valid: auto, opencv, ort-cpu, ort-cuda, "
-                                           r"ort-trt, tensorrt\. Did you mean 'ort-cpu'"):
+    with pytest.raises(BackendError,
+                       match=r"unknown backend 'ort-gpu'; valid: auto, opencv, openvino, ort-cpu, ort-cuda, "
+                                           r"ort-trt, tensorrt, triton\. Did you mean 'ort-cpu'"):
         load_backend(net, "ort-gpu")
 
 
@@ -142,9 +158,9 @@ def test_options_are_typed_and_checked(net):
 
 
 def test_opencv_cannot_use_cuda_without_an_opencv_cuda_build(net):
-    from edgepix.runtime.backends.opencv import opencv_cuda_devices
-
     import cv2
+
+    from edgepix.runtime.backends.opencv import opencv_cuda_devices
 
     if opencv_cuda_devices(cv2):
         pytest.skip("this OpenCV has CUDA")
@@ -155,7 +171,8 @@ def test_opencv_cannot_use_cuda_without_an_opencv_cuda_build(net):
 def test_cuda_and_tensorrt_provider_options(tmp_path):
     model = tmp_path / "seg.onnx"
     cuda = cuda_providers(OrtCudaOptions(device_id=1, gpu_mem_limit_bytes=2 << 30, cudnn_conv_algo_search="HEURISTIC"))
-    assert cuda == [(CUDA_EP, {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1",
+    assert cuda == [(CUDA_EP, {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC",
+                               "do_copy_in_default_stream": "1",
                                "gpu_mem_limit": str(2 << 30)}), (CPU_EP, {})]
     trt = trt_providers(OrtTensorrtOptions(fp16=True, max_workspace_bytes=1 << 30, builder_optimization_level=5), model)
     assert [name for name, _ in trt] == [TRT_EP, CUDA_EP, CPU_EP]
@@ -163,7 +180,8 @@ def test_cuda_and_tensorrt_provider_options(tmp_path):
     assert opts["trt_fp16_enable"] == "True" and opts["trt_engine_cache_enable"] == "True"
     assert opts["trt_engine_cache_path"] == str(tmp_path / "seg.ort-trt-cache") == opts["trt_timing_cache_path"]
     assert opts["trt_max_workspace_size"] == str(1 << 30) and opts["trt_builder_optimization_level"] == "5"
-    off = trt_providers(OrtTensorrtOptions(engine_cache=False, timing_cache=False, engine_cache_dir=tmp_path), model)[0][1]
+    options = OrtTensorrtOptions(engine_cache=False, timing_cache=False, engine_cache_dir=tmp_path)
+    off = trt_providers(options, model)[0][1]
     assert off["trt_fp16_enable"] == "False" and "trt_engine_cache_enable" not in off
     with pytest.raises(BackendError, match="builder_optimization_level: expected 0..5"):
         OrtTensorrtOptions(builder_optimization_level=7)

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
+from edgepix.runtime.cpuinfo import usable_cores
 from edgepix.runtime.errors import DataError, EdgepixError
 from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.generator import tile_grid
@@ -64,7 +65,6 @@ from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, op
 from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
 from .loop import (
     ModelEMA,
-    cpu_cores,
     cpu_state,
     gather_rng_states,
     resolve_device,
@@ -129,7 +129,8 @@ class GanTrainConfig:
     device: str = "auto"
     synthetic_n: int = 2000
     synthetic_val_n: int = 200
-    scenes: str = "varied"  # `--data synthetic`: the scene appearance (pix2pix defaults to "lit": see runtime.synthetic)
+    # `--data synthetic`: the scene appearance (pix2pix defaults to "lit": see runtime.synthetic)
+    scenes: str = "varied"
     direction: str = "AtoB"  # pix2pix: which side of the pair is the input
     time_limit: float | None = None  # minutes of training (excluding data preparation); stops mid-epoch
     sample_n: int = 64  # images in the DCGAN grid / rows in the pix2pix grid
@@ -338,7 +339,7 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
     device = resolve_device(cfg.device, info)
     with restored_threads():
         if device.type == "cpu":
-            torch.set_num_threads(max(1, cpu_cores() // info.local_world_size))
+            torch.set_num_threads(max(1, usable_cores() // info.local_world_size))
         init_distributed(info, device)
         try:
             with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
@@ -367,7 +368,7 @@ class _Run:
         cfg, info = self.cfg, self.info
         size = (cfg.imgsz, cfg.imgsz)
         t0 = time.perf_counter()
-        workers = max(1, cpu_cores() // info.local_world_size)
+        workers = max(1, usable_cores() // info.local_world_size)
         self.classes = None
         if cfg.kind is GanKind.DCGAN:
             train_src = open_image_source(cfg.data, "train", seed=cfg.seed, synthetic_n=cfg.synthetic_n,

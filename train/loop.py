@@ -10,7 +10,6 @@ import csv
 import io
 import logging
 import math
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepix.runtime.cpuinfo import usable_cores
 from edgepix.runtime.errors import EdgepixError
 from edgepix.runtime.fileio import atomic_write_text
 
@@ -86,14 +86,10 @@ def default_workers(device: torch.device, info: DistInfo) -> int:
     """Loader processes per training process. On a CPU with few cores per process, loading in the training process
     is faster: a worker process takes cycles from the training threads (measured on 2 cores: 22 img/s with none,
     16-20 img/s with one)."""
-    cores = max(1, cpu_cores() // info.local_world_size)
+    cores = max(1, usable_cores() // info.local_world_size)
     if device.type == "cuda":
         return min(4, cores)
     return 0 if cores <= 4 else 2
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
+from edgepix.runtime.cpuinfo import usable_cores
 from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ModelSpec, Task
@@ -44,7 +45,6 @@ from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, 
 from .loop import (
     ModelEMA,
     broadcast_buffers,
-    cpu_cores,
     cpu_state,
     default_workers,
     gather_rng_states,
@@ -335,7 +335,7 @@ def _open_sources(cfg: SegTrainConfig, info: DistInfo) -> tuple[SegmentationSour
         n = len(train_src) + len(val_src)
         with progress_bar(n, desc="render scenes", unit="scene", quiet=cfg.quiet or not info.is_main) as bar:
             for src in (train_src, val_src):
-                src.pregenerate(workers=max(1, cpu_cores() // info.local_world_size), progress=bar.update)
+                src.pregenerate(workers=max(1, usable_cores() // info.local_world_size), progress=bar.update)
         if info.is_main:
             log.info("rendered %d training scenes and %d held-out scenes (seed %d) of %dx%d in %.1f s",
                      len(train_src), len(val_src), val_src.seed, *cfg.imgsz, time.perf_counter() - t0)
@@ -364,7 +364,7 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
     device = resolve_device(cfg.device, info)
     with restored_threads():
         if device.type == "cpu":
-            torch.set_num_threads(cfg.threads or max(1, cpu_cores() // info.local_world_size))
+            torch.set_num_threads(cfg.threads or max(1, usable_cores() // info.local_world_size))
         # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the
         # training threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
         cv2.setNumThreads(1)
@@ -712,7 +712,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str, *, split: str = "val
     dev = resolve_device(device, info)
     with restored_threads():
         if dev.type == "cpu":
-            torch.set_num_threads(cpu_cores())
+            torch.set_num_threads(usable_cores())
         return _evaluate_checkpoint(path, ckpt, model, spec, data, split, batch, dev, workers, synthetic_n, quiet, t0)
 
 

@@ -6,11 +6,14 @@
 | `ort-cuda` | ONNX Runtime, CUDA execution provider + IOBinding | .onnx          |
 | `ort-cpu`  | ONNX Runtime, CPU execution provider              | .onnx          |
 | `opencv`   | OpenCV dnn (CUDA target when OpenCV has CUDA)     | .onnx          |
+| `openvino` | OpenVINO runtime, CPU device (GPU/NPU unverified) | .onnx          |
 | `tensorrt` | native TensorRT (runtime/backends/tensorrt.py)    | .engine / .plan|
+| `triton`   | a Triton (KServe v2) server, over HTTP or gRPC    | a model name   |
 
 Backend modules are imported only when a backend is loaded, so `import edgepix.runtime` stays light.
 `auto` picks, for an ONNX file, the first available of ort-trt > ort-cuda > ort-cpu > opencv (by what
 `onnxruntime.get_available_providers()` offers) and logs what it chose; for an engine file, `tensorrt`.
+`openvino` is never picked by `auto`: it is there to be asked for (and measured with `edgepix bench --peers`).
 A backend that is registered but cannot run here raises BackendError with the reason and the available names.
 
 The `tensorrt` backend (`TensorRTBackend`) loads a serialized engine and its `<engine>.json` manifest; it needs the
@@ -79,6 +82,12 @@ def _opencv_check() -> str | None:
     return None
 
 
+def _openvino_check() -> str | None:
+    if not _module_exists("openvino"):
+        return "the Python package 'openvino' is not installed (pip install 'edgepix[openvino]')"
+    return None
+
+
 TENSORRT_MODULE = "edgepix.runtime.backends.tensorrt"
 
 
@@ -88,6 +97,12 @@ def _tensorrt_check() -> str | None:
     if not any(_module_exists(m) for m in ("cuda.bindings.runtime", "cuda.cudart")):
         return ("the Python package 'cuda-python' is not installed (pip install 'edgepix[gpu]'); the tensorrt "
                 "backend's device buffers and streams use it")
+    return None
+
+
+def _triton_check() -> str | None:
+    if not any(_module_exists(m) for m in ("tritonclient.http", "tritonclient.grpc")):
+        return "the Python package 'tritonclient' is not installed (pip install 'edgepix[triton]')"
     return None
 
 
@@ -118,8 +133,14 @@ for _entry in (
                  "ONNX Runtime, CPU execution provider", ONNX_SUFFIXES, _ort_provider_check("CPUExecutionProvider")),
     BackendEntry("opencv", "edgepix.runtime.backends.opencv", "OpenCVBackend",
                  "OpenCV dnn (CUDA target when OpenCV has CUDA)", ONNX_SUFFIXES, _opencv_check),
+    BackendEntry("openvino", "edgepix.runtime.backends.openvino", "OpenVINOBackend",
+                 "OpenVINO runtime, CPU device (GPU and NPU devices by option, not verified)", ONNX_SUFFIXES,
+                 _openvino_check),
     BackendEntry("tensorrt", TENSORRT_MODULE, "TensorRTBackend",
                  "native TensorRT engine (serialized .engine with its manifest)", ENGINE_SUFFIXES, _tensorrt_check),
+    # Loads a model by its name on the server: no file suffix to check.
+    BackendEntry("triton", "edgepix.runtime.backends.triton", "TritonBackend",
+                 "a Triton Inference Server model (HTTP or gRPC, url=HOST:PORT)", (), _triton_check),
 ):
     register_backend(_entry)
 
@@ -164,15 +185,16 @@ def candidates(name: str, path: str | os.PathLike) -> list[str]:
     suffix = Path(path).suffix.lower()
     if name != "auto":
         entry = get_entry(name)
-        if suffix and suffix not in entry.suffixes:
+        if entry.suffixes and suffix and suffix not in entry.suffixes:
             raise BackendError(f"backend {name!r} loads {'/'.join(entry.suffixes)} files, got {Path(path).name}; "
                                + ("use backend 'tensorrt' for engines" if suffix in ENGINE_SUFFIXES else
-                                  "use an ort-* or opencv backend for .onnx files"))
+                                  "use an ort-*, opencv or openvino backend for .onnx files"))
         return [name]
     if suffix in ENGINE_SUFFIXES:
         return ["tensorrt"]
     if suffix not in ONNX_SUFFIXES:
-        raise ModelFormatError(f"{Path(path).name}: expected a model file ({', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES)})"
+        suffixes = ", ".join(ONNX_SUFFIXES + ENGINE_SUFFIXES)
+        raise ModelFormatError(f"{Path(path).name}: expected a model file ({suffixes})"
                                f", got '{suffix or 'no suffix'}'")
     status = backend_status()
     chosen = [n for n in AUTO_ORDER_ONNX if status[n] is None]

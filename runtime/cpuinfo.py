@@ -1,0 +1,198 @@
+"""The CPU's instruction sets that decide INT8 and FP16 speed, read once, torch-free.
+
+Also the one place that says how many cores this process may use (`usable_cores`).
+
+The same INT8 file runs 1.5x faster than FP32 on one CPU and barely faster on another: ONNX Runtime's and
+OpenVINO's integer kernels are fast only where the CPU has an int8 dot-product instruction, VNNI (AVX-512 VNNI or
+AVX-VNNI) or AMX on x86, the dot-product extension (`asimddp`) on ARM. Without it, U8S8 multiplies widen to 16
+bits and the gain over FP32 mostly disappears. FP16 arithmetic on the CPU needs AVX-512-FP16 (x86) or
+`fphp`/`asimdhp` (ARM); elsewhere FP16 files are converted back to FP32 as they run.
+
+Linux (and so every Jetson and Raspberry Pi) names the features in /proc/cpuinfo ("flags" on x86, "Features" on
+ARM). Elsewhere numpy's own CPU detection is the fallback; it does not know AVX-VNNI or AMX, which then read as
+unknown rather than absent. `edgepix doctor`, `edgepix export --format onnx-int8` and the benchmark reports use
+this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# (label shown to users, Linux flag names; any one present means the feature is there)
+X86_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("AVX2", ("avx2",)),
+    ("AVX-512", ("avx512f",)),
+    ("AVX-512-VNNI", ("avx512_vnni",)),
+    ("AVX-VNNI", ("avx_vnni",)),
+    ("AMX-INT8", ("amx_int8",)),
+    ("AVX-512-BF16", ("avx512_bf16",)),
+    ("AVX-512-FP16", ("avx512_fp16",)),
+)
+ARM_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("NEON", ("asimd", "neon")),  # "asimd" on 64-bit kernels, "neon" on 32-bit ones
+    ("dot-product", ("asimddp",)),
+    ("I8MM", ("i8mm",)),  # int8 matrix multiply (Armv8.6)
+    ("FP16-arithmetic", ("fphp", "asimdhp")),
+    ("SVE", ("sve",)),
+)
+
+# numpy's names (numpy._core._multiarray_umath.__cpu_features__) -> the Linux flag they stand for.
+_NUMPY_NAMES = {
+    "AVX2": "avx2", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16",
+    "AVX512FP16": "avx512_fp16", "ASIMD": "asimd", "NEON": "neon", "ASIMDDP": "asimddp", "ASIMDHP": "asimdhp",
+    "FPHP": "fphp", "SVE": "sve",
+}
+
+
+def _family(machine: str) -> str:
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "x86"
+    if machine.startswith(("aarch64", "arm")):
+        return "arm"
+    return "other"
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What this CPU offers. `known` holds the flags the source can tell about at all (present or absent)."""
+
+    machine: str  # platform.machine(): x86_64, aarch64, ...
+    model: str
+    flags: frozenset[str]
+    known: frozenset[str]
+    source: str  # "/proc/cpuinfo", "numpy", or "none"
+
+    @property
+    def family(self) -> str:
+        return _family(self.machine)
+
+    def has(self, *names: str) -> bool | None:
+        """True when any of the flags is present, False when the source says all are absent, None when unknown."""
+        if any(n in self.flags for n in names):
+            return True
+        if all(n in self.known for n in names):
+            return False
+        return None
+
+    def features(self) -> list[tuple[str, bool | None]]:
+        """(label, present) for the instruction sets that matter on this CPU family."""
+        table = X86_FEATURES if self.family == "x86" else ARM_FEATURES if self.family == "arm" else ()
+        return [(label, self.has(*flags)) for label, flags in table]
+
+    @property
+    def fast_int8(self) -> bool | None:
+        """Whether INT8 convolutions have a fast path here: VNNI or AMX on x86, dot-product on ARM."""
+        if self.family == "x86":
+            answers = [self.has("avx512_vnni"), self.has("avx_vnni"), self.has("amx_int8")]
+        elif self.family == "arm":
+            answers = [self.has("asimddp"), self.has("i8mm")]
+        else:
+            return None
+        if any(a is True for a in answers):
+            return True
+        return False if all(a is False for a in answers) else None
+
+    @property
+    def fp16_arithmetic(self) -> bool | None:
+        if self.family == "x86":
+            return self.has("avx512_fp16")
+        if self.family == "arm":
+            return self.has("fphp", "asimdhp")
+        return None
+
+    def describe(self) -> str:
+        """One line, e.g. 'AVX2 yes, AVX-512 yes, AVX-512 VNNI yes, ... (from /proc/cpuinfo)'."""
+        parts = [f"{label} {_word(present)}" for label, present in self.features()]
+        if not parts:
+            return f"no instruction-set report for {self.machine} CPUs"
+        return ", ".join(parts) + f" (from {self.source})"
+
+    def int8_advice(self) -> str:
+        """What INT8 can be expected to do here, in one sentence."""
+        if self.fast_int8 is True:
+            fast = ("AVX-512-VNNI", "AVX-VNNI", "AMX-INT8", "dot-product", "I8MM")
+            present = [label for label, there in self.features() if there and label in fast]
+            return f"INT8 has a fast path here ({', '.join(present)})"
+        if self.fast_int8 is None:
+            return "whether INT8 has a fast path here is unknown (instruction sets not readable)"
+        if self.family == "x86":
+            return ("no VNNI or AMX: INT8 (U8S8) runs on AVX2 integer kernels and gains little over FP32 here; "
+                    "measure with python -m edgepix.benchmarks.int8_matrix")
+        return ("no dot-product instructions (asimddp): INT8 gains little over FP32 here; measure with "
+                "python -m edgepix.benchmarks.int8_matrix")
+
+
+def _word(present: bool | None) -> str:
+    return "yes" if present is True else "no" if present is False else "unknown"
+
+
+def parse_proc_cpuinfo(text: str, machine: str) -> CpuFeatures:
+    """Read /proc/cpuinfo text: the first processor's flags (x86 "flags", ARM "Features") and model name."""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features") and not flags:
+            flags = set(value.split())
+        elif key in ("model name", "hardware", "processor") and not model and not value.strip().isdigit():
+            model = value.strip()
+    family = _family(machine)
+    table = X86_FEATURES if family == "x86" else ARM_FEATURES if family == "arm" else ()
+    # Linux lists every feature the kernel knows that the CPU has; one it does not list is absent. Without a
+    # flags line at all (some containers), nothing is known.
+    known = {name for _, names in table for name in names} if flags else set()
+    return CpuFeatures(machine=machine, model=model or platform.processor() or machine, flags=frozenset(flags),
+                       known=frozenset(known), source="/proc/cpuinfo")
+
+
+def _from_numpy(machine: str) -> CpuFeatures:
+    try:  # numpy's detection is an internal table; treat its absence as "nothing known"
+        from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as numpy_features
+        except ImportError:
+            numpy_features = {}
+    flags = {flag for name, flag in _NUMPY_NAMES.items() if numpy_features.get(name)}
+    known = {flag for name, flag in _NUMPY_NAMES.items() if name in numpy_features}
+    return CpuFeatures(machine=machine, model=platform.processor() or machine, flags=frozenset(flags),
+                       known=frozenset(known), source="numpy" if numpy_features else "none")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU features (read once per process)."""
+    machine = platform.machine() or "unknown"
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return _from_numpy(machine)
+    found = parse_proc_cpuinfo(text, machine)
+    return found if found.known else _from_numpy(machine)
+
+
+@functools.lru_cache(maxsize=1)
+def warn_if_int8_is_slow_here() -> bool:
+    """Log one warning (once per process) when this CPU has no fast INT8 path; True when it warned."""
+    features = cpu_features()
+    if features.fast_int8 is False:
+        log.warning("this CPU (%s) has %s", features.model, features.int8_advice())
+        return True
+    return False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one: a container or `taskset` limit
+    counts, not the machine's total)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
