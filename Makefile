@@ -29,15 +29,18 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,plot,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,dev]"
 	touch $(STAMP)
 
 # The stream tests serve a real network stream with ffmpeg, screenshot the MJPEG page in headless Chromium and
 # open display:// windows on Xvfb. Installed with apt-get when missing and running as root; otherwise this says
 # how (the tests that need them skip). Entries are command:package.
 SYSTEM_TOOLS := ffmpeg:ffmpeg chromium:chromium Xvfb:xvfb
+# GLib's key-file parser for the system python3: the DeepStream config tests read the configs with it.
+GLIB_KEYFILE_PACKAGES := python3-gi gir1.2-glib-2.0
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	/usr/bin/python3 -c "import gi" >/dev/null 2>&1 || missing="$$missing $(GLIB_KEYFILE_PACKAGES)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing (for the stream tests)"; \
@@ -51,6 +54,7 @@ setup: $(STAMP) system-tools
 
 # The docs build into build/ (ignored); --strict fails on broken links, missing anchors and pages left out of the nav.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m mkdocs build --strict --quiet --site-dir build/docs-site
 	$(PY) -m pytest -q
 

@@ -54,7 +54,8 @@ class BatchRange:
     def __post_init__(self) -> None:
         for v in (self.min, self.opt, self.max):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ExportError(f"--batch: batch sizes must be positive integers, got {self.min} {self.opt} {self.max}")
+                raise ExportError(f"--batch: batch sizes must be positive integers, got {self.min} {self.opt} "
+                                  f"{self.max}")
         if not self.min <= self.opt <= self.max:
             raise ExportError(f"--batch MIN OPT MAX needs MIN <= OPT <= MAX, got {self.min} {self.opt} {self.max}")
 
@@ -148,7 +149,8 @@ def derive_profiles(inputs: Sequence[tuple[str, Sequence[Any]]], spec: ModelSpec
             b = int(dims[0])
             if batch is not None and (batch.min, batch.opt, batch.max) != (b, b, b):
                 raise ExportError(f"input {name!r} has a fixed batch of {b} in the ONNX, but --batch asks for "
-                                  f"{batch.min}..{batch.max}; export the ONNX with --dynamic-batch, or pass --batch {b}")
+                                  f"{batch.min}..{batch.max}; export the ONNX with --dynamic-batch, or pass "
+                                  f"--batch {b}")
             lo[0] = mid[0] = hi[0] = b
         else:
             r = batch or BatchRange(1, 1, 1)

@@ -91,14 +91,16 @@ def exported_spec(spec: ModelSpec, options: OnnxExportOptions) -> ModelSpec:
     if options.uint8_output and spec.task is Task.SEGMENTATION:
         raise ExportError("--uint8-output applies to generators; for segmentation use --argmax")
     if options.argmax and spec.num_classes > 256:
-        raise ExportError(f"--argmax writes a uint8 class map, which holds 256 classes; the model has {spec.num_classes}")
+        raise ExportError(f"--argmax writes a uint8 class map, which holds 256 classes; the model has "
+                          f"{spec.num_classes}")
     output_kind = spec.output_kind
     if options.argmax:
         output_kind = OutputKind.CLASS_MAP
     elif options.uint8_output:
         output_kind = OutputKind.IMAGE_UINT8
     size = tuple(options.imgsz) if options.imgsz else spec.input_size
-    if spec.task is not Task.GENERATION_NOISE and options.imgsz and (size[0] % spec.size_divisor or size[1] % spec.size_divisor):
+    off_grid = size[0] % spec.size_divisor or size[1] % spec.size_divisor
+    if spec.task is not Task.GENERATION_NOISE and options.imgsz and off_grid:
         raise ExportError(
             f"--imgsz must be a multiple of {spec.size_divisor} for this model, got {size[0]}x{size[1]}; "
             # at least one multiple: a size below the divisor (64 for a 128-divisible U-Net) would round to 0

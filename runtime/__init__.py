@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import EdgepixError
     from .foreign import ForeignModelWarning
     from .generator import ImageGenerator, NoiseGenerator, tile_grid
-    from .render import RenderMode, RenderOptions, Renderer
+    from .render import Renderer, RenderMode, RenderOptions
     from .segmenter import SegmentationResult, Segmenter, StageTimes
     from .spec import ModelSpec
 

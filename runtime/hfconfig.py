@@ -62,9 +62,8 @@ def read_hf_folder(path: str | os.PathLike) -> HFFolder:
     if not isinstance(config.get("model_type"), str):
         raise ModelFormatError(f"{path / CONFIG_FILE}: no 'model_type' string; is this a transformers config?")
     preprocessor = _read_json(path / PREPROCESSOR_FILE, required=False)
-    folder = HFFolder(path, config, preprocessor)
-    folder.class_names  # validate id2label now, not at first use
-    return folder
+    labels_from_config(config, source=str(path / CONFIG_FILE))  # id2label is checked now, not at first use
+    return HFFolder(path, config, preprocessor)
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:

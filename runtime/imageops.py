@@ -131,30 +131,30 @@ class Normalizer:
             resized = frame
         else:
             resized = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        t, l = g.top, g.left
+        top, left = g.top, g.left
         if self.nchw:
             planes = cv2.split(resized)
             for c in range(3):
                 dst = out[c]
                 if g.padded:
                     self._fill_border(dst, g, self.pad[c])
-                    dst = dst[t:t + nh, l:l + nw]
+                    dst = dst[top:top + nh, left:left + nw]
                 _lut_into(planes[self.src[c]], self.luts[c], dst)
         else:
             if g.padded:
                 for c in range(3):
                     self._fill_border(out[..., c], g, self.pad[c])
             src = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB) if self.src[0] == 2 else resized
-            _lut_into(src, self.lut3, out[t:t + nh, l:l + nw] if g.padded else out)
+            _lut_into(src, self.lut3, out[top:top + nh, left:left + nw] if g.padded else out)
         return g
 
     @staticmethod
     def _fill_border(plane: np.ndarray, g: Geometry, value: np.float32) -> None:
-        (nh, nw), t, l = g.content_hw, g.top, g.left
-        plane[:t] = value
-        plane[t + nh:] = value
-        plane[t:t + nh, :l] = value
-        plane[t:t + nh, l + nw:] = value
+        (nh, nw), top, left = g.content_hw, g.top, g.left
+        plane[:top] = value
+        plane[top + nh:] = value
+        plane[top:top + nh, :left] = value
+        plane[top:top + nh, left + nw:] = value
 
     def __call__(self, frames: list[np.ndarray], out: np.ndarray | None = None) -> tuple[np.ndarray, list[Geometry]]:
         """Normalise a list of BGR uint8 frames into a (N, ...) float32 tensor (`out` if given)."""

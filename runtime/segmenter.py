@@ -176,11 +176,13 @@ class Segmenter:
             raise ModelFormatError(f"{self.backend.path.name}: expected a rank-4 image input, found {meta.describe()}")
         c_dim, hw_dims = (1, (2, 3)) if spec.input_layout is Layout.NCHW else (3, (1, 2))
         if meta.dim(c_dim) not in (3, None):
-            raise ModelFormatError(f"{self.backend.path.name}: the spec says {spec.input_layout.value} with 3 channels, "
+            raise ModelFormatError(f"{self.backend.path.name}: the spec says {spec.input_layout.value} with 3 "
+                                   "channels, "
                                    f"the model's input is {meta.describe()}")
         fixed = tuple(meta.dim(i) for i in hw_dims)
         if all(d is not None for d in fixed) and fixed != tuple(spec.input_size):
-            raise ModelFormatError(f"{self.backend.path.name}: the spec says input {spec.input_size}, the model's input "
+            raise ModelFormatError(f"{self.backend.path.name}: the spec says input {spec.input_size}, the model's "
+                                   "input "
                                    f"is fixed at {fixed} ({meta.describe()}); re-export the model")
         return tuple(spec.input_size)  # type: ignore[return-value]
 

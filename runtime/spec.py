@@ -147,14 +147,17 @@ class ModelSpec:
                     f"palette: needs one colour per class ({len(self.class_names)}), got {len(self.palette)}"
                 )
             if self.output_kind not in (OutputKind.LOGITS, OutputKind.CLASS_MAP):
-                raise SpecError(f"output_kind: a segmentation model outputs logits or class_map, got {self.output_kind.value!r}")
+                raise SpecError(f"output_kind: a segmentation model outputs logits or class_map, got "
+                                f"{self.output_kind.value!r}")
             if self.ignore_index is not None and 0 <= self.ignore_index < len(self.class_names):
                 raise SpecError(
-                    f"ignore_index: must not be a class index (0..{len(self.class_names) - 1}), got {self.ignore_index!r}"
+                    f"ignore_index: must not be a class index (0..{len(self.class_names) - 1}), got "
+                    f"{self.ignore_index!r}"
                 )
         else:
             if self.output_kind not in (OutputKind.IMAGE, OutputKind.IMAGE_UINT8):
-                raise SpecError(f"output_kind: a generator outputs image or image_uint8, got {self.output_kind.value!r}")
+                raise SpecError(f"output_kind: a generator outputs image or image_uint8, got "
+                                f"{self.output_kind.value!r}")
             if self.output_range is None:
                 raise SpecError("output_range: a generator must state its output range, e.g. [-1, 1], got None")
             lo, hi = self.output_range

@@ -534,7 +534,8 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
     if options.dla_core is not None:
         n_dla = int(getattr(builder, "num_DLA_cores", 0) or 0)
         if n_dla == 0:
-            raise ExportError(f"--dla-core {options.dla_core}: this device has no DLA cores (DLA exists on Jetson AGX/NX "
+            raise ExportError(f"--dla-core {options.dla_core}: this device has no DLA cores (DLA exists on Jetson "
+                              "AGX/NX "
                               f"Orin and Xavier; TensorRT {trt.__version__} reports none)")
         if options.dla_core >= n_dla:
             raise ExportError(f"--dla-core {options.dla_core}: this device has {n_dla} DLA core(s): 0..{n_dla - 1}")
@@ -606,9 +607,10 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
             except OSError as e:  # it only saves time on the next build: not a reason to lose this one
                 log.warning("timing cache not saved to %s (%s); the engine is fine, the next build times its "
                             "kernels again", options.timing_cache, e.strerror or e)
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
     io = tuple(
         TensorDesc(t.name, mode, _np_dtype_name(trt, t.dtype), tuple(int(d) for d in t.shape))
-        for mode, tensors in (("input", inputs), ("output", [network.get_output(i) for i in range(network.num_outputs)]))
+        for mode, tensors in (("input", inputs), ("output", outputs))
         for t in tensors)
     return BuiltEngine(bytes(memoryview(serialized)), io, seconds, str(trt.__version__))
 

@@ -46,7 +46,8 @@ def seg_checkpoint(tmp_path_factory) -> Path:
     scenes = [make_scene(i, SceneConfig(size=(64, 64))) for i in range(128)]
     mean = np.array(spec.mean, np.float32) * 255
     std = np.array(spec.std, np.float32) * 255
-    x = torch.from_numpy(np.stack([((im[..., ::-1] - mean) / std).transpose(2, 0, 1) for im, _ in scenes]).astype(np.float32))
+    x = np.stack([((im[..., ::-1] - mean) / std).transpose(2, 0, 1) for im, _ in scenes])
+    x = torch.from_numpy(x.astype(np.float32))
     y = torch.from_numpy(np.stack([m for _, m in scenes])).long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):

@@ -1,8 +1,5 @@
 import json
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
 from edgepix.runtime.spec import ModelSpec, default_palette

@@ -196,7 +196,8 @@ def model_mutants(model: Model, rng: random.Random):
             yield f"utf8 {what}@{pos}:{bad!r}", data[:pos] + bad + data[pos + 1:]
     yield from elem_type_mutants(data)
     for name, text in hostile_specs(json.loads(model.spec_text()), rng):
-        yield f"spec {name}", model.with_spec(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+        yield f"spec {name}", model.with_spec(raw)
 
 
 def elem_type_mutants(data: bytes):

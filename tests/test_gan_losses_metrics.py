@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from edgepix.train.gan_data import PairedDataset, colorize_mask, open_pair_source
-from edgepix.train.gan_eval import (class_mean_colours, diversity, mean_pairwise_distance, paint_mean_colours,
-                                    pixel_features, ssim)
+from edgepix.train.gan_eval import (
+    class_mean_colours,
+    diversity,
+    mean_pairwise_distance,
+    paint_mean_colours,
+    pixel_features,
+    ssim,
+)
 from edgepix.train.gan_losses import GANLoss, make_adam, pix2pix_generator_loss
 
 REAL = torch.tensor([2.0, -1.0])

@@ -31,8 +31,14 @@ MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.2, 0.3]
 
 
 def _configs():
-    from transformers import (ConvNextConfig, DPTConfig, MobileViTConfig, MobileViTV2Config, SegformerConfig,
-                              UperNetConfig)
+    from transformers import (
+        ConvNextConfig,
+        DPTConfig,
+        MobileViTConfig,
+        MobileViTV2Config,
+        SegformerConfig,
+        UperNetConfig,
+    )
 
     labels = {"id2label": dict(enumerate(STREET)), "label2id": {n: i for i, n in enumerate(STREET)}}
     return {

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from test_runtime_models import export
+from torch import nn
 
 from edgepix.runtime import ImageGenerator, NoiseGenerator, Segmenter, tile_grid
 from edgepix.runtime.errors import InputError, ModelFormatError

@@ -16,8 +16,14 @@ from test_runtime_models import RGB_CLASSES, channel_model, export, seg_spec, sm
 from edgepix.runtime import RenderOptions, Segmenter
 from edgepix.runtime.errors import BackendError, InputError, ModelFormatError
 from edgepix.runtime.foreign import ForeignModelWarning
-from edgepix.runtime.imageops import (Normalizer, argmax_classes, as_bgr, letterbox_geometry, map_to_frame,
-                                      softmax_confidence)
+from edgepix.runtime.imageops import (
+    Normalizer,
+    argmax_classes,
+    as_bgr,
+    letterbox_geometry,
+    map_to_frame,
+    softmax_confidence,
+)
 from edgepix.runtime.spec import ModelSpec
 
 RED, GREEN, BLUE = (0, 0, 255), (0, 255, 0), (255, 0, 0)  # BGR
@@ -140,7 +146,8 @@ def test_class_maps_are_right_at_the_frame_size(models, kind):
     assert not (wrong & ~edge).any(), np.argwhere(wrong & ~edge)[:5]
     assert wrong.mean() < 0.03
     fractions = r.class_fractions(3)
-    assert fractions.sum() == pytest.approx(1.0) and np.abs(fractions - [0.5 * 40 / 60, 1 / 3, 0.5 * 40 / 60]).max() < 0.03
+    assert fractions.sum() == pytest.approx(1.0)
+    assert np.abs(fractions - [0.5 * 40 / 60, 1 / 3, 0.5 * 40 / 60]).max() < 0.03
     if kind == "letterbox":
         g = r.geometry
         assert g.padded and g.content_hw == (29, 48) and (g.top, g.left) == (1, 0)
@@ -192,8 +199,9 @@ def test_timings_cover_each_stage(models):
 
 
 def test_a_dynamic_size_model_runs_at_the_size_asked_for(tmp_path):
-    from edgepix.runtime.errors import SpecError
     from test_runtime_models import ChannelLogits
+
+    from edgepix.runtime.errors import SpecError
 
     spec = seg_spec(dynamic_size=True, dynamic_batch=True)
     path = export(ChannelLogits(), tmp_path / "dyn.onnx", torch.zeros(1, 3, 32, 48), spec=spec, dynamic_batch=True,
@@ -302,7 +310,8 @@ def test_overlay_mask_side_and_hidden_classes(models):
         assert side.shape == (60, 200, 3) and (side[:, :100] == frame).all() and (side[:, 100:] == default).all()
         hidden = seg.render(frame, r, RenderOptions(hide=("blue",)))
         is_blue = r.class_map == 2
-        assert is_blue.any() and (hidden[is_blue] == frame[is_blue]).all() and (hidden[~is_blue] == default[~is_blue]).all()
+        assert is_blue.any() and (hidden[is_blue] == frame[is_blue]).all()
+        assert (hidden[~is_blue] == default[~is_blue]).all()
         only_green = seg.render(frame, r, RenderOptions(mode="mask", show=("green",)))
         assert (only_green[r.class_map != 1] == 0).all() and (only_green[r.class_map == 1] == palette_bgr[1]).all()
         with_legend = seg.render(frame, r, RenderOptions(legend=True))
@@ -372,7 +381,8 @@ def test_spec_and_graph_disagreements_are_model_format_errors(tmp_path):
     for fuse in (True, False):
         with pytest.raises(ModelFormatError, match="spec lists 5 classes, the output has 4 channels"):
             Segmenter.load(five, fuse_argmax=fuse)
-    size = export(small_seg_net(3), tmp_path / "size.onnx", torch.zeros(1, 3, 32, 48), spec=seg_spec(input_size=(64, 64)))
+    size = export(small_seg_net(3), tmp_path / "size.onnx", torch.zeros(1, 3, 32, 48),
+                  spec=seg_spec(input_size=(64, 64)))
     with pytest.raises(ModelFormatError, match=r"spec says input \(64, 64\).*fixed at \(32, 48\)"):
         Segmenter.load(size)
 

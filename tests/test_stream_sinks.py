@@ -20,7 +20,15 @@ from test_stream_support import channel_model, video_info, write_scene_video
 from edgepix.runtime import Segmenter
 from edgepix.runtime.errors import SinkError
 from edgepix.runtime.pipeline import Pipeline, PipelineOptions
-from edgepix.runtime.sinks import HttpSink, Output, SinkContext, StreamInfo, VideoFileSink, parse_http_address, parse_sink
+from edgepix.runtime.sinks import (
+    HttpSink,
+    Output,
+    SinkContext,
+    StreamInfo,
+    VideoFileSink,
+    parse_http_address,
+    parse_sink,
+)
 
 
 @pytest.fixture(scope="module")

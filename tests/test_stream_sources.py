@@ -12,8 +12,8 @@ from test_stream_support import write_scene_video
 
 from edgepix.runtime.errors import InputError, SourceError
 from edgepix.runtime.sources import (
-    FrameBuffer,
     Frame,
+    FrameBuffer,
     SourceKind,
     SourceOptions,
     open_source,

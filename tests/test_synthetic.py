@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from edgepix.runtime.errors import DataError
-from edgepix.runtime.synthetic import (CLASS_NAMES, MovingScene, SceneConfig, make_scene, random_objects,
-                                       render_scene, scene_seed, write_dataset)
+from edgepix.runtime.synthetic import (
+    CLASS_NAMES,
+    MovingScene,
+    SceneConfig,
+    make_scene,
+    random_objects,
+    render_scene,
+    scene_seed,
+    write_dataset,
+)
 
 K = len(CLASS_NAMES)
 

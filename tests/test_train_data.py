@@ -15,8 +15,15 @@ from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, make_scene, scene_se
 torch = pytest.importorskip("torch")
 
 from edgepix.train.data import (  # noqa: E402
-    SYNTHETIC_VAL_SEED, SegmentationDataset, SyntheticSource, collate, folder_source, image_size, open_source,
-    read_mask, voc_source,
+    SYNTHETIC_VAL_SEED,
+    SegmentationDataset,
+    SyntheticSource,
+    collate,
+    folder_source,
+    image_size,
+    open_source,
+    read_mask,
+    voc_source,
 )
 from edgepix.train.transforms import AugmentConfig, EvalTransform, TrainTransform, normalize, preprocess  # noqa: E402
 

@@ -24,7 +24,10 @@ from edgepix.runtime.errors import EdgepixError  # noqa: E402
 from edgepix.runtime.spec import ModelSpec, Task  # noqa: E402
 from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from edgepix.train.segmentation import (  # noqa: E402
-    SegTrainConfig, evaluate_checkpoint, format_iou_table, train_segmentation,
+    SegTrainConfig,
+    evaluate_checkpoint,
+    format_iou_table,
+    train_segmentation,
 )
 from edgepix.train.transforms import AugmentConfig, preprocess  # noqa: E402
 

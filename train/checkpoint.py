@@ -56,7 +56,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"a state_dict from the code that created it"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ModelFormatError(f"{path} is not a PyTorch checkpoint: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path} is not a PyTorch checkpoint: {reason}") from e
     if not isinstance(ckpt, dict):
         raise ModelFormatError(f"{path}: expected a checkpoint dictionary, found {type(ckpt).__name__}")
     if "arch" not in ckpt:

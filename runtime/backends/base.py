@@ -61,7 +61,8 @@ def dtype_from_ort(type_string: str) -> np.dtype:
     try:
         return np.dtype(_ORT_TYPES[type_string])
     except KeyError:
-        raise BackendError(f"unsupported tensor type {type_string!r}; edgepix handles {', '.join(_ORT_TYPES)}") from None
+        raise BackendError(f"unsupported tensor type {type_string!r}; edgepix handles "
+                           f"{', '.join(_ORT_TYPES)}") from None
 
 
 # ONNX element types (runtime.onnxproto's numpy names) that edgepix can feed or read as numpy arrays.
@@ -235,7 +236,7 @@ class Backend(abc.ABC):
             self._closed = True
             self.close_impl()
 
-    def close_impl(self) -> None:
+    def close_impl(self) -> None:  # noqa: B027  (an optional hook: a backend that holds nothing keeps the no-op)
         """Subclasses drop their sessions here."""
 
     def __enter__(self) -> Backend:

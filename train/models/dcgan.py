@@ -1,9 +1,9 @@
 """DCGAN (Radford et al., 2016): an unconditional generator (noise -> image) and its discriminator.
 
 Generator: the latent vector (N, latent_size) is projected to a 4x4 map by a 4x4 transposed convolution of the
-1x1 map (computed as the equivalent matrix product), then doubled `log2(image_size / 4)` times by 4x4 stride-2 transposed convolutions with
-BatchNorm + ReLU; the last one maps to 3 channels and ends in tanh, so images are in [-1, 1]. Width halves at each
-upsampling from `ngf * 2**(n_up - 1)` (capped at `max_channels`) down to `ngf`.
+1x1 map (computed as the equivalent matrix product), then doubled `log2(image_size / 4)` times by 4x4 stride-2
+transposed convolutions with BatchNorm + ReLU; the last one maps to 3 channels and ends in tanh, so images are in
+[-1, 1]. Width halves at each upsampling from `ngf * 2**(n_up - 1)` (capped at `max_channels`) down to `ngf`.
 
 Discriminator: the mirror image: 4x4 stride-2 convolutions with LeakyReLU(0.2) (BatchNorm from the second layer on,
 or spectral normalisation, or none), halving the map down to 4x4, then a 4x4 convolution to one logit per image.
