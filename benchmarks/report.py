@@ -16,8 +16,8 @@ from .harness import BenchRow
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("model", "precision", "backend", "batch", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",
-           "img/s", "GFLOP/img", "GFLOP/s", "% ceiling", "peak RSS MB", "file MB", "accuracy")
+COLUMNS = ("model", "precision", "backend", "batch", "input", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
+           "mean ms", "img/s", "GFLOP/img", "GFLOP/s", "% ceiling", "peak RSS MB", "file MB", "accuracy")
 
 
 def _f(v, digits: int = 2) -> str:
@@ -28,7 +28,8 @@ def _f(v, digits: int = 2) -> str:
 
 def row_cells(r: BenchRow) -> list[str]:
     accuracy = f"{r.accuracy_name} {r.accuracy:.4f}" if r.accuracy is not None else "-"
-    return [r.model, r.precision, r.backend, str(r.batch), _f(r.load_ms, 0), _f(r.first_ms, 1), _f(r.latency.p50),
+    return [r.model, r.precision, r.backend, str(r.batch), "x".join(map(str, r.input_shape)), _f(r.load_ms, 0),
+            _f(r.first_ms, 1), _f(r.latency.p50),
             _f(r.latency.p90), _f(r.latency.p99), _f(r.latency.mean), _f(r.throughput, 1),
             _f(r.gflops_per_image, 3), _f(r.achieved_gflops, 1),
             _f(100 * r.efficiency, 1) if r.efficiency is not None else "-", _f(r.peak_rss_mb, 0), _f(r.file_mb),

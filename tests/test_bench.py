@@ -61,6 +61,9 @@ def test_torch_baseline_runs_on_the_artifacts_input_size(edgepix_cli, seg_checkp
     assert r.returncode == 0, r.stderr
     shapes = {row["model"]: row["input_shape"] for row in json.loads(r.stdout)["results"]}
     assert shapes == {"seg96.onnx": [1, 3, 96, 96], "fastscnn64.pt": [1, 3, 96, 96]}
+    table = edgepix_cli("bench", str(onnx96), "--runs", "2", "--warmup", "1", "--accuracy-n", "0", "--threads", "1",
+                        "--torch", str(seg_checkpoint)).stdout
+    assert "| input |" in table and table.count("| 1x3x96x96 |") == 2
 
 
 def test_bench_errors_are_one_line(edgepix_cli, tmp_path):
