@@ -58,8 +58,6 @@ from .distributed import (
     barrier,
     broadcast_flag,
     dist_info_from_env,
-    init_distributed,
-    shutdown_distributed,
 )
 from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, open_pair_source, pregenerate
 from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
@@ -68,9 +66,8 @@ from .loop import (
     cpu_state,
     gather_rng_states,
     resolve_device,
-    restored_threads,
-    run_log,
     seed_everything,
+    training_process,
     worker_init,
     write_metrics_csv,
 )
@@ -337,15 +334,8 @@ def train_gan(cfg: GanTrainConfig, *, resume: bool = False, exist_ok: bool = Fal
     check_models_fit(cfg)
 
     device = resolve_device(cfg.device, info)
-    with restored_threads():
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, usable_cores() // info.local_world_size))
-        init_distributed(info, device)
-        try:
-            with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
-                return _Run(cfg, info, device, ckpt).train(on_epoch_end)
-        finally:
-            shutdown_distributed()
+    with training_process(info, device, threads=None, out=Path(cfg.out), quiet=cfg.quiet):
+        return _Run(cfg, info, device, ckpt).train(on_epoch_end)
 
 
 class _Run:

@@ -23,7 +23,7 @@ from edgepix.runtime.cpuinfo import usable_cores
 from edgepix.runtime.errors import EdgepixError
 from edgepix.runtime.fileio import atomic_write_text
 
-from .distributed import DistInfo
+from .distributed import DistInfo, init_distributed, shutdown_distributed
 
 log = logging.getLogger("edgepix.train")
 
@@ -40,6 +40,27 @@ def restored_threads() -> Iterator[None]:
     finally:
         torch.set_num_threads(saved[0])
         cv2.setNumThreads(saved[1])
+
+
+@contextlib.contextmanager
+def training_process(info: DistInfo, device: torch.device, *, threads: int | None, out: Path,
+                     quiet: bool) -> Iterator[None]:
+    """What a training run holds while it runs: torch's CPU threads (`threads`, or this process's share of the
+    cores), OpenCV on one thread, the process group of a torchrun job and the run folder's log; all given back
+    afterwards. Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the
+    training threads (and a forked DataLoader worker must not touch OpenCV's thread pool)."""
+    import cv2
+
+    with restored_threads():
+        if device.type == "cpu":
+            torch.set_num_threads(threads or max(1, usable_cores() // info.local_world_size))
+        cv2.setNumThreads(1)
+        init_distributed(info, device)
+        try:
+            with run_log(out, quiet=quiet, main=info.is_main):
+                yield
+        finally:
+            shutdown_distributed()
 
 
 class ModelEMA:

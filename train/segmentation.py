@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +40,7 @@ from edgepix.runtime.spec import ModelSpec, Task
 
 from .checkpoint import load_source, prepare_run, save_checkpoint
 from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
-from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env, init_distributed, shutdown_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env
 from .loop import (
     ModelEMA,
     broadcast_buffers,
@@ -50,8 +49,8 @@ from .loop import (
     gather_rng_states,
     resolve_device,
     restored_threads,
-    run_log,
     seed_everything,
+    training_process,
     worker_init,
     write_metrics_csv,
 )
@@ -362,18 +361,8 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False, exist_ok: b
         get_entry(cfg.model)  # an unknown model name (or an unreadable hf: folder) fails before any data work
 
     device = resolve_device(cfg.device, info)
-    with restored_threads():
-        if device.type == "cpu":
-            torch.set_num_threads(cfg.threads or max(1, usable_cores() // info.local_world_size))
-        # Augmentation runs one sample per call on small images: OpenCV's own threads would only fight the
-        # training threads (and a forked DataLoader worker must not touch OpenCV's thread pool).
-        cv2.setNumThreads(1)
-        init_distributed(info, device)
-        try:
-            with run_log(Path(cfg.out), quiet=cfg.quiet, main=info.is_main):
-                return _SegmentationRun(cfg, info, device, ckpt).train(on_epoch_end)
-        finally:
-            shutdown_distributed()
+    with training_process(info, device, threads=cfg.threads, out=Path(cfg.out), quiet=cfg.quiet):
+        return _SegmentationRun(cfg, info, device, ckpt).train(on_epoch_end)
 
 
 class _SegmentationRun:
