@@ -81,22 +81,15 @@ def register(subparsers) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import json
+    """The flags as a SegmentJob (runtime.jobs), then the summary and the exit code."""
     import logging
     import os
-    import signal
-    import threading
 
-    from .errors import InputError, ModelFormatError, SinkError
-    from .fileio import atomic_write_text, check_writable
-    from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, summary_line, tune_malloc
+    from .jobs import SegmentJob, run_segment
+    from .pipeline import summary_line
     from .render import RenderOptions
-    from .segmenter import Segmenter
-    from .sinks import display_available, make_sink
-    from .sources import SourceOptions, open_source
+    from .sources import SourceOptions
 
-    log = logging.getLogger("edgepix.segment")
-    tune_malloc()  # before any thread or frame exists
     if not args.verbose:
         # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
         # the pipeline reports outages itself. --verbose keeps their logs.
@@ -104,94 +97,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
         import cv2
 
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    model: Path = args.model
-    if model.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        raise ModelFormatError(f"{model} is a training checkpoint; the runtime runs exported models: "
-                               f"edgepix export {model} (then pass the .onnx)")
-    if args.triton_url is not None and args.backend != "triton":
-        raise InputError(f"--triton-url applies to --backend triton, not {args.backend}")
-    if not model.exists() and args.backend != "triton":  # a triton model is a name on the server
-        raise ModelFormatError(f"model file not found: {model}")
-    for name in ("workers", "threads", "max_frames", "max_batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
-
-    source_options = SourceOptions(
-        size=args.input_size, fps=args.input_fps, codec=args.input_codec.upper() if args.input_codec else None,
-        open_timeout=args.open_timeout, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport,
-        reconnect_attempts=args.reconnect_attempts, backoff_max=args.backoff_max, realtime=args.realtime,
-        loop=args.loop)
-    # Parse every URI before loading the model, so a typo fails in milliseconds.
-    cond = threading.Condition()  # shared by the streams' buffers: the pipeline's mux waits on all of them
-    sources = [open_source(uri, source_options, stream_id=i, cond=cond)
-               for i, uri in enumerate(args.source or ["synthetic://"])]
-    sink_uris = list(args.sink)
-    if not sink_uris:
-        reason = display_available()
-        if reason is None:
-            sink_uris = ["display://"]
-        else:
-            sink_uris = ["null://"]
-            log.info("no --sink and no display:// (%s): frames are only counted; add --sink http://0.0.0.0:8080 "
-                     "to watch in a browser or --sink out.mp4 to keep them", reason)
-    sinks = [make_sink(u, hud=not args.no_hud) for u in sink_uris]
-    # Every file the run will write is checked now (folders, permissions, stale partial files of a killed run),
-    # before the model loads, so a bad path fails in milliseconds rather than after the whole run.
-    for sink in sinks:
-        sink.preflight()
-    if args.stats is not None:
-        check_writable(args.stats, "--stats", SinkError)
-    render = RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
-                           hide=tuple(args.hide), legend=args.legend)
-    plan = choose_workers(resolve_backend(model, args.backend), workers=args.workers, threads=args.threads)
-
-    # Open the sources first: a camera or stream that does not open fails before the model loads, and live
-    # ones connect (and files start decoding) while it does.
-    try:
-        for source in sources:
-            source.start()
-        server = {"url": args.triton_url} if args.triton_url is not None else {}
-        seg = Segmenter.load(model, plan.backend, render=render, **plan.backend_options(), **server)
-    except BaseException:
-        for source in sources:
-            source.close()
-        raise
-    if not args.quiet:
-        log.info("%s; %s", seg.describe(), plan.describe())
-
-    status = None if args.quiet else (lambda line: _status(line))
-    pipeline = Pipeline(seg, sources, sinks, PipelineOptions(
-        workers=plan.workers, batch_timeout=args.batch_timeout / 1000.0, max_batch=args.max_batch,
-        max_frames=args.max_frames, duration=args.duration, status_interval=1.0 if sys.stderr.isatty() else 5.0),
-        title=f"edgepix segment {model.name}", status=status,
-        info={"threads_per_worker": plan.threads, "spin_wait": plan.spin_wait, "vis": args.vis, "pid": os.getpid()})
-
-    interrupts = {"n": 0}
-
-    def on_signal(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
-        interrupts["n"] += 1
-        if interrupts["n"] > 1 and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: give up on a clean finish
-        pipeline.stop()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed_run = True
-    try:
-        stats = pipeline.run()
-        failed_run = False
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        seg.close()
-        if args.stats is not None:
-            try:
-                atomic_write_text(args.stats, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
-            except OSError as e:
-                message = f"cannot write --stats {args.stats}: {e.strerror or e}"
-                if not failed_run:
-                    raise SinkError(message) from None
-                log.error("%s", message)  # the run's own error follows; it is the one that matters
+    job = SegmentJob(
+        model=args.model, sources=args.source or ["synthetic://"], sinks=args.sink, backend=args.backend,
+        render=RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
+                             hide=tuple(args.hide), legend=args.legend),
+        source_options=SourceOptions(
+            size=args.input_size, fps=args.input_fps, codec=args.input_codec.upper() if args.input_codec else None,
+            open_timeout=args.open_timeout, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport,
+            reconnect_attempts=args.reconnect_attempts, backoff_max=args.backoff_max, realtime=args.realtime,
+            loop=args.loop),
+        workers=args.workers, threads=args.threads, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch,
+        max_frames=args.max_frames, duration=args.duration, stats=args.stats, hud=not args.no_hud,
+        triton_url=args.triton_url, status_interval=1.0 if sys.stderr.isatty() else 5.0)
+    log = logging.getLogger("edgepix.segment")
+    stats = run_segment(job, status=None if args.quiet else _status,
+                        describe=None if args.quiet else (lambda line: log.info("%s", line)))
     if not args.quiet:
         print(summary_line(stats), file=sys.stderr)
     failed = [s for s in stats["streams"] if s.get("error")]
