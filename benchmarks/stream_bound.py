@@ -252,7 +252,8 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
                 out_suffix: str = ".mp4") -> dict:
     """CPU milliseconds per frame of each pipeline stage measured alone, on the first `frames` frames, with the
     pipeline's inference plan (the same threads and spin setting per call)."""
-    from edgepix.runtime.pipeline import choose_workers, cpu_count, resolve_backend
+    from edgepix.runtime.cpuinfo import usable_cores
+    from edgepix.runtime.pipeline import choose_workers, resolve_backend
     from edgepix.runtime.segmenter import Segmenter
 
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
@@ -294,7 +295,7 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
 
         cpu, wall = _cpu_per_item(infer, n)
         terms["infer"] = {"cpu_ms": cpu, "wall_ms": wall, "threads": threads or "default",
-                          "wall_x_threads_ms": wall * (threads or cpu_count())}
+                          "wall_x_threads_ms": wall * (threads or usable_cores())}
 
         rendered = [None] * n
 
@@ -312,8 +313,8 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
         writer.release()
         terms["encode"] = {"cpu_ms": cpu, "wall_ms": wall}
 
-    cores = cpu_count()
-    # The bound's terms: CPU time for every stage, and for inference its wall time x its threads (the issue's
+    cores = usable_cores()
+    # The bound's terms: CPU time for every stage, and for inference its wall time x its threads (by
     # definition: the threads hold their cores for the whole call, spinning or not). Also reported: the bound
     # with inference's measured CPU time instead, which is the stricter of the two when threads sit idle.
     for name, t in terms.items():

@@ -12,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-ONNX_SUFFIXES = {".onnx"}
-CHECKPOINT_SUFFIXES = {".pt", ".pth", ".ckpt"}
-ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
+from edgepix.runtime.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES
 
 
 def register(subparsers) -> None:
@@ -81,7 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     elif suffix in ENGINE_SUFFIXES:
         info = _engine_info(path)
     else:
-        valid = sorted(ONNX_SUFFIXES | CHECKPOINT_SUFFIXES | ENGINE_SUFFIXES)
+        valid = sorted(ONNX_SUFFIXES + CHECKPOINT_SUFFIXES + ENGINE_SUFFIXES)
         raise ModelFormatError(f"{path}: expected a model file ({', '.join(valid)}), got '{suffix or 'no suffix'}'")
     info = {"path": str(path), "size_bytes": path.stat().st_size, **info}
     if args.json:

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgepix.runtime.engine_manifest import ProfileShapes
 from edgepix.runtime.errors import ExportError
+from edgepix.runtime.formats import CHECKPOINT_SUFFIXES
 from edgepix.runtime.spec import Layout, ModelSpec, OutputKind, Precision
 from edgepix.runtime.trt_build import (
     EngineBuildOptions,
@@ -39,7 +40,6 @@ from .compare import compare_backends
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = ".engine"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 # ---- shapes and profiles (pure) ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepix.runtime.errors import ExportError
+from edgepix.runtime.formats import ENGINE_SUFFIXES
 from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 #: the model parameter that carries the ModelSpec JSON (the same key as in the ONNX metadata)
 SPEC_PARAMETER = ONNX_METADATA_KEY
 LABELS_FILE = "labels.txt"
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 # numpy dtype names -> Triton's model-configuration data types (model_config.proto DataType)
 TRITON_TYPES = {

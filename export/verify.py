@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from edgepix.runtime.errors import DataError, require
+from edgepix.runtime.formats import IMAGE_SUFFIXES
 from edgepix.runtime.metrics import psnr
 from edgepix.runtime.spec import ModelSpec, Task
 from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
@@ -35,7 +36,6 @@ from .gate import Check
 
 # Seeds of verification scenes: far from the training (0) and validation (1) seeds of `train seg`.
 VERIFY_SEED = 7_000_003
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 # ---- validation inputs ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 from . import boundedjson
 from .errors import ModelFormatError, SpecError
 from .fileio import atomic_write_text
+from .formats import ENGINE_SUFFIXES
 from .spec import ModelSpec
 
 MANIFEST_VERSION = 1
@@ -511,7 +512,6 @@ def cached_engine(cache_dir: str | os.PathLike, name: str, key: str) -> Path | N
 # ---- folders of engines (doctor) ------------------------------------------------------------------------
 
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
+from .formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 
 def register(subparsers) -> None:

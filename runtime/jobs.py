@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelFormatError, SinkError
+from .formats import CHECKPOINT_SUFFIXES
 from .render import RenderOptions
 from .sources import SourceOptions
 
 log = logging.getLogger("edgepix.segment")
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpuinfo import usable_cores
 from .errors import EdgepixError, InputError
 from .sinks import Output, Sink, SinkContext, StreamInfo, make_sink
 from .sources import Frame, Source, SourceOptions, SourceState, open_source
@@ -79,13 +80,6 @@ class PipelineOptions:
             raise InputError(f"queue_size: expected >= 1, got {self.queue_size}")
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 @dataclass(frozen=True)
 class WorkerPlan:
     """How inference runs: `workers` threads taking batches, each call with `threads` intra-op threads."""
@@ -121,7 +115,7 @@ def choose_workers(backend: str, *, cores: int | None = None, workers: int | Non
     backend's net is not thread-safe: one worker. GPU backends: two workers, so one copies frames while the other
     computes.
     """
-    cores = cores or cpu_count()
+    cores = cores or usable_cores()
     if backend == "opencv":
         return WorkerPlan(backend, 1, threads)
     if backend == "triton":  # each worker keeps one request in flight while the others' frames are prepared
@@ -402,10 +396,6 @@ class Pipeline:
         """Ask the pipeline to finish: no new frames are taken; what is in flight reaches the sinks. Only sets a
         flag, so it is safe to call from a signal handler or any thread."""
         self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once everything finished (sinks closed)."""
@@ -771,7 +761,7 @@ class Pipeline:
             "config": {"workers": self.options.workers, "max_batch": self.max_batch,
                        "batch_timeout_s": self.options.batch_timeout,
                        "model": str(getattr(self.seg.backend, "path", "")),
-                       "backend": getattr(self.seg.backend, "description", ""), "cores": cpu_count(), **self.info},
+                       "backend": getattr(self.seg.backend, "description", ""), "cores": usable_cores(), **self.info},
             "errors": [f"{where}: {e}" for where, e in self._errors],
             # e.g. the triton backend's client / network / server split
             **({"backend_stats": self.seg.backend.run_stats()} if hasattr(self.seg.backend, "run_stats") else {}),

@@ -51,6 +51,7 @@ import numpy as np
 
 from .errors import SinkError, unknown_name
 from .fileio import PartialFile, check_writable, check_writable_folder, remove_stale_partials
+from .formats import IMAGE_WRITE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ VIDEO_CODECS: dict[str, tuple[str, ...]] = {
     ".avi": ("MJPG", "XVID"),
     ".webm": ("VP90", "VP80"),
 }
-IMAGE_SINK_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -376,8 +376,8 @@ class ImageFolderSink(Sink):
                 self.pattern % 0
             except (TypeError, ValueError):
                 raise SinkError(f"{uri}: expected a pattern with one integer field such as frame_%05d.png") from None
-            if not self.pattern.lower().endswith(IMAGE_SINK_SUFFIXES):
-                raise SinkError(f"{uri}: the pattern must end in an image type ({', '.join(IMAGE_SINK_SUFFIXES)})")
+            if not self.pattern.lower().endswith(IMAGE_WRITE_SUFFIXES):
+                raise SinkError(f"{uri}: the pattern must end in an image type ({', '.join(IMAGE_WRITE_SUFFIXES)})")
         else:
             self.folder, self.pattern = Path(target), "%06d.jpg"
 
@@ -963,21 +963,3 @@ def make_sink(uri: str | SinkSpec, *, hud: bool = True) -> Sink:
         return ImageFolderSink(spec.uri, os.path.expanduser(spec.target), spec.streams)
     except ValueError as e:
         raise SinkError(f"{spec.uri}: bad parameter value ({e})") from None
-
-
-def open_sinks(uris: Sequence[str], *, hud: bool = True) -> list[Sink]:
-    return [make_sink(u, hud=hud) for u in uris]
-
-
-def wait_for_http(url: str, timeout: float = 5.0) -> bool:
-    """Poll `url` until it answers (tests and scripts)."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1.0):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False

@@ -47,12 +47,10 @@ import cv2
 import numpy as np
 
 from .errors import InputError, SourceError, unknown_name
+from .formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm", ".jp2")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
-                  ".flv", ".wmv", ".3gp", ".ogv", ".h264", ".h265", ".hevc", ".mjpeg", ".mjpg", ".y4m")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 MAX_SANE_FPS = 240.0
 MIN_FPS = 0.1  # slowest rate a source may be asked for (one frame per 10 s): slower is a typo, not a camera

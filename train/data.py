@@ -26,11 +26,10 @@ import torch
 from torch.utils.data import Dataset as _TorchDataset
 
 from edgepix.runtime.errors import DataError
+from edgepix.runtime.formats import IMAGE_SUFFIXES, MASK_SUFFIXES
 from edgepix.runtime.spec import default_palette
 from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene, scene_seed
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG mask has invented class values
 IGNORE_INDEX = 255
 # The held-out synthetic scenes: a seed no training run uses by default, the same for every run so that runs with
 # different --seed values are compared on the same scenes. Training refuses this seed.

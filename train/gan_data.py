@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import Dataset
 
 from edgepix.runtime.errors import DataError
+from edgepix.runtime.formats import IMAGE_SUFFIXES
 from edgepix.runtime.spec import ModelSpec
 
 from .data import (
-    IMAGE_SUFFIXES,
     SYNTHETIC_VAL_SEED,
     ClassInfo,
     SegmentationSource,

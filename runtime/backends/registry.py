@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ModelFormatError, unknown_name
+from ..formats import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from .base import Backend, BackendOptionError
 
 log = logging.getLogger("edgepix.runtime.backends")
 
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 @dataclass(frozen=True)
