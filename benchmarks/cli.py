@@ -131,6 +131,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if not args.models and not args.torch:
         raise EdgepixError("nothing to benchmark: give exported models and/or --torch CKPT")
+    if args.torch:  # before minutes of measuring the models, not after
+        from edgepix.runtime.errors import require
+
+        require("torch", extra="train", purpose="The PyTorch baseline (--torch)")
     for m in args.models:
         if not m.exists():
             raise EdgepixError(f"model file not found: {m}")

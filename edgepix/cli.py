@@ -22,6 +22,11 @@ VERB_MODULES = ("edgepix.commands", "edgepix.train.cli", "edgepix.export.cli", "
 
 EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
 
+# Optional packages and the pyproject extra that installs each.
+EXTRA_OF_PACKAGE = {"torch": "train", "onnx": "train", "onnxscript": "train", "onnxslim": "train", "tqdm": "train",
+                    "transformers": "hub", "safetensors": "hub", "tritonclient": "triton", "openvino": "openvino",
+                    "matplotlib": "plot", "onnxruntime": "cpu", "tensorrt": "gpu", "cuda": "gpu"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -75,4 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgepix {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        # A device gets the runtime only (`edgepix[cpu]`): a verb that needs the training side says which extra
+        # to install, in one line, wherever in the verb the import happens.
+        package = (e.name or "").split(".")[0]
+        extra = EXTRA_OF_PACKAGE.get(package)
+        if extra is None or args.verbose:
+            raise
+        print(f"edgepix {args.verb}: error: this needs the Python package '{package}', which is not installed "
+              f"here; install it with: pip install 'edgepix[{extra}]'", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK if code is None else int(code)

@@ -92,3 +92,47 @@ def test_doctor_reports_components(edgepix_cli):
     for line in r.stdout.splitlines():
         if line.split()[1:2] == ["missing"]:
             assert "disables" in line, line
+
+
+# A stand-in for a runtime-only install (`pip install 'edgepix[cpu]'` on a device): the interpreter refuses to
+# import the training side, so every verb sees exactly what it would see without those packages.
+RUNTIME_ONLY = r"""
+import importlib.abc, sys
+BLOCKED = {"torch", "onnx", "onnxscript", "onnxslim", "transformers", "safetensors"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from edgepix.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_runtime_only_install_names_the_extra_for_training_verbs_and_runs_the_rest(seg_checkpoint, seg_onnx,
+                                                                                      tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", RUNTIME_ONLY, *args], capture_output=True, text=True,
+                              timeout=120)
+
+    needs_train = [("export", str(seg_checkpoint), "--out", str(tmp_path / "m.onnx")),
+                   ("verify", str(seg_onnx), str(seg_checkpoint)),
+                   ("bench", str(seg_onnx), "--torch", str(seg_checkpoint), "--runs", "2"),
+                   ("train", "seg", "--data", "synthetic", "--out", str(tmp_path / "run")),
+                   ("val", "seg", str(seg_checkpoint), "--data", "synthetic"),
+                   ("info", str(seg_checkpoint))]
+    for args in needs_train:
+        r = run(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+        assert "'torch'" in lines[0] and "pip install 'edgepix[train]'" in lines[0], (args, lines)
+    works = [("info", str(seg_onnx)), ("spec", str(seg_onnx), "--json"),
+             ("segment", str(seg_onnx), "--source", "synthetic://?size=64x64&frames=3&fps=0", "--sink", "null://"),
+             ("bench", str(seg_onnx), "--runs", "2", "--warmup", "1", "--accuracy-n", "0"), ("doctor",)]
+    for args in works:
+        r = run(*args)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
