@@ -17,7 +17,8 @@ from edgepix.runtime.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_S
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="show a model's spec, inputs, outputs and size")
-    p.add_argument("model", type=Path, help="an .onnx file, an edgepix checkpoint (.pt) or a TensorRT engine")
+    p.add_argument("model", type=Path, help="an .onnx file, an edgepix checkpoint (.pt), a TensorRT engine, or a "
+                                            "Hugging Face save_pretrained folder")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
@@ -71,8 +72,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     path: Path = args.model
     if not path.exists():
         raise ModelFormatError(f"model file not found: {path}")
+    from edgepix.runtime.hfconfig import is_hf_folder
+
     suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
+    if is_hf_folder(path):
+        info = _hf_folder_info(path)
+    elif suffix in ONNX_SUFFIXES:
         info = _onnx_info(path)
     elif suffix in CHECKPOINT_SUFFIXES:
         info = _checkpoint_info(path)
@@ -81,7 +86,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         valid = sorted(ONNX_SUFFIXES + CHECKPOINT_SUFFIXES + ENGINE_SUFFIXES)
         raise ModelFormatError(f"{path}: expected a model file ({', '.join(valid)}), got '{suffix or 'no suffix'}'")
-    info = {"path": str(path), "size_bytes": path.stat().st_size, **info}
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    info = {"path": str(path), "size_bytes": size, **info}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -134,6 +140,17 @@ def _onnx_info(path: Path) -> dict:
         "spec": info.spec.to_dict() if info.spec else None,
         "metadata": {k: v for k, v in info.metadata.items() if k != "edgepix.spec"},
     }
+
+
+def _hf_folder_info(path: Path) -> dict:
+    """What edgepix reads from a save_pretrained folder (no torch, no transformers): the spec fields it gives."""
+    from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
+
+    folder = read_hf_folder(path)
+    fields = spec_fields(folder)
+    return {"format": "hugging-face-folder", "arch": folder.model_type,
+            "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            "metadata": {"files": ", ".join(sorted(p.name for p in path.iterdir()))}}
 
 
 def _checkpoint_info(path: Path) -> dict:

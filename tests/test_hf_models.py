@@ -408,3 +408,12 @@ def _without_metadata(data: bytes) -> bytes:
     from edgepix.runtime.onnxedit import _raw_fields
 
     return b"".join(bytes(raw) for number, _, _, raw in _raw_fields(memoryview(data)) if number != 14)
+
+
+def test_info_reads_a_folder_without_loading_the_model(folders):
+    r = run_edgepix("info", str(folders("segformer")), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "hugging-face-folder" and info["arch"] == "segformer"
+    assert info["spec"]["class_names"] == STREET and info["spec"]["mean"] == MEAN and info["spec"]["std"] == STD
+    assert info["spec"]["input_size"] == [96, 128] and "model.safetensors" in info["metadata"]["files"]

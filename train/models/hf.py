@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -125,9 +126,14 @@ def _model_class(config):
         raise ModelFormatError(f"model_type {config.model_type!r} is not a semantic-segmentation architecture in "
                                f"transformers {transformers.__version__} (those are: {valid})")
     if config.model_type not in ARCHITECTURES:
-        log.warning("%s models have not been tried with edgepix (tried: %s); the export audit and the parity gate "
-                    "will say whether this one works", config.model_type, ", ".join(sorted(ARCHITECTURES)))
+        _warn_untried(config.model_type)
     return transformers.AutoModelForSemanticSegmentation
+
+
+@functools.cache
+def _warn_untried(model_type: str) -> None:  # once per architecture and process
+    log.warning("%s models have not been tried with edgepix (tried: %s); the export audit and the parity gate "
+                "will say whether this one works", model_type, ", ".join(sorted(ARCHITECTURES)))
 
 
 def classifier_keys(config) -> frozenset[str]:
