@@ -654,6 +654,18 @@ class HttpSink(Sink):
             self.server.server_close()
             self.server = None
 
+    def admit(self, kind: str) -> bool:
+        """Take a place for a new `connection` or `viewer` if one is free (under the lock); a refusal is counted."""
+        count, limit = ("connections", self.max_connections) if kind == "connection" else ("clients", self.max_clients)
+        with self.cond:
+            if getattr(self, count) >= limit:
+                self.refused_busy += 1
+                return False
+            setattr(self, count, getattr(self, count) + 1)
+            if kind == "viewer":
+                self.clients_total += 1
+            return True
+
     def stats(self) -> dict:
         return {**super().stats(), "url": self.url, "clients": self.clients, "clients_total": self.clients_total,
                 "clients_timed_out": self.clients_timed_out, "frames_sent": self.frames_sent,
@@ -688,13 +700,7 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         sink = self.sink
-        with sink.cond:
-            busy = sink.connections >= sink.max_connections
-            if busy:
-                sink.refused_busy += 1
-            else:
-                sink.connections += 1
-        if busy:
+        if not sink.admit("connection"):
             _send_and_close(request, 503, "Service Unavailable",
                             f"busy: {sink.max_connections} connections are open; try again in a few seconds\n")
             self.shutdown_request(request)
@@ -806,14 +812,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _mjpeg(self, stream_id: int) -> None:
         sink = self.sink
-        with sink.cond:
-            full = sink.clients >= sink.max_clients
-            if full:
-                sink.refused_busy += 1
-            else:
-                sink.clients += 1
-                sink.clients_total += 1
-        if full:
+        if not sink.admit("viewer"):
             self.send_response(503)
             self.send_header("Retry-After", "5")
             body = f"busy: {sink.max_clients} viewers are watching already; try again later\n".encode()

@@ -69,3 +69,12 @@ def seg_onnx(seg_checkpoint, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("onnx") / "fastscnn64.onnx"
     return run_export(ExportRequest(seg_checkpoint, out=out, verify=False)).path
+
+
+def engine_manifest_dict(spec: dict, shape: list[int]) -> dict:
+    """A valid TensorRT engine manifest (as JSON data) for a model with one input of `shape`."""
+    profile = {"input": "images", "min": shape, "opt": shape, "max": shape}
+    return {"manifest_version": 1, "spec": spec, "tensorrt": "10.3.0", "cuda": "12.6", "gpu": "Orin",
+            "compute_capability": "8.7", "onnx_sha256": "0" * 64, "onnx": "model.onnx", "precision": "fp16",
+            "profiles": [[profile]], "io": [{"name": "images", "mode": "input", "dtype": "float32", "shape": shape}],
+            "built": "2025-01-01T00:00:00+00:00", "builder": {}, "cache_key": "k", "edgepix": "0.1.0"}

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import engine_manifest_dict
 from onnx import helper, numpy_helper
 from test_runtime_models import channel_model
 
@@ -159,14 +160,7 @@ def test_segment_with_a_graph_that_fails_while_running_ends_in_one_line(model, t
 
 
 def manifest_text(**changes) -> str:
-    spec = json.loads(spec_json())
-    profile = {"input": "images", "min": [1, 3, 32, 48], "opt": [1, 3, 32, 48], "max": [1, 3, 32, 48]}
-    manifest = {"manifest_version": 1, "spec": spec, "tensorrt": "10.3.0", "cuda": "12.6", "gpu": "Orin",
-                "compute_capability": "8.7", "onnx_sha256": "0" * 64, "onnx": "model.onnx", "precision": "fp16",
-                "profiles": [[profile]], "io": [{"name": "images", "mode": "input", "dtype": "float32",
-                                                 "shape": [1, 3, 32, 48]}],
-                "built": "2025-01-01T00:00:00+00:00", "builder": {}, "cache_key": "k", "edgepix": "0.1.0"}
-    return json.dumps({**manifest, **changes})
+    return json.dumps({**engine_manifest_dict(json.loads(spec_json()), [1, 3, 32, 48]), **changes})
 
 
 @pytest.mark.parametrize("text, message", [

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import engine_manifest_dict
+
 SEED = 1234
 PER_CASE_S = 5.0  # real cases take milliseconds; a case past this counts as a hang
 TOTAL_S = 150  # the child as a whole (a hang inside C code is only stopped by this)
@@ -263,12 +265,8 @@ def _with(spec: dict, key: str, literal: str) -> str:
 
 def manifest_cases(spec: dict, rng: random.Random):
     """(name, text) of engine manifests: valid ones with hostile fields, and the hostile spec texts as manifests."""
-    profile = {"input": "images", "min": [1, 3, 64, 64], "opt": [1, 3, 64, 64], "max": [1, 3, 64, 64]}
-    manifest = {"manifest_version": 1, "spec": spec, "tensorrt": "10.3.0", "cuda": "12.6", "gpu": "Orin",
-                "compute_capability": "8.7", "onnx_sha256": "0" * 64, "onnx": "model.onnx", "precision": "fp16",
-                "profiles": [[profile]], "io": [{"name": "images", "mode": "input", "dtype": "float32",
-                                                 "shape": [1, 3, 64, 64]}],
-                "built": "2025-01-01T00:00:00+00:00", "builder": {}, "cache_key": "k", "edgepix": "0.1.0"}
+    manifest = engine_manifest_dict(spec, [1, 3, 64, 64])
+    profile = manifest["profiles"][0][0]
     yield "manifest valid", json.dumps(manifest)
     odd_values = [None, True, 7, "x", [], {}, [[1]], [{"a": 1}], 2**70]
     for key in manifest:
