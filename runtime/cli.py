@@ -5,9 +5,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 VIS_MODES = ("overlay", "mask", "side")
+#: the epilog of verbs that read sources and write sinks: replaced by the URI rows when help is shown
+URI_EPILOG = "(the URIs of every source and sink kind)"
+
+
+class UriHelpFormatter(argparse.HelpFormatter):
+    """Help that ends with the source and sink URIs, read from each kind's `URI_HELP` rows (the same rows
+    docs/streams.md shows). The sources and sinks import OpenCV, so this happens only when help is printed."""
+
+    def add_text(self, text: str | None) -> None:
+        if text != URI_EPILOG:
+            super().add_text(text)
+            return
+        from .sinks import URI_HELP as SINK_URIS
+        from .sources import URI_HELP as SOURCE_URIS
+
+        width = max(40, self._width - 6)
+        lines = []
+        for title, rows in (("source URIs (--source):", SOURCE_URIS), ("sink URIs (--sink):", SINK_URIS)):
+            lines.append(title)
+            for uri, what in rows:
+                lines.append("  " + uri.replace("`", ""))
+                lines.extend(textwrap.wrap(what.replace("`", ""), width, initial_indent="      ",
+                                           subsequent_indent="      "))
+        self._add_item(lambda: "\n".join(lines) + "\n", [])
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,7 +56,8 @@ def register(subparsers) -> None:
                     "/dev/videoN, v4l2://, csi://N, rtsp://, rtmp://, http(s)://, gst://PIPELINE, a video, an image, "
                     "a folder, a glob, synthetic:// (the default). Sinks: display:// (the default when there is a "
                     "screen), a video file (.mp4 .avi .mkv .webm), a folder/, http://HOST:PORT (MJPEG + page; "
-                    "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.")
+                    "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.",
+        epilog=URI_EPILOG, formatter_class=UriHelpFormatter)
     p.add_argument("model", type=Path,
                    help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
                         "the server")

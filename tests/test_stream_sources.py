@@ -194,7 +194,7 @@ def test_a_read_that_never_returns_is_abandoned_and_the_source_reconnects(monkey
 
     release = threading.Event()
     HangingReader.connections = 0
-    monkeypatch.setattr(sources, "make_reader", lambda spec: HangingReader(release))
+    monkeypatch.setattr(sources.live, "make_reader", lambda spec: HangingReader(release))
     spec = parse_source("rtsp://127.0.0.1:9/cam", SourceOptions(read_timeout=0.5))
     source = sources.Source(spec)
     assert source.stall_timeout == 1.0
@@ -210,3 +210,21 @@ def test_a_read_that_never_returns_is_abandoned_and_the_source_reconnects(monkey
     assert got[:3] == [1, 1, 1] and got.count(2) >= 5  # frames from the second connection after the stall
     assert source.reconnects == 1 and "no frame for" in stuck.reason and stuck.end is not None
     assert 0.9 < stuck.start - t0 < 3.0
+
+
+def test_the_uri_help_rows_are_the_rows_the_docs_and_the_cli_show(edgepix_cli):
+    """One help text per kind: docs/streams.md's URI tables hold exactly the kinds' URI_HELP rows, and
+    `edgepix segment --help` lists every URI."""
+    from pathlib import Path
+
+    from edgepix.runtime.sinks import URI_HELP as SINK_URIS
+    from edgepix.runtime.sources import URI_HELP as SOURCE_URIS
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "streams.md").read_text()
+    table_rows = [line for line in docs.splitlines() if line.startswith("| `")]
+    uri_rows = [f"| {uri} | {what} |" for uri, what in SOURCE_URIS + SINK_URIS]
+    assert [row for row in table_rows if row in uri_rows] == uri_rows
+    assert len(SOURCE_URIS) == 7 and len(SINK_URIS) == 5
+    help_text = edgepix_cli("segment", "--help").stdout
+    for uri, _ in SOURCE_URIS + SINK_URIS:
+        assert uri.replace("`", "") in help_text
