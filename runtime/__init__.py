@@ -4,6 +4,7 @@ The public API is re-exported lazily (PEP 562), so `import edgepix.runtime` cost
 name loads only the modules behind it:
 
     from edgepix.runtime import Segmenter, NoiseGenerator, ImageGenerator, tile_grid, load_backend
+    from edgepix.runtime import Pipeline, PipelineOptions, StreamJob, run_stream
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ _EXPORTS = {
     "NoiseGenerator": "generator",
     "ImageGenerator": "generator",
     "tile_grid": "generator",
+    "FrameProcessor": "processor",
+    "SegmentThenGenerate": "processor",
+    "Pipeline": "pipeline",
+    "PipelineOptions": "pipeline",
+    "StreamJob": "jobs",
+    "run_stream": "jobs",
     "RenderOptions": "render",
     "RenderMode": "render",
     "Renderer": "render",
@@ -38,6 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import EdgepixError
     from .foreign import ForeignModelWarning
     from .generator import ImageGenerator, NoiseGenerator, tile_grid
+    from .jobs import StreamJob, run_stream
+    from .pipeline import Pipeline, PipelineOptions
+    from .processor import FrameProcessor, SegmentThenGenerate
     from .render import Renderer, RenderMode, RenderOptions
     from .segmenter import SegmentationResult, Segmenter, StageTimes
     from .spec import ModelSpec

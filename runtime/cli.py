@@ -48,31 +48,9 @@ def _class_key(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "segment", help="segment live streams, videos or images in real time (sources -> model -> sinks)",
-        description="Segment frames from one or more sources and send the rendered results to sinks, with "
-                    "capture, inference, rendering and encoding in parallel threads. Sources: a camera number, "
-                    "/dev/videoN, v4l2://, csi://N, rtsp://, rtmp://, http(s)://, gst://PIPELINE, a video, an image, "
-                    "a folder, a glob, synthetic:// (the default). Sinks: display:// (the default when there is a "
-                    "screen), a video file (.mp4 .avi .mkv .webm), a folder/, http://HOST:PORT (MJPEG + page; "
-                    "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.",
-        epilog=URI_EPILOG, formatter_class=UriHelpFormatter)
-    p.add_argument("model", type=Path,
-                   help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
-                        "the server")
-    p.add_argument("--source", "-s", action="append", default=[], metavar="URI",
-                   help="where frames come from (repeat for several streams, batched together)")
-    p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
-                   help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
-    p.add_argument("--backend", default="auto",
-                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt, triton)")
-    p.add_argument("--vis", choices=VIS_MODES, default="overlay", help="how to draw the classes")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay (0..1)")
-    p.add_argument("--classes", nargs="+", type=_class_key, metavar="CLASS",
-                   help="draw only these classes (names or indices)")
-    p.add_argument("--hide", nargs="+", type=_class_key, default=(), metavar="CLASS", help="never draw these classes")
-    p.add_argument("--legend", action="store_true", help="draw a legend of the classes")
+def add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of every verb that runs the stream pipeline (`segment`, `generate --input VIDEO|URI`); read back
+    by `stream_job`."""
     p.add_argument("--realtime", action="store_true",
                    help="read video files at their frame rate and keep only the newest frame, like a camera "
                         "(default: every frame, as fast as the model goes)")
@@ -103,30 +81,15 @@ def register(subparsers) -> None:
                    help="live sources: reopen tries per outage (default unlimited; 0: end the stream)")
     g.add_argument("--backoff-max", type=float, default=0.5, metavar="S",
                    help="longest wait between reopen tries (the wait doubles from 0.25 s; default 0.5)")
-    p.set_defaults(func=cmd_segment)
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    """The flags as a SegmentJob (runtime.jobs), then the summary and the exit code."""
-    import logging
-    import os
-
-    from .jobs import SegmentJob, run_segment
-    from .pipeline import summary_line
-    from .render import RenderOptions
+def stream_job(args: argparse.Namespace, *, sources: list[str], sinks: list[str], **fields):
+    """The StreamJob (runtime.jobs) that `add_stream_arguments`' flags describe, plus the verb's own `fields`."""
+    from .jobs import StreamJob
     from .sources import SourceOptions
 
-    if not args.verbose:
-        # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
-        # the pipeline reports outages itself. --verbose keeps their logs.
-        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-        import cv2
-
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    job = SegmentJob(
-        model=args.model, sources=args.source or ["synthetic://"], sinks=args.sink, backend=args.backend,
-        render=RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
-                             hide=tuple(args.hide), legend=args.legend),
+    return StreamJob(
+        model=args.model, sources=sources, sinks=sinks, backend=args.backend,
         source_options=SourceOptions(
             size=args.input_size, fps=args.input_fps, codec=args.input_codec.upper() if args.input_codec else None,
             open_timeout=args.open_timeout, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport,
@@ -134,16 +97,83 @@ def cmd_segment(args: argparse.Namespace) -> int:
             loop=args.loop),
         workers=args.workers, threads=args.threads, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch,
         max_frames=args.max_frames, duration=args.duration, stats=args.stats, hud=not args.no_hud,
-        triton_url=args.triton_url, status_interval=1.0 if sys.stderr.isatty() else 5.0)
-    log = logging.getLogger("edgepix.segment")
-    stats = run_segment(job, status=None if args.quiet else _status,
-                        describe=None if args.quiet else (lambda line: log.info("%s", line)))
+        triton_url=args.triton_url, status_interval=1.0 if sys.stderr.isatty() else 5.0, **fields)
+
+
+def run_stream_command(verb: str, job, args: argparse.Namespace) -> int:
+    """Run a StreamJob with a status line on stderr; print the summary; exit 1 if a stream failed."""
+    import logging
+    import os
+
+    from .jobs import run_stream
+    from .pipeline import summary_line
+
+    if not args.verbose:
+        # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
+        # the pipeline reports outages itself. --verbose keeps their logs.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        # OpenCV reads OPENCV_LOG_LEVEL at its first log line; older Python bindings (4.6, Debian's and
+        # JetPack 5's) have no cv2.utils.logging, so the variable is what quiets them.
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+        import cv2
+
+        cv_logging = getattr(cv2.utils, "logging", None)
+        if cv_logging is not None:
+            cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+    log = logging.getLogger(f"edgepix.{verb}")
+    stats = run_stream(job, status=None if args.quiet else _status,
+                       describe=None if args.quiet else (lambda line: log.info("%s", line)))
     if not args.quiet:
         print(summary_line(stats), file=sys.stderr)
     failed = [s for s in stats["streams"] if s.get("error")]
     for s in failed:  # a stream that could not be read or gave up reconnecting fails the run (after the files)
-        print(f"edgepix segment: error: stream {s['stream_id']} ({s['uri']}): {s['error']}", file=sys.stderr)
+        print(f"edgepix {verb}: error: stream {s['stream_id']} ({s['uri']}): {s['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment live streams, videos or images in real time (sources -> model -> sinks)",
+        description="Segment frames from one or more sources and send the rendered results to sinks, with "
+                    "capture, inference, rendering and encoding in parallel threads. Sources: a camera number, "
+                    "/dev/videoN, v4l2://, csi://N, rtsp://, rtmp://, http(s)://, gst://PIPELINE, a video, an image, "
+                    "a folder, a glob, synthetic:// (the default). Sinks: display:// (the default when there is a "
+                    "screen), a video file (.mp4 .avi .mkv .webm), a folder/, http://HOST:PORT (MJPEG + page; "
+                    "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.",
+        epilog=URI_EPILOG, formatter_class=UriHelpFormatter)
+    p.add_argument("model", type=Path,
+                   help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
+                        "the server")
+    p.add_argument("--source", "-s", action="append", default=[], metavar="URI",
+                   help="where frames come from (repeat for several streams, batched together)")
+    p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
+                   help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
+    p.add_argument("--backend", default="auto",
+                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt, triton)")
+    p.add_argument("--vis", choices=VIS_MODES, default="overlay", help="how to draw the classes")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay (0..1)")
+    p.add_argument("--classes", nargs="+", type=_class_key, metavar="CLASS",
+                   help="draw only these classes (names or indices)")
+    p.add_argument("--hide", nargs="+", type=_class_key, default=(), metavar="CLASS", help="never draw these classes")
+    p.add_argument("--legend", action="store_true", help="draw a legend of the classes")
+    p.add_argument("--then", type=Path, metavar="MODEL",
+                   help="a chain: paint each class map with this mask -> image generator's palette and run it (a "
+                        "pix2pix model trained on masks); the sinks get its pictures")
+    p.add_argument("--show", choices=("side", "generated"), default="side",
+                   help="with --then: the frame and the picture side by side (default), or the picture alone")
+    add_stream_arguments(p)
+    p.set_defaults(func=cmd_segment)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """The flags as a StreamJob (runtime.jobs), then the summary and the exit code."""
+    from .render import RenderOptions
+
+    job = stream_job(args, sources=args.source or ["synthetic://"], sinks=args.sink, then=args.then,
+                     show=args.show,
+                     render=RenderOptions(mode=args.vis, alpha=args.alpha, hide=tuple(args.hide), legend=args.legend,
+                                          show=tuple(args.classes) if args.classes else None))
+    return run_stream_command("segment", job, args)
 
 
 _last_len = [0]

@@ -1,10 +1,13 @@
 """`edgepix generate`: images from a noise generator (DCGAN) or an image-to-image generator (pix2pix).
 
     edgepix generate MODEL --num N --batch B --seed S --out DIR [--grid FILE]       # noise -> images
-    edgepix generate MODEL --input DIR|VIDEO|IMAGE --out DIR|FILE                    # image -> image
+    edgepix generate MODEL --input DIR|IMAGE --out DIR                               # image -> image, files
+    edgepix generate MODEL --input VIDEO|URI --sink URI [--sink URI ...]             # image -> image, streams
 
 Torch-free (numpy, OpenCV, a runtime backend). Image i of a noise model depends only on (seed, i), so any batch
-size gives the same images. Progress on stderr; the closing line states images/s and the time per batch.
+size gives the same images. A video or live input runs through the stream pipeline (runtime.jobs.run_stream),
+like `edgepix segment`: every source and sink, statistics, the HTTP page. Progress on stderr; the closing line
+states images/s and the time per batch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .cli import URI_EPILOG, UriHelpFormatter, add_stream_arguments, run_stream_command, stream_job
 from .formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 
@@ -21,21 +25,26 @@ def register(subparsers) -> None:
         "generate", help="generate images: noise -> image (--num) or image -> image (--input)",
         description="Run an exported generator. Noise models (DCGAN): --num images from latents seeded by --seed, "
                     "--batch per inference call, written to --out as PNGs and/or tiled into --grid. Image models "
-                    "(pix2pix): every image of a folder, an image file or every frame of a video through the model; "
-                    "--out is a folder, or a video file for video input.")
+                    "(pix2pix): every image of a folder or an image file into the --out folder (same names, .png); "
+                    "a video or any live source (--input URI, as edgepix segment's --source) through the stream "
+                    "pipeline into --sink URIs (--out FILE.mp4 or --out DIR/ work too).",
+        epilog=URI_EPILOG, formatter_class=UriHelpFormatter)
     p.add_argument("model", type=Path, help="an exported generator (.onnx, or a TensorRT .engine)")
     p.add_argument("--num", "-n", type=int, help="noise models: number of images")
     p.add_argument("--batch", "-b", type=int, default=8, help="latents or images per inference call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise models: latent seed (default 0)")
-    p.add_argument("--input", "-i", help="image models: a folder of images, an image, or a video file")
+    p.add_argument("--input", "-i", metavar="PATH|URI",
+                   help="image models: a folder of images, an image, a video file or a source URI")
     p.add_argument("--out", "-o", type=Path, help="output folder (or a video file for video input)")
+    p.add_argument("--sink", action="append", default=[], metavar="URI",
+                   help="image models, video or live input: where generated frames go (repeatable)")
     p.add_argument("--grid", type=Path, help="also tile the images into this PNG (noise models; at most 256)")
     p.add_argument("--grid-cols", type=int, default=None, help="grid columns (default: square)")
     p.add_argument("--frame-size", action="store_true", help="image models: resize outputs back to the input size")
     p.add_argument("--backend", default="auto",
                    help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
-    p.add_argument("--threads", type=int, help="threads per inference call (CPU backends)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing (default 1)")
+    add_stream_arguments(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -49,7 +58,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
-    spec = _read_spec(args.model)
+    from .model import stored_spec
+
+    spec = stored_spec(args.model)
     task = spec.task if spec is not None else (Task.GENERATION_NOISE if args.num is not None else Task.GENERATION_IMAGE)
     if task is Task.GENERATION_NOISE:
         if args.input is not None:
@@ -62,25 +73,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_noise(args)
     if task is Task.GENERATION_IMAGE:
         if args.input is None:
-            raise InputError(f"{args.model.name} is an image -> image model: give --input DIR|IMAGE|VIDEO")
+            raise InputError(f"{args.model.name} is an image -> image model: give --input DIR|IMAGE|VIDEO|URI")
+        images = _image_files(args.input)
+        if images is None:
+            return _generate_stream(args)
+        if args.sink:
+            raise InputError("--sink takes the frames of a video or live --input; images go to --out DIR")
         if args.out is None:
-            raise InputError("give --out DIR (or --out FILE.mp4 for a video input)")
-        _check_outputs(args, out_is_video=args.out.suffix.lower() in VIDEO_SUFFIXES)
-        return _generate_images(args)
+            raise InputError("give --out DIR for the generated images")
+        _check_outputs(args, out_is_video=False)
+        return _generate_images(args, images)
     raise InputError(f"{args.model.name} is a {task.value} model; `edgepix generate` runs generators "
                      f"(use `edgepix segment` for segmentation)")
-
-
-def _read_spec(path: Path):
-    from .errors import ModelFormatError
-    from .spec import ModelSpec
-
-    if not path.exists():
-        raise ModelFormatError(f"model file not found: {path}")
-    if path.suffix.lower() == ".onnx":
-        return ModelSpec.from_onnx(path)
-    manifest = path.with_name(path.name + ".json")
-    return ModelSpec.load_json(manifest) if manifest.exists() else None
 
 
 def _check_outputs(args: argparse.Namespace, *, out_is_video: bool) -> None:
@@ -173,109 +177,67 @@ def _generate_noise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_inputs(text: str):
-    """(kind, items): 'video' with a path, or 'images' with a sorted list of paths."""
+def _image_files(text: str) -> list[Path] | None:
+    """The images of `--input` (a folder or an image file), sorted; None for anything else (a video file or a
+    source URI, which the stream pipeline reads)."""
     from .errors import SourceError
 
     path = Path(text)
-    if not path.exists():
-        raise SourceError(f"--input {text}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SourceError(f"--input {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return "images", files
+        return files
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return "images", [path]
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        return "video", path
-    raise SourceError(f"--input {path}: expected a folder, an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a "
-                      f"video ({', '.join(sorted(VIDEO_SUFFIXES))})")
+        if not path.is_file():
+            raise SourceError(f"--input {text}: no such file")
+        return [path]
+    return None
 
 
-def _generate_images(args: argparse.Namespace) -> int:
+def _generate_stream(args: argparse.Namespace) -> int:
+    """A video or live input through the stream pipeline, into --sink URIs (and --out as a sink)."""
+    from .errors import InputError
+
+    sinks = list(args.sink)
+    if args.out is not None:  # a video file, or a folder of numbered PNGs as before
+        sinks.append(str(args.out) if args.out.suffix.lower() in VIDEO_SUFFIXES else str(args.out / "%06d.png"))
+    if not sinks:
+        raise InputError("give --sink URI (a video file, a folder/, http://HOST:PORT, display://) or --out")
+    job = stream_job(args, sources=[args.input], sinks=sinks, frame_size=args.frame_size)
+    return run_stream_command("generate", job, args)
+
+
+def _generate_images(args: argparse.Namespace, paths: list[Path]) -> int:
+    """Image files -> generated PNGs of the same names in --out, --batch at a time."""
     import cv2
 
-    from .errors import InputError, SourceError
+    from .errors import SourceError
     from .generator import ImageGenerator
     from .progress import progress_bar
-    from .sinks import VIDEO_CODECS, VideoFileWriter
 
-    kind, items = _image_inputs(args.input)
-    to_video = args.out.suffix.lower() in VIDEO_SUFFIXES
-    if to_video and kind != "video":
-        raise InputError(f"--out {args.out} is a video file; image inputs are written to a folder")
     batch_ms: list[float] = []
-    n = 0
-    with ImageGenerator.load(args.model, args.backend, **_backend_options(args)) as gen:
-        batch = gen.static_batch or args.batch
-        backend = gen.backend.name if hasattr(gen.backend, "name") else type(gen.backend).__name__
+    with ImageGenerator.load(args.model, args.backend, max_batch=args.batch, to_frame_size=args.frame_size,
+                             **_backend_options(args)) as gen:
+        batch = gen.max_batch
+        args.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        if kind == "images":
-            args.out.mkdir(parents=True, exist_ok=True)
-            with progress_bar(len(items), desc="generate", unit="img", quiet=args.quiet) as bar:
-                for s in range(0, len(items), batch):
-                    paths = items[s:s + batch]
-                    frames = []
-                    for p in paths:
-                        frame = cv2.imread(str(p), cv2.IMREAD_COLOR)
-                        if frame is None:
-                            raise SourceError(f"{p}: cannot read image")
-                        frames.append(frame)
-                    t1 = time.perf_counter()
-                    outputs = gen.generate_batch(frames, to_frame_size=args.frame_size)
-                    batch_ms.append((time.perf_counter() - t1) * 1e3)
-                    for p, out in zip(paths, outputs):
-                        _write(args.out / (p.stem + ".png"), out)
-                    n += len(paths)
-                    bar.update(len(paths))
-        else:
-            cap = cv2.VideoCapture(str(items))
-            if not cap.isOpened():
-                raise SourceError(f"--input {items}: cannot open the video")
-            total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-            fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-            writer = None
-            if not to_video:
-                args.out.mkdir(parents=True, exist_ok=True)
-            try:
-                with progress_bar(total, desc="generate", unit="frame", quiet=args.quiet) as bar:
-                    while True:
-                        frames = []
-                        while len(frames) < batch:
-                            ok, frame = cap.read()
-                            if not ok:
-                                break
-                            frames.append(frame)
-                        if not frames:
-                            break
-                        t1 = time.perf_counter()
-                        outputs = gen.generate_batch(frames, to_frame_size=args.frame_size)
-                        batch_ms.append((time.perf_counter() - t1) * 1e3)
-                        for out in outputs:
-                            if to_video:
-                                if writer is None:
-                                    # The stream sink's writer: every write checked, the file verified and
-                                    # renamed into place only when complete.
-                                    writer = VideoFileWriter(args.out, fps, False,
-                                                             VIDEO_CODECS[args.out.suffix.lower()])
-                                writer.write(out, 0.0)
-                            else:
-                                _write(args.out / f"{n:06d}.png", out)
-                            n += 1
-                        bar.update(len(frames))
-                if writer is not None:
-                    writer.close()  # a SinkError if the finished file is incomplete
-                    writer = None
-            finally:
-                cap.release()
-                if writer is not None:  # an error above: no half-written video at --out
-                    writer.abandon()
+        with progress_bar(len(paths), desc="generate", unit="img", quiet=args.quiet) as bar:
+            for s in range(0, len(paths), batch):
+                chunk = paths[s:s + batch]
+                frames = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in chunk]
+                for p, frame in zip(chunk, frames):
+                    if frame is None:
+                        raise SourceError(f"{p}: cannot read image")
+                t1 = time.perf_counter()
+                outputs = gen.generate_batch(frames)
+                batch_ms.append((time.perf_counter() - t1) * 1e3)
+                for p, out in zip(chunk, outputs):
+                    _write_atomic(args.out / (p.stem + ".png"), out)
+                bar.update(len(chunk))
         seconds = time.perf_counter() - t0
-    if n == 0:
-        raise SourceError(f"--input {args.input}: no frames")
-    gen_s = sum(batch_ms) / 1e3
-    print(_closing_line("generated", n, gen_s, batch_ms, backend, batch) + f"; with reading and writing "
-          f"{n / seconds:.1f} images/s -> {args.out}")
+        backend = gen.backend.name if hasattr(gen.backend, "name") else type(gen.backend).__name__
+    n = len(paths)
+    print(_closing_line("generated", n, sum(batch_ms) / 1e3, batch_ms, backend, batch) + f"; with reading and "
+          f"writing {n / seconds:.1f} images/s -> {args.out}")
     return 0
-

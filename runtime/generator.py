@@ -22,13 +22,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .backends.base import Backend
 from .errors import InputError, ModelFormatError
-from .imageops import Geometry, Normalizer, as_bgr, content_region
+from .imageops import Normalizer
 from .model import input_meta, open_model, output_meta, pad_batch, split_overrides, static_batch, tile_count
+from .processor import Prepared, prepare, to_frame_geometry
 from .spec import ChannelOrder, ModelSpec, OutputKind, Task
 
 
@@ -48,12 +48,12 @@ class _Generator:
         self.last_ms: dict[str, float] = {}
 
     @classmethod
-    def _open(cls, model, backend: str, overrides: dict[str, Any], options: dict[str, Any]):
+    def _open(cls, model, backend: str, overrides: dict[str, Any], options: dict[str, Any], **init: Any):
         more, backend_options = split_overrides(dict(options))
         overrides = {**more, **overrides}
         b, spec = open_model(model, backend, task=cls.task, overrides=overrides, backend_options=backend_options)
         try:
-            return cls(b, spec)
+            return cls(b, spec, **init)
         except BaseException:
             if not isinstance(model, Backend):
                 b.close()
@@ -88,6 +88,12 @@ class _Generator:
                     out[..., dst] = v  # unsafe cast truncates; +0.5 above made it round
             images.append(out)
         return images
+
+    def describe(self) -> str:
+        s = self.spec
+        batch = f"static batch {self.static_batch}" if self.static_batch else "dynamic batch"
+        size = f", input {s.input_size[0]}x{s.input_size[1]} {s.input_layout.value}" if s.input_size else ""
+        return f"{s.model_name}: {s.task.value}{size}, {batch}, backend {self.backend.description}"
 
     def close(self) -> None:
         self.backend.close()
@@ -164,50 +170,70 @@ class NoiseGenerator(_Generator):
 
 
 class ImageGenerator(_Generator):
-    """Image -> image, with the spec's pre-processing (resize, channel order, scale/mean/std)."""
+    """Image -> image, with the spec's pre-processing (resize, channel order, scale/mean/std). A FrameProcessor
+    (runtime.processor), so the stream pipeline runs it on every source into every sink."""
 
     task = Task.GENERATION_IMAGE
 
-    def __init__(self, backend: Backend, spec: ModelSpec) -> None:
+    def __init__(self, backend: Backend, spec: ModelSpec, *, max_batch: int | None = None,
+                 to_frame_size: bool = False) -> None:
         super().__init__(backend, spec)
+        if max_batch is not None and max_batch < 1:
+            raise InputError(f"max_batch: expected a positive integer or None, got {max_batch!r}")
         self.normalizer = Normalizer(spec, spec.input_size)
+        self.max_batch = self.static_batch or max_batch
+        self.to_frame_size = to_frame_size  # outputs at the input's size (else the model's, letterbox cropped)
 
     @classmethod
     def load(cls, model: str | os.PathLike | Backend, backend: str = "auto", *,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-             output_range: tuple[float, float] | None = None, **options: Any) -> ImageGenerator:
+             output_range: tuple[float, float] | None = None, max_batch: int | None = None,
+             to_frame_size: bool = False, **options: Any) -> ImageGenerator:
         """Load an image -> image generator. Keywords other than spec overrides go to the backend."""
-        return cls._open(model, backend, {"mean": mean, "std": std, "output_range": output_range}, options)
+        return cls._open(model, backend, {"mean": mean, "std": std, "output_range": output_range}, options,
+                         max_batch=max_batch, to_frame_size=to_frame_size)
 
-    def generate(self, image: np.ndarray, *, to_frame_size: bool = False) -> np.ndarray:
+    # ---- stages (the FrameProcessor protocol) --------------------------------------------------------------
+
+    def preprocess(self, frames: Sequence[np.ndarray], *, out: np.ndarray | None = None) -> Prepared:
+        """BGR frames -> the model's input tensor (see runtime.processor.prepare)."""
+        return prepare(self.normalizer, self.static_batch, frames, out)
+
+    def run(self, tensor: np.ndarray) -> np.ndarray:
+        """The backend call on a prepared tensor; returns the raw output images."""
+        return self.backend.infer({self._in.name: tensor})[self._out.name]
+
+    def postprocess(self, raw: np.ndarray, prepared: Prepared, *, to_frame_size: bool | None = None
+                    ) -> list[np.ndarray]:
+        """Raw output -> one HxWx3 uint8 BGR image per frame (padding slots dropped, letterbox border cropped)."""
+        resize = self.to_frame_size if to_frame_size is None else to_frame_size
+        return [to_frame_geometry(image, g, resize=resize)
+                for image, g in zip(self.to_images(raw[:prepared.n]), prepared.geometries)]
+
+    def render(self, frame: np.ndarray, result: np.ndarray) -> np.ndarray:
+        """What the sinks get: the generated image."""
+        return result
+
+    # ---- all stages ----------------------------------------------------------------------------------------
+
+    def generate(self, image: np.ndarray, *, to_frame_size: bool | None = None) -> np.ndarray:
         """One BGR uint8 image in, one out (at the model's size, or the input's with `to_frame_size`)."""
         return self.generate_batch([image], to_frame_size=to_frame_size)[0]
 
-    def generate_batch(self, images: Sequence[np.ndarray], *, to_frame_size: bool = False) -> list[np.ndarray]:
-        frames = [as_bgr(im, name="image") for im in images]
-        step = self.static_batch or max(1, len(frames))
+    def generate_batch(self, images: Sequence[np.ndarray], *, to_frame_size: bool | None = None
+                       ) -> list[np.ndarray]:
+        """Images of any sizes, in chunks of `max_batch` (a static-batch model: its batch; default: all at once)."""
+        step = self.max_batch or max(1, len(images))
         outputs: list[np.ndarray] = []
-        for s in range(0, len(frames), step):
-            chunk = frames[s:s + step]
-            t0 = time.perf_counter()
-            tensor, geometries = self.normalizer(chunk)
+        for s in range(0, len(images), step):
+            prepared = self.preprocess(images[s:s + step])
             t1 = time.perf_counter()
-            raw = self._run(tensor)
+            raw = self.run(prepared.tensor)
             t2 = time.perf_counter()
-            for img, g in zip(self.to_images(raw), geometries):
-                outputs.append(self._undo(img, g, to_frame_size))
-            self.last_ms = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3,
-                            "postprocess": (time.perf_counter() - t2) * 1e3, "batch": float(len(chunk))}
+            outputs.extend(self.postprocess(raw, prepared, to_frame_size=to_frame_size))
+            self.last_ms = {"preprocess": prepared.ms, "infer": (t2 - t1) * 1e3,
+                            "postprocess": (time.perf_counter() - t2) * 1e3, "batch": float(prepared.n)}
         return outputs
-
-    @staticmethod
-    def _undo(img: np.ndarray, g: Geometry, to_frame_size: bool) -> np.ndarray:
-        if g.padded:
-            rows, cols = content_region(g, img.shape[:2])
-            img = np.ascontiguousarray(img[rows, cols])
-        if to_frame_size and img.shape[:2] != tuple(g.frame_hw):
-            img = cv2.resize(img, (g.frame_hw[1], g.frame_hw[0]), interpolation=cv2.INTER_LINEAR)
-        return img
 
 
 def tile_grid(images: Sequence[np.ndarray], cols: int | None = None, *, pad: int = 2,

@@ -1,12 +1,15 @@
-"""What the runtime's verbs do, as functions a Python user can call too.
+"""What the runtime's stream verbs do, as functions a Python user can call too.
 
-    from edgepix.runtime.jobs import SegmentJob, run_segment
-    stats = run_segment(SegmentJob(model="model.onnx", sources=["rtsp://camera/stream"], sinks=["out.mp4"],
-                                   max_frames=300))
+    from edgepix.runtime.jobs import StreamJob, run_stream
+    stats = run_stream(StreamJob(model="model.onnx", sources=["rtsp://camera/stream"], sinks=["out.mp4"],
+                                 max_frames=300))
 
-`edgepix segment` maps its flags to a `SegmentJob` and prints what `run_segment` returns; the work (parsing every
-URI and checking every output path before the model loads, the worker plan, the pipeline, a clean stop on Ctrl-C
-and SIGTERM, the statistics file) happens here.
+The model decides what runs (`load_processor`): a segmentation model a Segmenter (with `then=`, a chain into a
+mask -> image generator), an image -> image generator an ImageGenerator. `edgepix segment` and
+`edgepix generate --input VIDEO|URI` map their flags to a `StreamJob` and print what `run_stream` returns; the work
+(parsing every URI and checking every output path before the model loads, the worker plan, the pipeline, a clean
+stop on Ctrl-C and SIGTERM, the statistics file) happens here. `SegmentJob` and `run_segment` are the names this
+had before it ran generators too; they remain.
 """
 
 from __future__ import annotations
@@ -23,16 +26,19 @@ from typing import Any
 
 from .errors import InputError, ModelFormatError, SinkError
 from .formats import CHECKPOINT_SUFFIXES
+from .processor import FrameProcessor
 from .render import RenderOptions
 from .sources import SourceOptions
 
 log = logging.getLogger("edgepix.segment")
 
 
-
 @dataclass(frozen=True, kw_only=True)
-class SegmentJob:
+class StreamJob:
     model: str | os.PathLike
+    then: str | os.PathLike | None = None  # segmentation only: a mask -> image generator run on the class maps
+    show: str = "side"  # with `then`: "side" (frame | generated) or "generated"
+    frame_size: bool = False  # image -> image: outputs resized to the frame (else the model's size)
     sources: Sequence[str] = ("synthetic://",)
     sinks: Sequence[str] = ()  # none: display:// where there is a screen, else null://
     backend: str = "auto"
@@ -50,12 +56,20 @@ class SegmentJob:
     status_interval: float = 5.0
 
 
-def check_job(job: SegmentJob) -> None:
+SegmentJob = StreamJob  # the name from before the pipeline ran generators
+
+
+def check_job(job: StreamJob) -> None:
     """One-line errors for what can be told from the job alone, before anything opens."""
     model = Path(job.model)
-    if model.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise ModelFormatError(f"{model} is a training checkpoint; the runtime runs exported models: "
-                               f"edgepix export {model} (then pass the .onnx)")
+    for path in (model, Path(job.then)) if job.then is not None else (model,):
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            raise ModelFormatError(f"{path} is a training checkpoint; the runtime runs exported models: "
+                                   f"edgepix export {path} (then pass the .onnx)")
+    if job.then is not None and not Path(job.then).exists():
+        raise ModelFormatError(f"--then: model file not found: {job.then}")
+    if job.show not in ("side", "generated"):
+        raise InputError(f"--show: expected side or generated, got {job.show!r}")
     if job.triton_url is not None and job.backend != "triton":
         raise InputError(f"--triton-url applies to --backend triton, not {job.backend}")
     if not model.exists() and job.backend != "triton":  # a triton model is a name on the server
@@ -66,38 +80,54 @@ def check_job(job: SegmentJob) -> None:
             raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
 
 
-def run_segment(job: SegmentJob, *, status: Callable[[str], None] | None = None,
-                describe: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Segment `job.sources` into `job.sinks` until they end (or max_frames / duration / a stop signal); returns
-    the pipeline's statistics. `status` receives the periodic status line, `describe` one line about the model
-    and the worker plan. Ctrl-C and SIGTERM stop cleanly when called from the main thread (a second Ctrl-C
-    gives up on the clean finish)."""
+def load_processor(job: StreamJob, plan) -> FrameProcessor:
+    """The FrameProcessor the job's model calls for, on the plan's backend (see the module docstring)."""
+    from .generator import ImageGenerator
+    from .model import stored_spec
+    from .processor import SegmentThenGenerate
+    from .segmenter import Segmenter
+    from .spec import Task
+
+    options = {**plan.backend_options(), **({"url": job.triton_url} if job.triton_url is not None else {})}
+    spec = stored_spec(job.model) if job.backend != "triton" else None
+    task = spec.task if spec is not None else Task.SEGMENTATION
+    if task is Task.GENERATION_NOISE:
+        raise InputError(f"{Path(job.model).name} is a noise -> image model: it takes no frames; "
+                         "use edgepix generate MODEL --num N")
+    if task is Task.GENERATION_IMAGE:
+        if job.then is not None:
+            raise InputError(f"--then follows a segmentation model; {Path(job.model).name} is an image -> image "
+                             "generator")
+        return ImageGenerator.load(job.model, plan.backend, to_frame_size=job.frame_size, **options)
+    seg = Segmenter.load(job.model, plan.backend, render=job.render, **options)
+    if job.then is None:
+        return seg
+    try:
+        return SegmentThenGenerate(seg, ImageGenerator.load(job.then, plan.backend, **plan.backend_options()),
+                                   show=job.show)
+    except BaseException:
+        seg.close()
+        raise
+
+
+def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
+               describe: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run `job.model` over `job.sources` into `job.sinks` until they end (or max_frames / duration / a stop
+    signal); returns the pipeline's statistics. `status` receives the periodic status line, `describe` one line
+    about the model and the worker plan. Ctrl-C and SIGTERM stop cleanly when called from the main thread (a
+    second Ctrl-C gives up on the clean finish)."""
     from .fileio import atomic_write_text, check_writable
     from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, tune_malloc
-    from .segmenter import Segmenter
-    from .sinks import display_available, make_sink
-    from .sources import open_source
+    from .sources import open_sources
 
     check_job(job)
     model = Path(job.model)
     stats_path = Path(job.stats) if job.stats is not None else None
     tune_malloc()  # before any thread or frame exists
-    # Parse every URI before loading the model, so a typo fails in milliseconds.
-    cond = threading.Condition()  # shared by the streams' buffers: the pipeline's mux waits on all of them
-    sources = [open_source(uri, job.source_options, stream_id=i, cond=cond)
-               for i, uri in enumerate(job.sources or ["synthetic://"])]
-    sink_uris = list(job.sinks)
-    if not sink_uris:
-        reason = display_available()
-        sink_uris = ["display://"] if reason is None else ["null://"]
-        if reason is not None:
-            log.info("no --sink and no display:// (%s): frames are only counted; add --sink http://0.0.0.0:8080 "
-                     "to watch in a browser or --sink out.mp4 to keep them", reason)
-    sinks = [make_sink(u, hud=job.hud) for u in sink_uris]
-    # Every file the run will write is checked now (folders, permissions, stale partial files of a killed run),
-    # before the model loads, so a bad path fails in milliseconds rather than after the whole run.
-    for sink in sinks:
-        sink.preflight()
+    # Parse every URI before loading the model, so a typo fails in milliseconds; the sources share one condition
+    # (open_sources), which the pipeline's mux waits on.
+    sources = open_sources(job.sources or ["synthetic://"], job.source_options)
+    sinks = _open_sinks(job)
     if stats_path is not None:
         check_writable(stats_path, "--stats", SinkError)
     plan = choose_workers(resolve_backend(model, job.backend), workers=job.workers, threads=job.threads)
@@ -107,28 +137,28 @@ def run_segment(job: SegmentJob, *, status: Callable[[str], None] | None = None,
     try:
         for source in sources:
             source.start()
-        server = {"url": job.triton_url} if job.triton_url is not None else {}
-        seg = Segmenter.load(model, plan.backend, render=job.render, **plan.backend_options(), **server)
+        processor = load_processor(job, plan)
     except BaseException:
         for source in sources:
             source.close()
         raise
     if describe is not None:
-        describe(f"{seg.describe()}; {plan.describe()}")
+        describe(f"{processor.describe()}; {plan.describe()}")
 
-    pipeline = Pipeline(seg, sources, sinks, PipelineOptions(
+    title = f"edgepix {model.name}" + (f" -> {Path(job.then).name}" if job.then is not None else "")
+    pipeline = Pipeline(processor, sources, sinks, PipelineOptions(
         workers=plan.workers, batch_timeout=job.batch_timeout_ms / 1000.0, max_batch=job.max_batch,
         max_frames=job.max_frames, duration=job.duration, status_interval=job.status_interval),
-        title=f"edgepix segment {model.name}", status=status,
+        title=title, status=status,
         info={"threads_per_worker": plan.threads, "spin_wait": plan.spin_wait, "vis": job.render.mode.value,
-              "pid": os.getpid()})
+              "pid": os.getpid(), **({"then": str(job.then)} if job.then is not None else {})})
     failed_run = True
     try:
         with _stop_on_signals(pipeline):
             stats = pipeline.run()
         failed_run = False
     finally:
-        seg.close()
+        processor.close()
         if stats_path is not None:
             try:
                 atomic_write_text(stats_path, json.dumps(pipeline.stats(), indent=2, default=str) + "\n")
@@ -138,6 +168,28 @@ def run_segment(job: SegmentJob, *, status: Callable[[str], None] | None = None,
                     raise SinkError(message) from None
                 log.error("%s", message)  # the run's own error follows; it is the one that matters
     return stats
+
+
+run_segment = run_stream  # the name from before the pipeline ran generators
+
+
+def _open_sinks(job: StreamJob) -> list:
+    """The job's sinks (display:// where there is a screen when none is given, else null://), every file they
+    will write checked now (folders, permissions, stale partial files of a killed run), before the model loads,
+    so a bad path fails in milliseconds rather than after the whole run."""
+    from .sinks import display_available, make_sink
+
+    sink_uris = list(job.sinks)
+    if not sink_uris:
+        reason = display_available()
+        sink_uris = ["display://"] if reason is None else ["null://"]
+        if reason is not None:
+            log.info("no --sink and no display:// (%s): frames are only counted; add --sink http://0.0.0.0:8080 "
+                     "to watch in a browser or --sink out.mp4 to keep them", reason)
+    sinks = [make_sink(u, hud=job.hud) for u in sink_uris]
+    for sink in sinks:
+        sink.preflight()
+    return sinks
 
 
 class _stop_on_signals:

@@ -61,6 +61,18 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
         raise
 
 
+def stored_spec(path: str | os.PathLike) -> ModelSpec | None:
+    """The spec a model file carries (ONNX metadata, or the manifest beside an engine), read without loading the
+    model; None when it has none."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"model file not found: {path}")
+    if path.suffix.lower() in ONNX_SUFFIXES:
+        return ModelSpec.from_onnx(path)
+    manifest = path.with_name(path.name + ".json")
+    return ModelSpec.load_json(manifest) if manifest.exists() else None
+
+
 def _meta(v: ValueInfo, path: Path) -> TensorMeta:
     return TensorMeta(v.name, dtype_from_onnx(v.dtype, tensor=v.name, path=path),
                       tuple(normalise_dim(d) for d in v.shape))

@@ -42,6 +42,7 @@ import numpy as np
 
 from .cpuinfo import usable_cores
 from .errors import EdgepixError, InputError
+from .processor import FrameProcessor
 from .sinks import Output, Sink, SinkContext, StreamInfo, make_sink
 from .sources import Frame, Source, SourceOptions, SourceState, open_source
 from .stats import LatencyStats
@@ -278,7 +279,8 @@ class _SinkRunner:
 
 
 class Pipeline:
-    """Run a Segmenter over sources into sinks. See the module docstring.
+    """Run a FrameProcessor (a Segmenter, an ImageGenerator, a SegmentThenGenerate chain) over sources into
+    sinks. See the module docstring.
 
         seg = Segmenter.load("model.onnx", threads=1)
         with Pipeline(seg, ["rtsp://cam/stream"], ["http://127.0.0.1:8080", "out.mp4"],
@@ -286,13 +288,13 @@ class Pipeline:
             stats = p.run()
     """
 
-    def __init__(self, segmenter, sources: Sequence[Source | str], sinks: Sequence[Sink | str] = ("null://",), options:
-                 PipelineOptions = PipelineOptions(), *, source_options: SourceOptions = SourceOptions(),
-                 title: str = "edgepix", status: Callable[[str], None] | None = None,
-                 info: dict | None = None) -> None:
+    def __init__(self, processor: FrameProcessor, sources: Sequence[Source | str],
+                 sinks: Sequence[Sink | str] = ("null://",), options: PipelineOptions = PipelineOptions(), *,
+                 source_options: SourceOptions = SourceOptions(), title: str = "edgepix",
+                 status: Callable[[str], None] | None = None, info: dict | None = None) -> None:
         if not sources:
             sources = ["synthetic://"]
-        self.seg = segmenter
+        self.processor = processor
         self.options = options
         given = [s for s in sources if isinstance(s, Source)]
         shared = {id(s.buffer.cond) for s in given}
@@ -521,16 +523,16 @@ class Pipeline:
 
     def _prepare(self, frames: list[Frame], buffers: dict) -> list:
         """Pre-process a batch into the worker's buffers: one Prepared per inference call (chunk)."""
-        seg = self.seg
-        step = seg.static_batch or seg.max_batch or self.max_batch
+        proc = self.processor
+        step = proc.static_batch or proc.max_batch or self.max_batch
         prepared = []
         for c, i in enumerate(range(0, len(frames), step)):
             part = [f.image for f in frames[i:i + step]]
-            shape = seg.normalizer.tensor_shape(max(len(part), seg.static_batch or 0))
+            shape = proc.normalizer.tensor_shape(max(len(part), proc.static_batch or 0))
             buf = buffers.get((c, shape))
             if buf is None:
                 buf = buffers[(c, shape)] = np.empty(shape, np.float32)
-            p = seg.preprocess(part, out=buf)
+            p = proc.preprocess(part, out=buf)
             self.recorder.add("preprocess", p.ms / len(part), len(part))
             prepared.append(p)
         return prepared
@@ -581,7 +583,7 @@ class Pipeline:
                             ready.get_nowait()
 
     def _worker(self, k: int) -> None:
-        seg = self.seg
+        proc = self.processor
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=1)
         free: queue.Queue = queue.Queue()
@@ -610,7 +612,7 @@ class Pipeline:
                 chunks = []
                 for p in prepared:
                     t0 = time.perf_counter()
-                    raw = seg.run(p.tensor)
+                    raw = proc.run(p.tensor)
                     infer_ms = (time.perf_counter() - t0) * 1e3
                     self.recorder.add("infer", infer_ms / p.n, p.n)
                     self.recorder.add("infer_call", infer_ms)
@@ -645,7 +647,7 @@ class Pipeline:
     # ---- post-process, render, route ---------------------------------------------------------------------------
 
     def _post_loop(self) -> None:
-        seg = self.seg
+        proc = self.processor
         try:
             while True:
                 with self._pending_cond:
@@ -658,7 +660,7 @@ class Pipeline:
                         break
                     self._next_seq += 1
                     self._pending_cond.notify_all()
-                self._post(seg, batch)
+                self._post(proc, batch)
         except BaseException as e:  # noqa: BLE001
             self._fail(e, "post-processing")
             with self._pending_cond:  # unblock workers waiting to deliver
@@ -672,17 +674,17 @@ class Pipeline:
             self.t_end = time.monotonic()
             self._finished.set()
 
-    def _post(self, seg, batch: _Batch) -> None:
+    def _post(self, proc: FrameProcessor, batch: _Batch) -> None:
         frames = iter(batch.frames)
         for raw, prepared in batch.chunks:
             t0 = time.perf_counter()
-            results = seg.postprocess(raw, prepared)
+            results = proc.postprocess(raw, prepared)
             post_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(results))
             for result in results:
                 frame = next(frames)
                 self.recorder.add("postprocess", post_ms)
                 t1 = time.perf_counter()
-                image = seg.render(frame.image, result)
+                image = proc.render(frame.image, result)
                 self.recorder.add("render", (time.perf_counter() - t1) * 1e3)
                 out = Output(image, frame.stream_id, frame.index, frame.timestamp)
                 for r in self._runners:
@@ -722,6 +724,7 @@ class Pipeline:
         return snapshot
 
     def _stats(self) -> dict:
+        backend = self.processor.backend
         now = self.t_end or time.monotonic()
         elapsed = (now - self.t_start) if self.t_start else 0.0
         stages = self.recorder.summary()
@@ -760,11 +763,11 @@ class Pipeline:
             "sinks": [r.stats() for r in self._runners],
             "config": {"workers": self.options.workers, "max_batch": self.max_batch,
                        "batch_timeout_s": self.options.batch_timeout,
-                       "model": str(getattr(self.seg.backend, "path", "")),
-                       "backend": getattr(self.seg.backend, "description", ""), "cores": usable_cores(), **self.info},
+                       "model": str(getattr(backend, "path", "")), "backend": getattr(backend, "description", ""),
+                       "cores": usable_cores(), **self.info},
             "errors": [f"{where}: {e}" for where, e in self._errors],
             # e.g. the triton backend's client / network / server split
-            **({"backend_stats": self.seg.backend.run_stats()} if hasattr(self.seg.backend, "run_stats") else {}),
+            **({"backend_stats": backend.run_stats()} if hasattr(backend, "run_stats") else {}),
         }
 
     def status_line(self) -> str:

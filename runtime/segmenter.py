@@ -40,6 +40,7 @@ from .backends.base import Backend, TensorMeta
 from .errors import InputError, ModelFormatError
 from .imageops import Geometry, Normalizer, argmax_classes, as_bgr, map_to_frame, softmax_confidence
 from .model import input_meta, open_model, output_meta, split_overrides, static_batch
+from .processor import Prepared, prepare
 from .render import Renderer, RenderOptions
 from .spec import Layout, ModelSpec, OutputKind, Task
 
@@ -79,19 +80,6 @@ class SegmentationResult:
         """The share of the frame's pixels assigned to each class, float64 (num_classes,)."""
         counts = np.bincount(self.class_map.ravel(), minlength=num_classes)[:num_classes]
         return counts / max(1, self.class_map.size)
-
-
-@dataclass
-class Prepared:
-    """A pre-processed batch: the model input tensor and where each frame sits inside it."""
-
-    tensor: np.ndarray
-    geometries: list[Geometry]
-    ms: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return len(self.geometries)
 
 
 def check_logits(out: TensorMeta, spec: ModelSpec, name: str) -> None:
@@ -198,18 +186,7 @@ class Segmenter:
     def preprocess(self, frames: Sequence[np.ndarray], *, out: np.ndarray | None = None) -> Prepared:
         """BGR frames -> the model's input tensor (a new array unless `out` is given). Frames are checked and
         grayscale/BGRA ones converted; the batch is padded with zeros to a static batch size."""
-        start = time.perf_counter()
-        frames = [as_bgr(f, name=f"frame {i}" if len(frames) > 1 else "frame") for i, f in enumerate(frames)]
-        n_slots = max(len(frames), self.static_batch or 0)
-        if out is None:
-            out = self.normalizer.empty(n_slots)
-        elif out.shape != self.normalizer.tensor_shape(n_slots) or out.dtype != np.float32:
-            raise InputError(f"out: expected float32 {self.normalizer.tensor_shape(n_slots)}, got "
-                             f"{out.dtype.name} {out.shape}")
-        geometries = [self.normalizer.fill(f, out[i]) for i, f in enumerate(frames)]
-        if n_slots > len(frames):
-            out[len(frames):] = 0.0
-        return Prepared(out, geometries, (time.perf_counter() - start) * 1e3)
+        return prepare(self.normalizer, self.static_batch, frames, out)
 
     def run(self, tensor: np.ndarray) -> np.ndarray:
         """The backend call on a prepared tensor; returns the raw output (logits or class map)."""
