@@ -1,6 +1,6 @@
 """Latency statistics: re-exported from `edgepix.runtime.stats`, where the stream pipeline can use them too
 (the runtime imports no sibling package)."""
 
-from edgepix.runtime.stats import LatencyStats, percentile, relative_spread
+from edgepix.runtime.stats import LatencyStats, relative_spread
 
-__all__ = ["LatencyStats", "percentile", "relative_spread"]
+__all__ = ["LatencyStats", "relative_spread"]

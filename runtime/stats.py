@@ -6,21 +6,10 @@ re-exports it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) of already sorted values, linearly interpolated (numpy's default method)."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile q must be in 0..100, got {q}")
-    position = (len(sorted_values) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -39,14 +28,12 @@ class LatencyStats:
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
-        values = sorted(float(v) for v in samples_ms)
-        if not values:
+        values = np.asarray(list(samples_ms), np.float64)
+        if values.size == 0:
             raise ValueError("no latency samples")
-        n = len(values)
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-        return cls(n, values[0], mean, percentile(values, 50), percentile(values, 90), percentile(values, 95),
-                   percentile(values, 99), values[-1], std)
+        p50, p90, p95, p99 = (float(v) for v in np.percentile(values, (50, 90, 95, 99)))  # linear interpolation
+        return cls(int(values.size), float(values.min()), float(values.mean()), p50, p90, p95, p99,
+                   float(values.max()), float(values.std()))
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -4,6 +4,7 @@ browsers that may be slow, silent or hostile."""
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import logging
@@ -192,8 +193,8 @@ class HttpSink(Sink):
     def page(self) -> str:
         ids = sorted(self.latest)
         views = "".join(f'<figure><img src="stream/{i}.mjpg" alt="stream {i}"><figcaption>{i}: '
-                        f'{_html(self.ctx.streams[i].label)}</figcaption></figure>' for i in ids)
-        return PAGE.format(title=_html(self.ctx.title), views=views)
+                        f'{html.escape(self.ctx.streams[i].label)}</figcaption></figure>' for i in ids)
+        return PAGE.format(title=html.escape(self.ctx.title), views=views)
 
     def close(self) -> None:
         with self.cond:
@@ -268,10 +269,6 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self.sink.cond:
                 self.sink.connections -= 1
-
-
-def _html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 class _Handler(BaseHTTPRequestHandler):
