@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -44,25 +45,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    import onnxruntime as ort
-
-    from edgepix.benchmarks.stats import LatencyStats
-    from edgepix.export.pipeline import CALIB_SEED, load_samples
-    from edgepix.export.precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat, quantize_int8
-    from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
-    from edgepix.export.verify import VERIFY_SEED, preprocess, verify_segmentation
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.export.pipeline import load_samples
+    from edgepix.export.verify import VERIFY_SEED, preprocess
     from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
     size = tuple(args.imgsz)
-    int8_variants = [
+    with tempfile.TemporaryDirectory(prefix="edgepix-int8-matrix-") as tmp:
+        samples = load_samples("synthetic", args.verify_n, size, seed=VERIFY_SEED)
+        variants, spec = build_variants(model, ckpt["spec"], Path(tmp), size, int8_variants(args.quick), args.calib_n)
+        measure_accuracy(variants, model, samples)
+        time_round_robin(variants, {spec.input_name: preprocess(samples[0].image, spec)}, threads=args.threads,
+                         warmup=args.warmup, rounds=args.rounds)
+    report(variants, args, size)
+    return 0
+
+
+def int8_variants(quick: bool) -> list[tuple[str, Any]]:
+    """(label, Int8Options) of each INT8 variant: the two defaults, and with `quick` off the alternatives."""
+    from edgepix.export.precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat
+
+    variants = [
         ("int8 U8S8 QDQ minmax (cpu default)", Int8Options()),
         ("int8 S8S8 QDQ minmax (tensorrt)", Int8Options(target=Int8Target.TENSORRT)),
     ]
-    if not args.quick:
-        int8_variants += [
+    if not quick:
+        variants += [
             ("int8 U8S8 QOperator minmax", Int8Options(quant_format=QuantFormat.QOPERATOR)),
             ("int8 U8S8 QDQ entropy", Int8Options(method=CalibrationMethod.ENTROPY)),
             ("int8 U8S8 QDQ percentile", Int8Options(method=CalibrationMethod.PERCENTILE)),
@@ -75,44 +84,71 @@ def main(argv: list[str] | None = None) -> int:
             ("int8 U8S8 QDQ minmax, per-tensor", Int8Options(per_channel=False)),
             ("int8 U8S8 QDQ minmax, per-tensor, reduce_range", Int8Options(per_channel=False, reduce_range=True)),
         ]
-    with tempfile.TemporaryDirectory(prefix="edgepix-int8-matrix-") as tmp:
-        tmp = Path(tmp)
-        spec = export_onnx(model, ckpt["spec"], tmp / "fp32.onnx", OnnxExportOptions(imgsz=size))
-        samples = load_samples("synthetic", args.verify_n, size, seed=VERIFY_SEED)
-        calib = [preprocess(s.image, spec) for s in load_samples("synthetic", args.calib_n, size, seed=CALIB_SEED)]
-        variants = [Variant("fp32", tmp / "fp32.onnx")]
-        for i, (label, options) in enumerate(int8_variants):
+    return variants
+
+
+def build_variants(model, ckpt_spec, folder: Path, size: tuple[int, int], int8: list[tuple[str, Any]],
+                   calib_n: int) -> tuple[list[Variant], Any]:
+    """Export FP32 into `folder` and quantize each INT8 variant from it; returns the variants (FP32 first) and the
+    FP32 export's spec."""
+    from edgepix.export.pipeline import CALIB_SEED, load_samples
+    from edgepix.export.precision import quantize_int8
+    from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
+    from edgepix.export.verify import preprocess
+
+    fp32 = folder / "fp32.onnx"
+    spec = export_onnx(model, ckpt_spec, fp32, OnnxExportOptions(imgsz=size))
+    calib = [preprocess(s.image, spec) for s in load_samples("synthetic", calib_n, size, seed=CALIB_SEED)]
+    variants = [Variant("fp32", fp32)]
+    for i, (label, options) in enumerate(int8):
+        start = time.perf_counter()
+        path = folder / f"int8_{i}.onnx"
+        quantize_int8(fp32, path, spec, calib, options)
+        print(f"built {label} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        variants.append(Variant(label, path))
+    return variants, spec
+
+
+def measure_accuracy(variants: list[Variant], model, samples) -> None:
+    """Each variant's file size and mIoU on `samples`, and its drop from PyTorch FP32, as the parity gate measures."""
+    from edgepix.export.verify import verify_segmentation
+    from edgepix.runtime.spec import ModelSpec
+
+    for v in variants:
+        v.size_mb = v.path.stat().st_size / 1e6
+        report = verify_segmentation(v.path, model, ModelSpec.from_onnx(v.path), samples, n_random=0)
+        v.miou = report.info["mIoU artifact"]
+        v.drop = report.info["mIoU PyTorch FP32"] - v.miou
+
+
+def time_round_robin(variants: list[Variant], feed: dict, *, threads: int, warmup: int, rounds: int) -> None:
+    """ONNX Runtime CPU latency of each variant: `warmup` calls each, then `rounds` rounds of one call per variant,
+    so that a noisy neighbour slows every variant alike."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions = [ort.InferenceSession(str(v.path), options, providers=["CPUExecutionProvider"]) for v in variants]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    for v in variants:
+        v.latencies_ms = []
+    for _ in range(rounds):
+        for v, s in zip(variants, sessions):
             start = time.perf_counter()
-            path = tmp / f"int8_{i}.onnx"
-            quantize_int8(tmp / "fp32.onnx", path, spec, calib, options)
-            print(f"built {label} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            variants.append(Variant(label, path))
-        for v in variants:
-            v.size_mb = v.path.stat().st_size / 1e6
-            vspec = ModelSpec.from_onnx(v.path)
-            report = verify_segmentation(v.path, model, vspec, samples, n_random=0)
-            v.miou = report.info["mIoU artifact"]
-            v.drop = report.info["mIoU PyTorch FP32"] - v.miou
+            s.run(None, feed)
+            v.latencies_ms.append((time.perf_counter() - start) * 1e3)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sessions = [ort.InferenceSession(str(v.path), options, providers=["CPUExecutionProvider"]) for v in variants]
-        x = preprocess(samples[0].image, spec)
-        feed = {spec.input_name: x}
-        for s in sessions:
-            for _ in range(args.warmup):
-                s.run(None, feed)
-        for v in variants:
-            v.latencies_ms = []
-        for _ in range(args.rounds):
-            for v, s in zip(variants, sessions):
-                start = time.perf_counter()
-                s.run(None, feed)
-                v.latencies_ms.append((time.perf_counter() - start) * 1e3)
 
+def report(variants: list[Variant], args: argparse.Namespace, size: tuple[int, int]) -> None:
+    """The CPU, a Markdown table of the variants, the fastest one and the fastest accurate INT8 one; `--json`."""
+    import onnxruntime as ort
+
+    from edgepix.benchmarks.stats import LatencyStats
     from edgepix.runtime.cpuinfo import cpu_features
 
     cpu = cpu_features()
@@ -126,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for v, s in zip(variants, stats):
-        row = {"variant": v.label, "p50_ms": s.p50, "p90_ms": s.p90, "p99_ms": s.p99, "speedup": base / s.p50,
-               "miou": v.miou, "drop_points": 100 * v.drop}
-        rows.append(row)
+        rows.append({"variant": v.label, "p50_ms": s.p50, "p90_ms": s.p90, "p99_ms": s.p99, "speedup": base / s.p50,
+                     "miou": v.miou, "drop_points": 100 * v.drop})
         print(f"| {v.label} | {v.size_mb:.2f} | {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | {base / s.p50:.2f}x | "
               f"{v.miou:.4f} | {100 * v.drop:+.2f} |")
     fastest = min(range(len(variants)), key=lambda i: stats[i].p50)
@@ -146,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no INT8 variant kept mIoU within 1 point of PyTorch FP32 here")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu.model, "cpu_features": dict(cpu.features()),
-                                         "fast_int8": cpu.fast_int8, "rows": rows,
-                                         "fastest": variants[fastest].label}, indent=2))
-    return 0
+        from edgepix.runtime.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"cpu": cpu.model, "cpu_features": dict(cpu.features()),
+                                                 "fast_int8": cpu.fast_int8, "rows": rows,
+                                                 "fastest": variants[fastest].label}, indent=2))
 
 
 if __name__ == "__main__":

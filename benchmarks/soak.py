@@ -21,11 +21,9 @@ Not a unit test: it takes `--minutes`. Needs ffmpeg; all traffic stays on 127.0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +32,8 @@ from pathlib import Path
 
 LIVE_FPS = 15.0
 SAMPLE_S = 10.0
+LIVE_STREAM = 3  # the stream read from the live server
+PACED_FPS = {1: 15.0, 2: 10.0}  # the synthetic streams' rates, by stream
 
 
 def rss_mb() -> float:
@@ -42,48 +42,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def listening(port: int) -> bool:
-    """Whether something listens on TCP `port` (the kernel's table: a probe connection would be taken as ffmpeg's
-    one client)."""
-    with open("/proc/net/tcp") as f:
-        rows = f.read().splitlines()[1:]
-    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
-
-
-class LiveServer:
-    """ffmpeg serving a looping video as MPEG-TS over HTTP (one client at a time), like an IP camera."""
-
-    def __init__(self, video: Path, port: int) -> None:
-        self.video, self.port = video, port
-        self.url = f"http://127.0.0.1:{port}/live.ts"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, *, wait: bool = True) -> float:
-        """Start ffmpeg; returns when it started. `wait`: first until it listens (a client that connects at once
-        closes ffmpeg's one-client listening socket, so a restart does not wait)."""
-        started = time.monotonic()
-        self.proc = subprocess.Popen(
-            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i",
-             str(self.video), "-an", "-c:v", "mpeg2video", "-q:v", "5", "-g", "5", "-f", "mpegts", "-listen", "1",
-             self.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while wait and time.monotonic() < deadline and not listening(self.port):
-            time.sleep(0.01)
-        return started
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def viewer(port: int, counter: dict, stop: threading.Event) -> None:
@@ -102,22 +60,15 @@ def viewer(port: int, counter: dict, stop: threading.Event) -> None:
 
 
 def run(model: Path, *, minutes: float, kill_every: float, outage: float, workdir: Path) -> dict:
-    from edgepix.benchmarks.stream_bound import make_video
+    from edgepix.benchmarks.stream_bound import LiveServer, free_port, make_video
     from edgepix.runtime import Segmenter
     from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers
     from edgepix.runtime.sinks import HttpSink, make_sink
-    from edgepix.runtime.sources import SourceOptions, open_source
 
     video = make_video(workdir / "loop.mp4", frames=150, size=(320, 240), fps=LIVE_FPS)
     server = LiveServer(video, free_port())
     server.start()
-    cond = threading.Condition()
-    sources = [
-        open_source(str(video), SourceOptions(loop=True, realtime=True), stream_id=0, cond=cond),
-        open_source("synthetic://?size=320x240&fps=15&seed=1", stream_id=1, cond=cond),
-        open_source("synthetic://?size=320x240&fps=10&seed=2", stream_id=2, cond=cond),
-        open_source(server.url, SourceOptions(open_timeout=5.0, read_timeout=2.0), stream_id=3, cond=cond),
-    ]
+    sources = open_streams(video, server.url)
     plan = choose_workers("ort-cpu")
     seg = Segmenter.load(model, "ort-cpu", **plan.backend_options())
     http = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0)
@@ -139,100 +90,151 @@ def run(model: Path, *, minutes: float, kill_every: float, outage: float, workdi
     stop_viewer = threading.Event()
     viewed = {"frames": 0}
     threading.Thread(target=viewer, args=(http.port, viewed, stop_viewer), daemon=True).start()
-
-    n = len(sources)
-    t0 = time.monotonic()
-    last_count = [0] * n
-    last_progress = [t0] * n
-    stalls: list[list[tuple[float, float]]] = [[] for _ in range(n)]  # (start, end) of gaps > 1 s
-    samples = []
-    window_counts = [0] * n
-    next_sample = t0 + SAMPLE_S
-    next_kill = t0 + kill_every
-    outages = []  # {"killed", "back", "first_frame"}
-    current = None
-    tick_counts: list[tuple[float, list[int]]] = []  # (time, per-stream counts) every tick, for outage FPS
-    while runner.is_alive():
-        time.sleep(0.1)
-        now = time.monotonic()
-        counts = list(pipeline.per_stream)
-        tick_counts.append((now, counts))
-        for i in range(n):
-            if counts[i] != last_count[i]:
-                if now - last_progress[i] > 1.0:
-                    stalls[i].append((last_progress[i], now))
-                last_count[i], last_progress[i] = counts[i], now
-        if current is None and now >= next_kill and now < t0 + duration - kill_every / 2:
-            server.kill()
-            current = {"killed": now, "back": None, "first_frame": None}
-            outages.append(current)
-        if current is not None and current["back"] is None and now >= current["killed"] + outage:
-            current["back"] = server.start(wait=False)
-        if current is not None and current["back"] is not None:
-            live = sources[3].outages[-1] if sources[3].outages else None
-            if live is not None and live.first_frame is not None and live.first_frame > current["killed"]:
-                current["first_frame"] = live.first_frame
-                current = None
-                next_kill = now + kill_every - (now - outages[-1]["killed"])
-        if now >= next_sample:
-            fps = [(c - w) / SAMPLE_S for c, w in zip(counts, window_counts)]
-            window_counts = counts
-            sample = {"t_s": round(now - t0, 1), "rss_mb": round(rss_mb(), 1), "fps": [round(f, 2) for f in fps],
-                      "states": [s.state.value for s in sources], "http_viewer_frames": viewed["frames"]}
-            samples.append(sample)
-            print(f"{sample['t_s']:6.0f} s  RSS {sample['rss_mb']:7.1f} MB  FPS " +
-                  " ".join(f"{f:5.1f}" for f in fps) + "  " + " ".join(sample["states"]), flush=True)
-            next_sample += SAMPLE_S
+    watch = Watch(pipeline, sources, server, viewed, duration=duration, kill_every=kill_every, outage=outage)
+    watch.until_done(runner)
     stop_viewer.set()
     t_end = time.monotonic()
     server.kill()
     seg.close()
     stats = pipeline.stats()
-
-    # outage windows of the live stream: from the kill to its first frame (or the end)
-    windows = [(o["killed"], o["first_frame"] or t_end) for o in outages]
-
-    def in_outage(a: float, b: float) -> bool:
-        return any(a < w1 and b > w0 for w0, w1 in windows)
-
-    def rate(i: int, inside: bool) -> float:
-        frames, seconds = 0, 0.0
-        for (ta, ca), (tb, cb) in zip(tick_counts, tick_counts[1:]):
-            if in_outage(ta, tb) == inside:
-                frames += cb[i] - ca[i]
-                seconds += tb - ta
-        return frames / seconds if seconds > 0 else float("nan")
-
-    streams = []
-    for i, s in enumerate(stats["streams"]):
-        gaps = [(b - a) for a, b in stalls[i] if not (i == 3 and in_outage(a, b))]
-        if t_end - last_progress[i] > 1.0 and not (i == 3 and in_outage(last_progress[i], t_end)):
-            gaps.append(t_end - last_progress[i])
-        promised = None
-        if i in (1, 2):
-            promised = int((15.0 if i == 1 else 10.0) * stats["elapsed_s"])
-        streams.append({
-            "uri": s["uri"], "frames_read": s["frames_read"], "frames_processed": s["frames_processed"],
-            "fps": s["frames_processed"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0,
-            "lost_newest_frame_policy": s["frames_read"] - s["frames_processed"],
-            "not_read_of_paced_rate": None if promised is None else max(0, promised - s["frames_read"]),
-            "longest_stall_outside_outages_s": round(max(gaps, default=0.0), 2),
-            "fps_outside_outages": round(rate(i, False), 2), "fps_during_outages": round(rate(i, True), 2),
-            "frames_missed_in_outages_est": round(LIVE_FPS * s["outage_s"]) if i == 3 else 0,
-            "reconnects": s["reconnects"], "outages": s["outages"]})
+    samples = watch.samples
     rss_1min = next((x["rss_mb"] for x in samples if x["t_s"] >= 60), None)
     return {
         "minutes": minutes, "elapsed_s": round(stats["elapsed_s"], 1), "errors": errors + stats["errors"],
         "rss_mb_after_1_min": rss_1min, "rss_mb_end": samples[-1]["rss_mb"] if samples else None,
         "rss_change_pct": (round(100 * (samples[-1]["rss_mb"] - rss_1min) / rss_1min, 2)
                            if rss_1min and samples else None),
-        "server_outages": [{"killed_s": round(o["killed"] - t0, 1), "back_s": o["back"] and round(o["back"] - t0, 1),
-                            "first_frame_after_back_s": (round(o["first_frame"] - o["back"], 2)
-                                                         if o["first_frame"] and o["back"] else None)}
-                           for o in outages],
-        "streams": streams, "http_viewer_frames": viewed["frames"], "samples": samples,
-        "sinks": stats["sinks"], "config": stats["config"],
+        "server_outages": watch.outage_rows(), "streams": watch.stream_rows(stats, t_end),
+        "http_viewer_frames": viewed["frames"], "samples": samples, "sinks": stats["sinks"],
+        "config": stats["config"],
     }
+
+
+def open_streams(video: Path, live_url: str) -> list:
+    """The four sources, numbered as in the module docstring, sharing one condition."""
+    from edgepix.runtime.sources import SourceOptions, open_source
+
+    cond = threading.Condition()
+    return [
+        open_source(str(video), SourceOptions(loop=True, realtime=True), stream_id=0, cond=cond),
+        open_source("synthetic://?size=320x240&fps=15&seed=1", stream_id=1, cond=cond),
+        open_source("synthetic://?size=320x240&fps=10&seed=2", stream_id=2, cond=cond),
+        open_source(live_url, SourceOptions(open_timeout=5.0, read_timeout=2.0), stream_id=LIVE_STREAM, cond=cond),
+    ]
+
+
+class Watch:
+    """Watches the running pipeline every 0.1 s: each stream's progress (its stalls), the live server's kills and
+    restarts, and a sample every SAMPLE_S. Times are time.monotonic()."""
+
+    def __init__(self, pipeline, sources: list, server, viewed: dict, *, duration: float, kill_every: float,
+                 outage: float) -> None:
+        self.pipeline, self.sources, self.server, self.viewed = pipeline, sources, server, viewed
+        self.duration, self.kill_every, self.outage = duration, kill_every, outage
+        n = len(sources)
+        self.t0 = time.monotonic()
+        self.last_count = [0] * n
+        self.last_progress = [self.t0] * n
+        self.stalls: list[list[tuple[float, float]]] = [[] for _ in range(n)]  # (start, end) of gaps > 1 s
+        self.samples: list[dict] = []
+        self.window_counts = [0] * n
+        self.next_sample = self.t0 + SAMPLE_S
+        self.next_kill = self.t0 + kill_every
+        self.outages: list[dict] = []  # {"killed", "back", "first_frame"}
+        self.current: dict | None = None  # the outage under way
+        self.tick_counts: list[tuple[float, list[int]]] = []  # (time, per-stream counts) every tick, for outage FPS
+
+    def until_done(self, runner: threading.Thread) -> None:
+        while runner.is_alive():
+            time.sleep(0.1)
+            now = time.monotonic()
+            counts = list(self.pipeline.per_stream)
+            self.tick_counts.append((now, counts))
+            self._track_progress(now, counts)
+            self._drive_live_server(now)
+            if now >= self.next_sample:
+                self._sample(now, counts)
+
+    def _track_progress(self, now: float, counts: list[int]) -> None:
+        for i in range(len(self.sources)):
+            if counts[i] != self.last_count[i]:
+                if now - self.last_progress[i] > 1.0:
+                    self.stalls[i].append((self.last_progress[i], now))
+                self.last_count[i], self.last_progress[i] = counts[i], now
+
+    def _drive_live_server(self, now: float) -> None:
+        """Kill the server every `kill_every` s (not in the last half interval), start it `outage` s later, and
+        record when the live stream's first frame came back."""
+        current = self.current
+        if current is None and now >= self.next_kill and now < self.t0 + self.duration - self.kill_every / 2:
+            self.server.kill()
+            current = {"killed": now, "back": None, "first_frame": None}
+            self.outages.append(current)
+        if current is not None and current["back"] is None and now >= current["killed"] + self.outage:
+            current["back"] = self.server.start(wait=False)
+        if current is not None and current["back"] is not None:
+            live_outages = self.sources[LIVE_STREAM].outages
+            live = live_outages[-1] if live_outages else None
+            if live is not None and live.first_frame is not None and live.first_frame > current["killed"]:
+                current["first_frame"] = live.first_frame
+                current = None
+                self.next_kill = now + self.kill_every - (now - self.outages[-1]["killed"])
+        self.current = current
+
+    def _sample(self, now: float, counts: list[int]) -> None:
+        fps = [(c - w) / SAMPLE_S for c, w in zip(counts, self.window_counts)]
+        self.window_counts = counts
+        sample = {"t_s": round(now - self.t0, 1), "rss_mb": round(rss_mb(), 1), "fps": [round(f, 2) for f in fps],
+                  "states": [s.state.value for s in self.sources], "http_viewer_frames": self.viewed["frames"]}
+        self.samples.append(sample)
+        print(f"{sample['t_s']:6.0f} s  RSS {sample['rss_mb']:7.1f} MB  FPS " +
+              " ".join(f"{f:5.1f}" for f in fps) + "  " + " ".join(sample["states"]), flush=True)
+        self.next_sample += SAMPLE_S
+
+    # ---- after the run
+
+    def outage_rows(self) -> list[dict]:
+        t0 = self.t0
+        return [{"killed_s": round(o["killed"] - t0, 1), "back_s": o["back"] and round(o["back"] - t0, 1),
+                 "first_frame_after_back_s": (round(o["first_frame"] - o["back"], 2)
+                                              if o["first_frame"] and o["back"] else None)}
+                for o in self.outages]
+
+    def stream_rows(self, stats: dict, t_end: float) -> list[dict]:
+        """Per stream: frames read, processed and lost, its longest stall and its FPS outside and during the live
+        server's outages."""
+        # outage windows of the live stream: from the kill to its first frame (or the end)
+        windows = [(o["killed"], o["first_frame"] or t_end) for o in self.outages]
+
+        def in_outage(a: float, b: float) -> bool:
+            return any(a < w1 and b > w0 for w0, w1 in windows)
+
+        def rate(i: int, inside: bool) -> float:
+            frames, seconds = 0, 0.0
+            for (ta, ca), (tb, cb) in zip(self.tick_counts, self.tick_counts[1:]):
+                if in_outage(ta, tb) == inside:
+                    frames += cb[i] - ca[i]
+                    seconds += tb - ta
+            return frames / seconds if seconds > 0 else float("nan")
+
+        streams = []
+        for i, s in enumerate(stats["streams"]):
+            live = i == LIVE_STREAM
+            last = self.last_progress[i]
+            gaps = [(b - a) for a, b in self.stalls[i] if not (live and in_outage(a, b))]
+            if t_end - last > 1.0 and not (live and in_outage(last, t_end)):
+                gaps.append(t_end - last)
+            promised = int(PACED_FPS[i] * stats["elapsed_s"]) if i in PACED_FPS else None
+            streams.append({
+                "uri": s["uri"], "frames_read": s["frames_read"], "frames_processed": s["frames_processed"],
+                "fps": s["frames_processed"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0,
+                "lost_newest_frame_policy": s["frames_read"] - s["frames_processed"],
+                "not_read_of_paced_rate": None if promised is None else max(0, promised - s["frames_read"]),
+                "longest_stall_outside_outages_s": round(max(gaps, default=0.0), 2),
+                "fps_outside_outages": round(rate(i, False), 2), "fps_during_outages": round(rate(i, True), 2),
+                "frames_missed_in_outages_est": round(LIVE_FPS * s["outage_s"]) if live else 0,
+                "reconnects": s["reconnects"], "outages": s["outages"]})
+        return streams
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,48 +160,88 @@ def _stats_or_none(stats: dict | None) -> dict | None:
     return dict(stats) if stats else None
 
 
+@dataclass(frozen=True)
+class _Runs:
+    """What the two runs produced, before the report is assembled."""
+
+    stream_input: StreamInput  # what both read
+    stats: dict  # the pipeline's statistics
+    loop: LoopResult  # the naive loop's
+    codec: str | None  # the FourCC both wrote (None: nothing written)
+    load_before: str
+    load_after: str
+
+
 def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = StreamBenchOptions(), *,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Run the pipeline, then the naive loop, on `source` with `model`; returns the report (JSON-ready)."""
-    from edgepix.runtime.pipeline import resolve_backend
-    from edgepix.runtime.stats import LatencyStats
-
     model = Path(model)
+    _check_model(model, options)
+    with tempfile.TemporaryDirectory(prefix="edgepix_bench_stream_") as tmp:
+        pipe_sink, naive_out, sink_text = sink_paths(options.sink, Path(tmp))
+        runs = _run_both(model, source, options, Path(tmp), pipe_sink, naive_out, progress)
+    results = _results(runs.stats, runs.loop, naive_out)
+    naive_fps, pipe_fps = results["naive"]["fps"], results["pipeline"]["fps"]
+    inp = runs.stream_input
+    return {
+        "kind": "stream",
+        "environment": environment(threads=runs.stats["config"].get("threads_per_worker")),
+        "model": str(model),
+        "source": source,
+        "input": {"kind": inp.kind, "identical_frames": inp.identical, "description": inp.description},
+        "sink": options.sink or "temporary .mp4",
+        "codec": runs.codec,
+        "frames_requested": options.frames,
+        "frames_per_run": inp.frames,
+        "load_average": {"before": runs.load_before, "after": runs.load_after},
+        "results": results,
+        "speedup_fps": pipe_fps / naive_fps if naive_fps > 0 else None,
+        "notes": _notes(inp, options, results, pipe_sink, runs.codec, sink_text),
+    }
+
+
+def _check_model(model: Path, options: StreamBenchOptions) -> None:
+    """Fail before any work: a missing or non-ONNX model, one without a spec, a frame count below 1."""
     if not model.exists():
         raise ModelFormatError(f"model file not found: {model}")
     if model.suffix.lower() != ".onnx":
         raise ModelFormatError(f"{model}: bench stream runs the naive loop in ONNX Runtime, so it needs the .onnx "
                                f"model (got '{model.suffix or 'no suffix'}'); pick the pipeline's backend with "
                                "--backend")
-    naive_spec(model)  # the naive loop needs the spec: fail before any work
+    naive_spec(model)  # the naive loop needs the spec
     if options.frames < 1:
         raise SourceError(f"frames: expected >= 1, got {options.frames}")
-    notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="edgepix_bench_stream_") as tmp:
-        work = Path(tmp)
-        pipe_sink, naive_out, sink_text = sink_paths(options.sink, work)
-        resolve_backend(model, options.backend)  # an unknown or unavailable backend fails before any work
-        inp = prepare_input(source, options.frames, work, progress=progress)
-        load_before = load_average()
-        if progress:
-            progress(f"[1/2] pipeline: {inp.frames} frames of {source}")
-        stats = pipeline_run(model, inp.pipeline, pipe_sink, backend=options.backend, workers=options.workers,
-                             threads=options.threads, max_frames=inp.frames)
-        codec = next((f["codec"] for s in stats["sinks"] for f in s.get("files", {}).values() if f.get("codec")),
-                     None)
-        if pipe_sink is not None and codec is None:
-            raise SinkError(f"the pipeline wrote no video to {pipe_sink} (no frames reached it)")
-        if progress:
-            progress(f"[2/2] naive loop: {inp.frames} frames of {source}")
-        loop: LoopResult = naive_loop(model, inp.naive(), naive_out, max_frames=inp.frames, codec=codec or "mp4v",
-                                      label=source)
-        load_after = load_average()
+
+
+def _run_both(model: Path, source: str, options: StreamBenchOptions, work: Path, pipe_sink: str | None,
+              naive_out: Path | None, progress: Callable[[str], None] | None) -> _Runs:
+    """The pipeline, then the naive loop writing the codec the pipeline's video sink picked."""
+    from edgepix.runtime.pipeline import resolve_backend
+
+    resolve_backend(model, options.backend)  # an unknown or unavailable backend fails before any work
+    inp = prepare_input(source, options.frames, work, progress=progress)
+    load_before = load_average()
+    if progress:
+        progress(f"[1/2] pipeline: {inp.frames} frames of {source}")
+    stats = pipeline_run(model, inp.pipeline, pipe_sink, backend=options.backend, workers=options.workers,
+                         threads=options.threads, max_frames=inp.frames)
+    codec = next((f["codec"] for s in stats["sinks"] for f in s.get("files", {}).values() if f.get("codec")), None)
+    if pipe_sink is not None and codec is None:
+        raise SinkError(f"the pipeline wrote no video to {pipe_sink} (no frames reached it)")
+    if progress:
+        progress(f"[2/2] naive loop: {inp.frames} frames of {source}")
+    loop = naive_loop(model, inp.naive(), naive_out, max_frames=inp.frames, codec=codec or "mp4v", label=source)
+    return _Runs(inp, stats, loop, codec, load_before, load_average())
+
+
+def _results(stats: dict, loop: LoopResult, naive_out: Path | None) -> dict:
+    """The report's `results`: FPS, drops, frame age, latency and per-stage statistics of each runtime."""
+    from edgepix.runtime.stats import LatencyStats
 
     config = stats["config"]
-    pipe_stages = pipeline_stages(stats)
     per_frame = LatencyStats.from_samples(loop.frame_ms).as_dict() if loop.frame_ms else None
     naive_text = NAIVE_DESCRIPTION if naive_out else NAIVE_DESCRIPTION.replace(", cv2.VideoWriter", ", no writer")
-    results = {
+    return {
         "naive": {"runtime": naive_text, "frames": loop.frames, "seconds": loop.seconds, "fps": loop.fps,
                   "drops": 0, "frame_age_ms": per_frame, "latency_ms": per_frame, "stages": loop.stage_stats()},
         "pipeline": {"runtime": f"edgepix pipeline: {config.get('backend', '')}; {config.get('plan', '')}",
@@ -209,9 +249,14 @@ def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = Str
                      "fps_steady": stats["fps_steady"], "drops": stats["dropped"],
                      "frame_age_ms": _stats_or_none(stats["stages"].get("frame_age")),
                      "latency_ms": _stats_or_none(stats["stages"].get("latency")),
-                     "stages": pipe_stages, "stats": stats},
+                     "stages": pipeline_stages(stats), "stats": stats},
     }
-    notes.append(f"input: {inp.description}")
+
+
+def _notes(inp: StreamInput, options: StreamBenchOptions, results: dict, pipe_sink: str | None, codec: str | None,
+           sink_text: str) -> list[str]:
+    """What the numbers mean for this input and sink: how each runtime read, wrote and was measured."""
+    notes = [f"input: {inp.description}"]
     if inp.frames < options.frames:
         notes.append(f"the source has {inp.frames} frames: each run got {inp.frames} of the {options.frames} asked for")
     if inp.kind != "live":
@@ -240,22 +285,7 @@ def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = Str
                  "pipeline drops only on live sources, whose newest frame replaces one not yet taken")
     notes.append("the pipeline's stages run at the same time in different threads, so its per-stage times do not "
                  "add up to a frame interval; FPS is frames / wall time of each whole run, output finished")
-    naive_fps, pipe_fps = results["naive"]["fps"], results["pipeline"]["fps"]
-    return {
-        "kind": "stream",
-        "environment": environment(threads=config.get("threads_per_worker")),
-        "model": str(model),
-        "source": source,
-        "input": {"kind": inp.kind, "identical_frames": inp.identical, "description": inp.description},
-        "sink": options.sink or "temporary .mp4",
-        "codec": codec,
-        "frames_requested": options.frames,
-        "frames_per_run": inp.frames,
-        "load_average": {"before": load_before, "after": load_after},
-        "results": results,
-        "speedup_fps": pipe_fps / naive_fps if naive_fps > 0 else None,
-        "notes": notes,
-    }
+    return notes
 
 
 # ---- reports ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -333,8 +334,6 @@ def startup(model: str | os.PathLike, source: str, *, runs: int = 3, frames: int
     """`edgepix segment` in a fresh process, as a user starts it: seconds from spawning the process to the first
     output frame on disk (an image folder sink, polled every 2 ms), the same measured inside the process from
     its start time, and the peak RSS of the whole run (one stream, `frames` frames)."""
-    import subprocess
-
     results = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -362,43 +361,74 @@ def startup(model: str | os.PathLike, source: str, *, runs: int = 3, frames: int
 # ---- a live network stream: frame age and reconnect ------------------------------------------------------------
 
 
+def listening(port: int) -> bool:
+    """Whether something listens on TCP `port` (the kernel's table: a probe connection would be taken as ffmpeg's
+    one client)."""
+    with open("/proc/net/tcp") as f:
+        rows = f.read().splitlines()[1:]
+    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
+
+
+def free_port() -> int:
+    import contextlib
+    import socket
+
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """ffmpeg serving a looping video in real time as MPEG-TS over HTTP on 127.0.0.1 (one client at a time), like
+    an IP camera: re-encoded to MPEG-2 at quality `quality` with a GOP of `gop` frames (a reconnecting client
+    decodes from the next key frame), at `fps` (None: the video's own rate)."""
+
+    def __init__(self, video: str | os.PathLike, port: int, *, fps: float | None = None, quality: int = 5,
+                 gop: int = 5) -> None:
+        self.video, self.port = Path(video), port
+        self.fps, self.quality, self.gop = fps, quality, gop
+        self.url = f"http://127.0.0.1:{port}/live.ts"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, wait: bool = True) -> float:
+        """Start ffmpeg; returns when it started. `wait`: first until it listens (a client that connects at once
+        closes ffmpeg's one-client listening socket, so a restart does not wait)."""
+        rate = ["-r", str(self.fps)] if self.fps is not None else []
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i",
+             str(self.video), "-an", *rate, "-c:v", "mpeg2video", "-q:v", str(self.quality), "-g", str(self.gop),
+             "-f", "mpegts", "-listen", "1", self.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while wait and time.monotonic() < deadline and not listening(self.port):
+            time.sleep(0.01)
+        return started
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
 def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float = 30.0, steady_s: float = 8.0,
                outage_s: float = 3.0) -> dict:
     """ffmpeg serves `video` in real time as MPEG-TS over HTTP on 127.0.0.1; the pipeline (default options:
     backoff up to 0.5 s, read timeout 5 s) segments it. Measures the frame age at steady state, then kills the
     server for `outage_s`, starts it again and measures how long after its return the first frame arrives."""
     import shutil
-    import socket
-    import subprocess
     import threading
 
     from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
     from edgepix.runtime.segmenter import Segmenter
 
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
+    if shutil.which("ffmpeg") is None:
         raise SystemExit("the live check needs ffmpeg (apt-get install ffmpeg)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/live.ts"
-    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(video),
-           "-an", "-r", str(fps), "-c:v", "mpeg2video", "-q:v", "4", "-g", "15", "-f", "mpegts", "-listen", "1", url]
-
-    def serve() -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        hex_port = f":{port:04X}"
-        for _ in range(500):  # wait until it listens (a probe connection would be taken as the one client)
-            rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-            if any(r[1].endswith(hex_port) and r[3] == "0A" for r in rows):
-                break
-            time.sleep(0.01)
-        return proc
-
+    server = LiveServer(video, free_port(), fps=fps, quality=4, gop=15)
     plan = choose_workers(resolve_backend(model, "auto"))
-    server = serve()
+    server.start()
     seg = Segmenter.load(model, plan.backend, **plan.backend_options())
-    pipeline = Pipeline(seg, [url], ["null://"], PipelineOptions(workers=plan.workers))
+    pipeline = Pipeline(seg, [server.url], ["null://"], PipelineOptions(workers=plan.workers))
     thread = threading.Thread(target=pipeline.run, daemon=True)
     thread.start()
     try:
@@ -411,10 +441,9 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
         steady = list(ages)[start_n:]
         source = pipeline.sources[0]
         server.kill()
-        server.wait()
         time.sleep(outage_s)
         read_before = source.frames_read
-        server = serve()
+        server.start()
         t_back = time.monotonic()
         while source.frames_read == read_before and time.monotonic() - t_back < 30:
             time.sleep(0.005)
@@ -466,26 +495,53 @@ def main(argv: list[str] | None = None) -> int:
         return report_startup(args)
     if args.live_only:
         return report_live(args)
+    return report_bound(args)
 
+
+def report_bound(args: argparse.Namespace) -> int:
+    """Naive loop and pipeline in alternating rounds, then each stage alone for the bound; prints both ratios."""
     from edgepix.benchmarks.environment import describe, environment
 
-    tmp = tempfile.TemporaryDirectory(prefix="stream_bound_")
-    work = Path(tmp.name)
-    video = args.video
-    if video is None:
-        print(f"writing a {args.frames}-frame 640x480 synthetic video ...", file=sys.stderr)
-        video = make_video(work / "scene.mp4", frames=args.frames)
-    cap = cv2.VideoCapture(str(video))
-    vw, vh, vn = (int(cap.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT,
-                                             cv2.CAP_PROP_FRAME_COUNT))
-    cap.release()
-    pmodel = args.pipeline_model or args.model
-    env = environment()
-    print(describe(env))
-    print(f"video {video} {vw}x{vh}, {vn} frames; model {args.model}" +
-          (f", pipeline model {pmodel}" if pmodel != args.model else ""))
-    print(f"load average before: {load_average()}")
+    with tempfile.TemporaryDirectory(prefix="stream_bound_") as tmp:
+        work = Path(tmp)
+        video = args.video
+        if video is None:
+            print(f"writing a {args.frames}-frame 640x480 synthetic video ...", file=sys.stderr)
+            video = make_video(work / "scene.mp4", frames=args.frames)
+        cap = cv2.VideoCapture(str(video))
+        vw, vh, vn = (int(cap.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT,
+                                                 cv2.CAP_PROP_FRAME_COUNT))
+        cap.release()
+        pmodel = args.pipeline_model or args.model
+        env = environment()
+        print(describe(env))
+        print(f"video {video} {vw}x{vh}, {vn} frames; model {args.model}" +
+              (f", pipeline model {pmodel}" if pmodel != args.model else ""))
+        print(f"load average before: {load_average()}")
+        naive, piped = _alternate_rounds(args, video, pmodel, work)
+        naive_fps = statistics.median(r.fps for r in naive)
+        pipe_fps = statistics.median(s["fps"] for s in piped)
+        bound = stage_costs(pmodel, video, backend=args.backend, workers=args.workers, threads=args.threads)
+        print(f"load average after: {load_average()}")
+        print()
+        _print_bound(bound)
+        print()
+        _print_stage_table(naive[-1].stage_stats(), pipeline_stages(piped[-1]))
+        print()
+        _print_ratios(naive_fps, pipe_fps, bound, args.rounds)
+        if args.json:
+            _write_json(args.json, {
+                "environment": env, "video": {"path": str(video), "size": [vw, vh], "frames": vn},
+                "naive": [{"fps": r.fps, "frames": r.frames, "seconds": r.seconds, "stages": r.stage_stats()}
+                          for r in naive],
+                "pipeline": piped, "bound": bound, "naive_fps": naive_fps, "pipeline_fps": pipe_fps,
+                "ratio_naive": pipe_fps / naive_fps, "ratio_bound": pipe_fps / bound["bound_fps"]})
+    return 0
 
+
+def _alternate_rounds(args: argparse.Namespace, video: Path, pmodel: Path,
+                      work: Path) -> tuple[list[LoopResult], list[dict]]:
+    """`args.rounds` rounds of the naive loop then the pipeline, so background load hits both alike."""
     naive, piped = [], []
     for r in range(args.rounds):
         res = naive_loop(args.model, video, work / "naive.mp4")
@@ -496,11 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         piped.append(st)
         print(f"round {r + 1}: pipeline   {st['frames']} frames in {st['elapsed_s']:.2f} s = {st['fps']:.1f} fps "
               f"({st['config']['plan']}, {st['config']['backend']})")
-    naive_fps = statistics.median(r.fps for r in naive)
-    pipe_fps = statistics.median(s["fps"] for s in piped)
-    bound = stage_costs(pmodel, video, backend=args.backend, workers=args.workers, threads=args.threads)
-    print(f"load average after: {load_average()}")
-    print()
+    return naive, piped
+
+
+def _print_bound(bound: dict) -> None:
     print("each stage alone, ms per frame:  " + ", ".join(
         f"{k} {v['bound_ms']:.2f}" for k, v in bound["terms"].items())
         + f"  = {bound['cpu_ms_per_frame']:.2f} ms")
@@ -508,9 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (CPU time, except inference: {inf['wall_ms']:.2f} ms wall x {inf['threads']} thread(s) = "
           f"{inf['wall_x_threads_ms']:.2f} ms, whose CPU time was {inf['cpu_ms']:.2f} ms)")
     print(f"bound = {bound['cores']} cores / {bound['cpu_ms_per_frame']:.2f} ms = {bound['bound_fps']:.1f} fps")
-    print()
-    naive_stats = naive[-1].stage_stats()
-    pipe_stats = pipeline_stages(piped[-1])
+
+
+def _print_stage_table(naive_stats: dict[str, dict], pipe_stats: dict[str, dict]) -> None:
     print("per stage p50 / p90 / p99 ms (last round)      naive loop                pipeline")
     for k in STREAM_STAGES:
         a = naive_stats.get(k)
@@ -518,24 +573,22 @@ def main(argv: list[str] | None = None) -> int:
         fa = f"{a['p50']:6.2f} {a['p90']:6.2f} {a['p99']:6.2f}" if a else " " * 20
         fb = f"{b['p50']:6.2f} {b['p90']:6.2f} {b['p99']:6.2f}" if b else ""
         print(f"  {k:<12} {fa:>40}    {fb}")
-    print()
-    print(f"naive loop:  {naive_fps:.1f} fps (median of {args.rounds})")
-    print(f"pipeline:    {pipe_fps:.1f} fps (median of {args.rounds})")
+
+
+def _print_ratios(naive_fps: float, pipe_fps: float, bound: dict, rounds: int) -> None:
+    print(f"naive loop:  {naive_fps:.1f} fps (median of {rounds})")
+    print(f"pipeline:    {pipe_fps:.1f} fps (median of {rounds})")
     print(f"pipeline / naive = {pipe_fps / naive_fps:.2f}x (target >= 1.5x)")
     print(f"pipeline / bound = {pipe_fps / bound['bound_fps']:.2f} (target >= 0.8; bound {bound['bound_fps']:.1f} fps)")
     print(f"pipeline / bound with inference counted by its CPU time = "
           f"{pipe_fps / bound['cpu_only_bound_fps']:.2f} (bound {bound['cpu_only_bound_fps']:.1f} fps = "
           f"{bound['cores']} / {bound['cpu_only_ms_per_frame']:.2f} ms)")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "environment": env, "video": {"path": str(video), "size": [vw, vh], "frames": vn},
-            "naive": [{"fps": r.fps, "frames": r.frames, "seconds": r.seconds, "stages": r.stage_stats()}
-                      for r in naive],
-            "pipeline": piped, "bound": bound, "naive_fps": naive_fps, "pipeline_fps": pipe_fps,
-            "ratio_naive": pipe_fps / naive_fps, "ratio_bound": pipe_fps / bound["bound_fps"]},
-            indent=2, default=str) + "\n")
-    tmp.cleanup()
-    return 0
+
+
+def _write_json(path: Path, data: object) -> None:
+    from edgepix.runtime.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def report_live(args: argparse.Namespace) -> int:
@@ -551,7 +604,7 @@ def report_live(args: argparse.Namespace) -> int:
               f"returned (target < 5 s); outage {r['outage_s']:.2f} s, {r['reconnect_attempts']} attempts, "
               f"reconnects {r['reconnects']}; 2 s later: state {r['state_after']}, {r['frames_in_2s_after']} frames")
         if args.json:
-            args.json.write_text(json.dumps(r, indent=2) + "\n")
+            _write_json(args.json, r)
     return 0
 
 
@@ -570,7 +623,7 @@ def report_startup(args: argparse.Namespace) -> int:
             print(f"{label}: median first frame {statistics.median(x['first_frame_on_disk_s'] for x in r):.3f} s "
                   f"(target < 1.5 s), max peak RSS {max(x['peak_rss_mb'] for x in r):.0f} MB (target < 200 MB)")
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            _write_json(args.json, rows)
     return 0
 
 

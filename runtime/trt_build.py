@@ -502,17 +502,57 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
                             profiles: Sequence[Sequence[ProfileShapes]], calibrator: Any = None) -> BuiltEngine:
     """Parse `onnx_path` and build a serialized engine. Raises ExportError with TensorRT's reasons."""
     trt = import_tensorrt()
-    major = trt_major(trt.__version__)
     logger = make_logger(trt)
     make_device_current(options.device)
+    builder = _create_builder(trt, logger)
+    # The parser owns the weights the network points to: `parser` keeps it alive until the engine is built.
+    network, parser = _parse_onnx(trt, builder, logger, onnx_path, strongly_typed=plan.strongly_typed)
+    config = builder.create_builder_config()
+    _configure(trt, builder, config, plan, options)
+    dynamic = _dynamic_inputs(network)
+    trt_profiles = _add_profiles(builder, config, network, profiles, dynamic) if dynamic else []
+    if plan.calibrate:
+        if calibrator is None:
+            raise ExportError("implicit INT8 needs a calibrator (calibration images)")
+        config.int8_calibrator = calibrator
+        if trt_profiles:  # calibration runs at this profile's OPT shape: the calibrator's batches have that shape
+            config.set_calibration_profile(trt_profiles[0])
+    if options.timing_cache is not None:
+        _use_timing_cache(config, options.timing_cache)
+
+    monitor = make_progress_monitor(trt, options.progress_interval_s)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    log.info("building a TensorRT %s engine from %s (%s)%s", trt.__version__, Path(onnx_path).name, plan.summary,
+             f", profiles: {'; '.join(p.describe() for profile in profiles for p in profile)}" if dynamic else "")
+    start = time.monotonic()
+    if monitor is None:
+        with Heartbeat(options.progress_interval_s):
+            serialized = builder.build_serialized_network(network, config)
+    else:
+        serialized = builder.build_serialized_network(network, config)
+    seconds = time.monotonic() - start
+    if serialized is None:
+        reasons = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason (run with --verbose)"
+        raise ExportError(f"TensorRT {trt.__version__} could not build the engine from {onnx_path}: {reasons}")
+    if options.timing_cache is not None:
+        _save_timing_cache(config, options.timing_cache)
+    return BuiltEngine(bytes(memoryview(serialized)), _io_descs(trt, network), seconds, str(trt.__version__))
+
+
+def _create_builder(trt, logger):
     try:
-        builder = trt.Builder(logger)
+        return trt.Builder(logger)
     except (RuntimeError, TypeError) as e:
         raise ExportError(f"TensorRT {trt.__version__} could not create a builder (no usable GPU?): "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
                           "see `edgepix doctor`") from e
+
+
+def _parse_onnx(trt, builder, logger, onnx_path: str | Path, *, strongly_typed: bool):
+    """(the network parsed from `onnx_path`, the parser, which owns the network's weights)."""
     flags = 0
-    if plan.strongly_typed and major < 11:  # TensorRT 11 is always strongly typed (the flag is deprecated there)
+    if strongly_typed and trt_major(trt.__version__) < 11:  # TensorRT 11 is always strongly typed (flag deprecated)
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -520,8 +560,11 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
         errors = parser_errors(parser) or logger.errors or ["no reason given"]
         raise ExportError(f"TensorRT {trt.__version__} could not parse {onnx_path} ({len(errors)} error"
                           f"{'s' if len(errors) != 1 else ''}):\n" + "\n".join(f"  {e}" for e in errors))
+    return network, parser
 
-    config = builder.create_builder_config()
+
+def _configure(trt, builder, config, plan: PrecisionPlan, options: EngineBuildOptions) -> None:
+    """Workspace, optimization level, the plan's precision flags and the DLA core."""
     if options.workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     if options.opt_level is not None:
@@ -543,76 +586,70 @@ def build_serialized_engine(onnx_path: str | Path, *, plan: PrecisionPlan, optio
         config.DLA_core = options.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    dynamic = [t.name for t in inputs if any(int(d) < 0 for d in t.shape)]
+
+def _network_inputs(network) -> list:
+    return [network.get_input(i) for i in range(network.num_inputs)]
+
+
+def _dynamic_inputs(network) -> list[str]:
+    return [t.name for t in _network_inputs(network) if any(int(d) < 0 for d in t.shape)]
+
+
+def _add_profiles(builder, config, network, profiles: Sequence[Sequence[ProfileShapes]],
+                  dynamic: list[str]) -> list:
+    """One optimization profile per entry of `profiles`, each giving every `dynamic` input its shapes."""
+    inputs = _network_inputs(network)
     trt_profiles = []
-    if dynamic:
-        for index, profile in enumerate(profiles):
-            by_name = {p.input: p for p in profile}
-            missing = [n for n in dynamic if n not in by_name]
-            if missing:
-                raise ExportError(f"profile {index} gives no shapes for dynamic input(s) {missing}; pass --batch "
-                                  "(and --imgsz-range) so edgepix can make one")
-            p = builder.create_optimization_profile()
-            for t in inputs:
-                if t.name in by_name:
-                    s = by_name[t.name]
-                    p.set_shape(t.name, s.min, s.opt, s.max)
-            config.add_optimization_profile(p)
-            trt_profiles.append(p)
-    if plan.calibrate:
-        if calibrator is None:
-            raise ExportError("implicit INT8 needs a calibrator (calibration images)")
-        config.int8_calibrator = calibrator
-        if trt_profiles:  # calibration runs at this profile's OPT shape: the calibrator's batches have that shape
-            config.set_calibration_profile(trt_profiles[0])
+    for index, profile in enumerate(profiles):
+        by_name = {p.input: p for p in profile}
+        missing = [n for n in dynamic if n not in by_name]
+        if missing:
+            raise ExportError(f"profile {index} gives no shapes for dynamic input(s) {missing}; pass --batch "
+                              "(and --imgsz-range) so edgepix can make one")
+        p = builder.create_optimization_profile()
+        for t in inputs:
+            if t.name in by_name:
+                s = by_name[t.name]
+                p.set_shape(t.name, s.min, s.opt, s.max)
+        config.add_optimization_profile(p)
+        trt_profiles.append(p)
+    return trt_profiles
 
-    timing_cache = None
-    if options.timing_cache is not None:
+
+def _use_timing_cache(config, path: Path) -> None:
+    """Start the build from the timing cache at `path` (a new one when it is missing, unreadable or made on
+    another device or TensorRT)."""
+    try:
+        blob = path.read_bytes() if path.is_file() else b""
+    except OSError as e:
+        log.warning("timing cache %s cannot be read (%s); starting a new one", path, e.strerror or e)
+        blob = b""
+    timing_cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(timing_cache, False):
+        log.warning("timing cache %s was made on another device or TensorRT; starting a new one", path)
+        timing_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(timing_cache, False)
+    elif blob:
+        log.info("timing cache: reusing %s (%d KB)", path, len(blob) // 1024)
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is not None:
         try:
-            blob = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
-        except OSError as e:
-            log.warning("timing cache %s cannot be read (%s); starting a new one", options.timing_cache,
-                        e.strerror or e)
-            blob = b""
-        timing_cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(timing_cache, False):
-            log.warning("timing cache %s was made on another device or TensorRT; starting a new one",
-                        options.timing_cache)
-            timing_cache = config.create_timing_cache(b"")
-            config.set_timing_cache(timing_cache, False)
-        elif blob:
-            log.info("timing cache: reusing %s (%d KB)", options.timing_cache, len(blob) // 1024)
+            atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+        except OSError as e:  # it only saves time on the next build: not a reason to lose this one
+            log.warning("timing cache not saved to %s (%s); the engine is fine, the next build times its "
+                        "kernels again", path, e.strerror or e)
 
-    monitor = make_progress_monitor(trt, options.progress_interval_s)
-    if monitor is not None:
-        config.progress_monitor = monitor
-    log.info("building a TensorRT %s engine from %s (%s)%s", trt.__version__, Path(onnx_path).name, plan.summary,
-             f", profiles: {'; '.join(p.describe() for profile in profiles for p in profile)}" if dynamic else "")
-    start = time.monotonic()
-    if monitor is None:
-        with Heartbeat(options.progress_interval_s):
-            serialized = builder.build_serialized_network(network, config)
-    else:
-        serialized = builder.build_serialized_network(network, config)
-    seconds = time.monotonic() - start
-    if serialized is None:
-        reasons = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason (run with --verbose)"
-        raise ExportError(f"TensorRT {trt.__version__} could not build the engine from {onnx_path}: {reasons}")
-    if options.timing_cache is not None:
-        cache = config.get_timing_cache()
-        if cache is not None:
-            try:
-                atomic_write_bytes(options.timing_cache, bytes(memoryview(cache.serialize())))
-            except OSError as e:  # it only saves time on the next build: not a reason to lose this one
-                log.warning("timing cache not saved to %s (%s); the engine is fine, the next build times its "
-                            "kernels again", options.timing_cache, e.strerror or e)
+
+def _io_descs(trt, network) -> tuple[TensorDesc, ...]:
+    """The network's inputs and outputs as the manifest records them (shapes with -1 where dynamic)."""
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
-    io = tuple(
+    return tuple(
         TensorDesc(t.name, mode, _np_dtype_name(trt, t.dtype), tuple(int(d) for d in t.shape))
-        for mode, tensors in (("input", inputs), ("output", outputs))
+        for mode, tensors in (("input", _network_inputs(network)), ("output", outputs))
         for t in tensors)
-    return BuiltEngine(bytes(memoryview(serialized)), io, seconds, str(trt.__version__))
 
 
 # ---- build into the cache and place the engine ----------------------------------------------------------

@@ -154,35 +154,12 @@ class TensorRTBackend(Backend):
     # ---- loading ---------------------------------------------------------------------------------------
 
     def _load(self, path: Path) -> None:
-        from ..trt_build import dtype_label, import_tensorrt, make_logger, numpy_dtype, rebuild_from_manifest
+        from ..trt_build import import_tensorrt, make_logger
 
         o = self.options
-        manifest = None
-        try:
-            manifest = read_manifest(path)
-        except ModelFormatError:
-            if o.require_manifest:
-                raise
-            log.warning("%s has no manifest: loading it without the TensorRT/GPU check and without a spec", path.name)
-        if manifest is not None:
-            here = running_device_facts(o.device_id)
-            verdict = check_compatibility(manifest, here, engine_name=path.name,
-                                          rebuild_hint="rebuild it here with --rebuild (or rebuild=True), from "
-                                                       f"{manifest.onnx or 'its ONNX'}")
-            if not verdict.ok:
-                if not o.rebuild or not here.tensorrt or not here.gpu:
-                    raise BackendError(verdict.problem or "")
-                log.warning("%s; rebuilding from %s", verdict.problem, manifest.onnx)
-                try:
-                    manifest = rebuild_from_manifest(path, manifest, cache_dir=o.cache_dir).manifest
-                except EdgepixError as e:
-                    raise BackendError(f"rebuilding {path.name} failed: {e}") from e
-            for w in verdict.warnings:
-                log.warning("%s", w)
-        self.manifest = manifest
+        self.manifest = manifest = self._checked_manifest(path)
         if manifest is not None:
             self.metadata = {ONNX_METADATA_KEY: manifest.spec.to_json()}
-
         try:
             trt = import_tensorrt()
         except EdgepixError as e:
@@ -192,52 +169,10 @@ class TensorRTBackend(Backend):
         self._cuda.set_device(o.device_id)
         self._logger = make_logger(trt)
         self.runtime = trt.Runtime(self._logger)
-        dla = o.dla_core if o.dla_core is not None else (manifest.builder.get("dla_core") if manifest else None)
-        if dla is not None:  # a DLA engine runs on the runtime's DLA core, which is unset (-1) by default
-            n_dla = int(self.runtime.num_DLA_cores)
-            if not 0 <= int(dla) < n_dla:
-                raise BackendError(f"{path.name} runs on DLA; dla_core {dla}: this device has {n_dla} DLA core(s)"
-                                   + (f": 0..{n_dla - 1}" if n_dla else " (DLA exists on Jetson AGX/NX Orin and "
-                                      "Xavier)"))
-            self.runtime.DLA_core = int(dla)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            reason = "; ".join(self._logger.errors[-3:]) or "no reason given"
-            raise BackendError(f"TensorRT {trt.__version__} could not deserialize {path.name}: {reason}"
-                               + ("" if manifest else "; engines load only with the TensorRT version and GPU that "
-                                  "built them"))
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise BackendError(f"TensorRT could not create an execution context for {path.name} (out of GPU memory?)")
-
-        inputs, outputs = [], []  # (name, numpy dtype, shape as the engine reports it: -1 where dynamic)
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            trt_dtype = self.engine.get_tensor_dtype(name)
-            dtype = numpy_dtype(trt, trt_dtype)
-            if dtype is None:
-                raise BackendError(f"{'input' if is_input else 'output'} {name!r} is {dtype_label(trt_dtype)} in "
-                                   f"{path.name}, which numpy has no type for, and the tensorrt backend exchanges "
-                                   "numpy arrays; build the engine from an ONNX whose inputs and outputs are "
-                                   "float32, float16 or integers")
-            shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
-            (inputs if is_input else outputs).append((name, dtype, shape))
-        # Per profile, per input: (min, opt, max) as TensorRT reports them.
-        self.profiles: list[tuple[ProfileShapes, ...]] = []
-        for p in range(self.engine.num_optimization_profiles):
-            shapes = []
-            for name, _, shape in inputs:
-                if all(d >= 0 for d in shape):
-                    shapes.append(ProfileShapes(name, shape, shape, shape))
-                else:
-                    lo, mid, hi = self.engine.get_tensor_profile_shape(name, p)
-                    shapes.append(ProfileShapes(name, *(tuple(int(d) for d in s) for s in (lo, mid, hi))))
-            self.profiles.append(tuple(shapes))
+        self._choose_dla_core(path)
+        self._deserialize(path)
+        inputs, outputs = self._io_tensors(path)
+        self.profiles = self._profile_shapes(inputs)
         # TensorRT reports -1 for every dimension that is dynamic in the network, even when every profile fixes
         # it (a dynamic-batch ONNX built with --batch 4): a dimension is fixed when all profiles agree on it.
         self.inputs = tuple(TensorMeta(name, dtype, _fixed_dims(shape, [e for profile in self.profiles
@@ -252,6 +187,101 @@ class TensorRTBackend(Backend):
         if o.cuda_graph and not self._static:
             log.warning("cuda_graph: %s has dynamic input shapes; CUDA graphs are used for fixed shapes only, "
                         "running without", path.name)
+
+    def _checked_manifest(self, path: Path) -> EngineManifest | None:
+        """The engine's manifest, checked against this TensorRT and GPU (and the engine rebuilt here on a mismatch
+        when `rebuild`); None for an engine without one when `require_manifest` is off."""
+        from ..trt_build import rebuild_from_manifest
+
+        o = self.options
+        try:
+            manifest = read_manifest(path)
+        except ModelFormatError:
+            if o.require_manifest:
+                raise
+            log.warning("%s has no manifest: loading it without the TensorRT/GPU check and without a spec", path.name)
+            return None
+        here = running_device_facts(o.device_id)
+        verdict = check_compatibility(manifest, here, engine_name=path.name,
+                                      rebuild_hint="rebuild it here with --rebuild (or rebuild=True), from "
+                                                   f"{manifest.onnx or 'its ONNX'}")
+        if not verdict.ok:
+            if not o.rebuild or not here.tensorrt or not here.gpu:
+                raise BackendError(verdict.problem or "")
+            log.warning("%s; rebuilding from %s", verdict.problem, manifest.onnx)
+            try:
+                manifest = rebuild_from_manifest(path, manifest, cache_dir=o.cache_dir).manifest
+            except EdgepixError as e:
+                raise BackendError(f"rebuilding {path.name} failed: {e}") from e
+        for w in verdict.warnings:
+            log.warning("%s", w)
+        return manifest
+
+    def _choose_dla_core(self, path: Path) -> None:
+        """A DLA engine runs on the runtime's DLA core, which is unset (-1) by default: `dla_core`, else the core
+        the manifest records."""
+        manifest = self.manifest
+        dla = self.options.dla_core
+        if dla is None and manifest is not None:
+            dla = manifest.builder.get("dla_core")
+        if dla is None:
+            return
+        n_dla = int(self.runtime.num_DLA_cores)
+        if not 0 <= int(dla) < n_dla:
+            raise BackendError(f"{path.name} runs on DLA; dla_core {dla}: this device has {n_dla} DLA core(s)"
+                               + (f": 0..{n_dla - 1}" if n_dla else " (DLA exists on Jetson AGX/NX Orin and "
+                                  "Xavier)"))
+        self.runtime.DLA_core = int(dla)
+
+    def _deserialize(self, path: Path) -> None:
+        """The engine from `path` and an execution context for it."""
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            reason = "; ".join(self._logger.errors[-3:]) or "no reason given"
+            raise BackendError(f"TensorRT {self._trt.__version__} could not deserialize {path.name}: {reason}"
+                               + ("" if self.manifest else "; engines load only with the TensorRT version and GPU "
+                                  "that built them"))
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {path.name} (out of GPU memory?)")
+
+    def _io_tensors(self, path: Path) -> tuple[list, list]:
+        """(inputs, outputs), each a list of (name, numpy dtype, shape as the engine reports it: -1 where dynamic)."""
+        from ..trt_build import dtype_label, numpy_dtype
+
+        trt, engine = self._trt, self.engine
+        inputs, outputs = [], []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            trt_dtype = engine.get_tensor_dtype(name)
+            dtype = numpy_dtype(trt, trt_dtype)
+            if dtype is None:
+                raise BackendError(f"{'input' if is_input else 'output'} {name!r} is {dtype_label(trt_dtype)} in "
+                                   f"{path.name}, which numpy has no type for, and the tensorrt backend exchanges "
+                                   "numpy arrays; build the engine from an ONNX whose inputs and outputs are "
+                                   "float32, float16 or integers")
+            shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+            (inputs if is_input else outputs).append((name, dtype, shape))
+        return inputs, outputs
+
+    def _profile_shapes(self, inputs: list) -> list[tuple[ProfileShapes, ...]]:
+        """Per optimization profile, per input: (min, opt, max) as TensorRT reports them."""
+        profiles = []
+        for p in range(self.engine.num_optimization_profiles):
+            shapes = []
+            for name, _, shape in inputs:
+                if all(d >= 0 for d in shape):
+                    shapes.append(ProfileShapes(name, shape, shape, shape))
+                else:
+                    lo, mid, hi = self.engine.get_tensor_profile_shape(name, p)
+                    shapes.append(ProfileShapes(name, *(tuple(int(d) for d in s) for s in (lo, mid, hi))))
+            profiles.append(tuple(shapes))
+        return profiles
 
     @property
     def spec(self) -> ModelSpec | None:
