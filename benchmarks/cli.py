@@ -31,6 +31,9 @@ STREAM_FORM = ("edgepix bench stream MODEL [--source URI] [--frames N] [--backen
 
 
 def register(subparsers) -> None:
+    from .tune import register as register_tune
+
+    register_tune(subparsers)
     p = subparsers.add_parser(
         "bench", help="latency percentiles, throughput, accuracy and efficiency per model x backend x batch; "
                       "`bench stream`: the stream pipeline against a naive loop",

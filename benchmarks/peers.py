@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.runtime.errors import EdgepixError
+from edgepix.runtime.spec import ModelSpec
 
 from .stats import LatencyStats
 
@@ -183,25 +184,57 @@ def _agreement(reference: np.ndarray | None, output: np.ndarray) -> str:
 
 def run_peers(model: Path, *, threads: int, rounds: int, warmup: int, checkpoint: Path | None = None,
               progress: Callable[[str], None] | None = None) -> PeersReport:
-    """Load every peer, warm each up, then time `rounds` interleaved rounds of one call per peer."""
-    from edgepix.runtime.backends.registry import backend_status, candidates
-    from edgepix.runtime.spec import ModelSpec
+    """Every peer a user could pick instead of edgepix (and edgepix's own backends), measured with `measure`."""
+    spec = _model_spec(model)
+    return measure(model, _peer_builders(model, spec, threads, checkpoint), threads=threads, rounds=rounds,
+                   warmup=warmup, progress=progress)
 
-    from .harness import BENCH_SEED, model_input
 
+def measure(model: Path, builders: list[tuple[str, Callable]], *, threads: int, rounds: int, warmup: int,
+            progress: Callable[[str], None] | None = None) -> PeersReport:
+    """Load each (name, build) runtime, warm each up, then time `rounds` interleaved rounds of one call each, all
+    on the same input (one synthetic scene at the model's size). `edgepix tune` uses it for the backends alone."""
     say = progress or (lambda _m: None)
+    x, notes = _bench_input(_model_spec(model), model)
+    peers = _load_peers(builders, say)
+    _warm_up(peers, x, warmup, say)
+    running = [p for p in peers if p.call is not None]
+    say(f"[peers] {rounds} interleaved rounds over {len(running)} peers")
+    _interleaved_rounds(running, x, rounds)
+    for peer in peers:
+        if peer.close is not None:
+            peer.close()
+    stats = {p.name: LatencyStats.from_samples(p.samples_ms) for p in running}
+    return PeersReport(model=model, input_shape=tuple(x.shape), threads=threads, rounds=rounds, warmup=warmup,
+                       peers=peers, stats=stats, notes=notes)
+
+
+def _model_spec(model: Path) -> ModelSpec:
     spec = ModelSpec.from_onnx(model)
     if spec is None:
         raise EdgepixError(f"{model.name} carries no edgepix spec; --peers compares exported models (edgepix export)")
+    return spec
+
+
+def _bench_input(spec: ModelSpec, model: Path) -> tuple[np.ndarray, list[str]]:
+    """(the input every peer runs: one synthetic scene pre-processed at the model's size, notes)."""
+    from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
+
+    from .harness import BENCH_SEED, model_input
+
     if spec.dynamic_size or spec.dynamic_batch:
         notes = [f"{model.name} has dynamic dimensions; every peer ran batch 1 at {spec.input_size[0]}x"
                  f"{spec.input_size[1]}"]
     else:
         notes = []
-    from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
-
     frame = make_scene(scene_seed(BENCH_SEED, 0), SceneConfig(size=(480, 640)))[0]
     x = np.ascontiguousarray(model_input(spec, 1, spec.input_size, [frame]))
+    return x, notes
+
+
+def _peer_builders(model: Path, spec: ModelSpec, threads: int, checkpoint: Path | None) -> list[tuple[str, Callable]]:
+    """(name, build) for every peer, in table order: PyTorch (with a checkpoint), the plain runtimes, edgepix."""
+    from edgepix.runtime.backends.registry import candidates
 
     auto = candidates("auto", model)[0]
     builders: list[tuple[str, Callable]] = []
@@ -216,6 +249,12 @@ def run_peers(model: Path, *, threads: int, rounds: int, warmup: int, checkpoint
     ]
     if auto != "openvino":
         builders.append(("edgepix openvino", lambda: edgepix_backend(model, "openvino", threads)))
+    return builders
+
+
+def _load_peers(builders: list[tuple[str, Callable]], say: Callable[[str], None]) -> list[Peer]:
+    from edgepix.runtime.backends.registry import backend_status
+
     peers: list[Peer] = []
     for name, build in builders:
         say(f"[peers] loading {name}")
@@ -226,8 +265,12 @@ def run_peers(model: Path, *, threads: int, rounds: int, warmup: int, checkpoint
         peer.is_auto = name.endswith("(auto)")
         peer.reduced_precision = "precision bf16" in peer.runs or "precision f16" in peer.runs
         peers.append(peer)
+    return peers
 
-    # Warm-up, and torch.compile's compilation timed apart. A peer that fails here is skipped with its reason.
+
+def _warm_up(peers: list[Peer], x: np.ndarray, warmup: int, say: Callable[[str], None]) -> None:
+    """Warm-up, and torch.compile's compilation timed apart. A peer that fails here is skipped with its reason;
+    each output is compared with ONNX Runtime's (`Peer.agreement`)."""
     outputs: dict[str, np.ndarray] = {}
     for peer in peers:
         if peer.call is None:
@@ -248,8 +291,9 @@ def run_peers(model: Path, *, threads: int, rounds: int, warmup: int, checkpoint
         if peer.name in outputs:
             peer.agreement = _agreement(reference, outputs[peer.name])
 
-    running = [p for p in peers if p.call is not None]
-    say(f"[peers] {rounds} interleaved rounds over {len(running)} peers")
+
+def _interleaved_rounds(running: list[Peer], x: np.ndarray, rounds: int) -> None:
+    """One call per peer per round, into `Peer.samples_ms`."""
     gc.collect()
     for round_index in range(rounds):
         # Each round starts with the next peer, so none always runs right after the same neighbour.
@@ -259,12 +303,6 @@ def run_peers(model: Path, *, threads: int, rounds: int, warmup: int, checkpoint
             start = time.perf_counter()
             peer.call(x)
             peer.samples_ms.append((time.perf_counter() - start) * 1e3)
-    for peer in peers:
-        if peer.close is not None:
-            peer.close()
-    stats = {p.name: LatencyStats.from_samples(p.samples_ms) for p in running}
-    return PeersReport(model=model, input_shape=tuple(x.shape), threads=threads, rounds=rounds, warmup=warmup,
-                       peers=peers, stats=stats, notes=notes)
 
 
 # ---- the report ----------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# A backend profile in the home folder (edgepix tune) must not change which backend `auto` picks in the tests; the
+# tests of the profile point EDGEPIX_PROFILE at a file of their own.
+os.environ["EDGEPIX_PROFILE"] = "off"
 
 
 def run_edgepix(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -200,6 +200,13 @@ def candidates(name: str, path: str | os.PathLike) -> list[str]:
     if not chosen:
         raise BackendError("no backend can run ONNX models here: " + "; ".join(
             f"{n}: {status[n]}" for n in AUTO_ORDER_ONNX) + " (install onnxruntime or OpenCV)")
+    # A measured choice for this file on this machine (edgepix tune) goes first; the fixed order follows.
+    from ..profile import preferred_backend
+
+    measured = preferred_backend(path)
+    if measured is not None and measured in status and status[measured] is None:
+        log.info("backend auto: %s measured fastest for %s on this machine (edgepix tune)", measured, Path(path).name)
+        return [measured] + [n for n in chosen if n != measured]
     return chosen
 
 

@@ -1,0 +1,98 @@
+"""`edgepix tune MODEL`: time every backend that can run the file on this machine and record the fastest, so that
+`auto` picks it here (`edgepix.runtime.profile`).
+
+    edgepix tune model.onnx [--threads N] [--rounds 50] [--warmup 10] [--dry-run]
+
+The backends run on the same input with the same threads, in interleaved rounds (the `bench --peers` machinery),
+so load from other processes hits them alike. A backend that computes in lower precision than the file says
+(OpenVINO's bf16 default on CPUs with AVX-512-BF16 or AMX) is timed but never chosen: the parity gate checked the
+file's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the measuring imports numpy and the backends: loaded when a tune runs, not for --help
+    from .peers import PeersReport
+
+
+#: the backends that run .onnx files; GPU ones count only where they can start
+ONNX_BACKENDS = ("ort-trt", "ort-cuda", "ort-cpu", "openvino", "opencv")
+
+
+def tune(model: Path, *, threads: int, rounds: int, warmup: int, progress=None) -> tuple[PeersReport, str]:
+    """Time the backends that can run `model` here; returns the report and the fastest backend's name."""
+    from edgepix.runtime.backends.registry import backend_status
+    from edgepix.runtime.errors import BackendError
+
+    from .peers import edgepix_backend, measure
+
+    status = backend_status()
+    names = [n for n in ONNX_BACKENDS if status.get(n) is None]
+    builders = [(f"edgepix {n}", lambda n=n: edgepix_backend(model, n, threads)) for n in names]
+    report = measure(model, builders, threads=threads, rounds=rounds, warmup=warmup, progress=progress)
+    eligible = {p.name: report.stats[p.name].p50 for p in report.peers
+                if p.call is not None and p.name in report.stats and not p.reduced_precision}
+    if not eligible:
+        raise BackendError(f"no backend ran {model.name} here: " + "; ".join(
+            f"{p.name}: {p.skipped}" for p in report.peers if p.skipped))
+    fastest = min(eligible, key=eligible.get)
+    return report, fastest.removeprefix("edgepix ")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tune", help="measure which backend runs a model fastest here and make `auto` pick it",
+        description="Time every backend that can run MODEL on this machine (same input, same threads, interleaved "
+                    "rounds) and record the fastest in the backend profile that `auto` reads (only for this file, "
+                    "on a machine with this CPU and core count). EDGEPIX_PROFILE=PATH moves the profile, "
+                    "EDGEPIX_PROFILE=off disables it.")
+    p.add_argument("model", type=Path, help="an exported .onnx file")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
+    p.add_argument("--rounds", type=int, default=50, help="interleaved rounds of one call per backend (50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per backend first (10)")
+    p.add_argument("--dry-run", action="store_true", help="measure and report, but do not record")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import sys
+
+    from edgepix.runtime.backends.registry import candidates
+    from edgepix.runtime.cpuinfo import usable_cores
+    from edgepix.runtime.errors import InputError, ModelFormatError
+    from edgepix.runtime.profile import record
+
+    from .peers import load_average
+
+    if not args.model.is_file():
+        raise ModelFormatError(f"model file not found: {args.model}")
+    if args.rounds < 5 or args.warmup < 0:
+        raise InputError(f"--rounds must be at least 5 and --warmup at least 0, got {args.rounds} and {args.warmup}")
+    threads = args.threads or usable_cores()
+    before = candidates("auto", args.model)[0]
+    say = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    report, fastest = tune(args.model, threads=threads, rounds=args.rounds, warmup=args.warmup, progress=say)
+    print(f"{args.model.name}, input {'x'.join(map(str, report.input_shape))}, {threads} thread(s), "
+          f"{args.rounds} rounds; load average {load_average()}")
+    print("| backend | p50 ms | p90 ms | p99 ms | note |")
+    print("|---|---|---|---|---|")
+    for peer in report.peers:
+        s = report.stats.get(peer.name)
+        note = peer.skipped or ("lower precision than the file: not chosen" if peer.reduced_precision else "")
+        cells = (f"{s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f}" if s is not None else "- | - | -")
+        print(f"| {peer.name.removeprefix('edgepix ')} | {cells} | {note} |")
+    ratio = report.stats[f"edgepix {before}"].p50 / report.stats[f"edgepix {fastest}"].p50 \
+        if f"edgepix {before}" in report.stats else float("nan")
+    print(f"fastest: {fastest}; before tuning auto picked {before} ({ratio:.2f}x the fastest's p50)")
+    if args.dry_run:
+        return 0
+    measurements = {"threads": threads, "rounds": args.rounds, "input_shape": list(report.input_shape),
+                    "p50_ms": {n.removeprefix("edgepix "): round(s.p50, 3) for n, s in report.stats.items()},
+                    "p99_ms": {n.removeprefix("edgepix "): round(s.p99, 3) for n, s in report.stats.items()}}
+    path = record(args.model, fastest, measurements)
+    print(f"recorded in {path}: auto now picks {fastest} for {args.model.name} on this machine")
+    return 0
