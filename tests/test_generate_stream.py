@@ -5,7 +5,6 @@ generator, on live sources too."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 from test_runtime_generator import Identity, image_spec
 from test_runtime_models import export
+from test_stream_support import free_port
 
 from edgepix.runtime import ImageGenerator, Pipeline, Segmenter
 from edgepix.runtime.errors import ModelFormatError
@@ -60,12 +60,6 @@ def count_frames(path: Path) -> tuple[int, tuple[int, ...] | None]:
         n, shape = n + 1, frame.shape
     cap.release()
     return n, shape
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_processor_meets_the_protocol(seg_onnx, identity_onnx, mask_to_image_onnx):

@@ -3,17 +3,14 @@ and checks that the helpers make what the other stream tests assume."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from edgepix.benchmarks.stream_bound import LiveServer, free_port  # noqa: F401 - free_port: for the other tests
 from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
 from edgepix.runtime.synthetic import MovingScene, SceneConfig
 
@@ -89,22 +86,6 @@ def video_info(path: Path) -> tuple[int, float, tuple[int, int]]:
     return n, fps, size
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    """Whether something listens on TCP `port` (Linux /proc/net/tcp; True elsewhere after a pause)."""
-    try:
-        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        time.sleep(1.0)
-        return True
-    return any(f[1].endswith(f":{port:04X}") and f[3] == "0A" for f in (line.split() for line in table))
-
-
 def need_ffmpeg() -> str:
     exe = shutil.which("ffmpeg")
     if exe is None:
@@ -112,33 +93,14 @@ def need_ffmpeg() -> str:
     return exe
 
 
-class StreamServer:
-    """ffmpeg serving a looping video as MPEG-TS over HTTP on 127.0.0.1 (one client, `-listen 1`), re-encoded
-    to MPEG-2 with a short GOP so a reconnecting client decodes within a fraction of a second."""
+class StreamServer(LiveServer):
+    """The benchmarks' ffmpeg test camera (`stream_bound.LiveServer`: a looping video as MPEG-TS over HTTP on
+    127.0.0.1, one client, a short GOP so a reconnecting client decodes at once); skips where ffmpeg is absent."""
 
-    def __init__(self, video: Path, port: int) -> None:
-        self.video, self.port = video, port
-        self.url = f"http://127.0.0.1:{port}/live.ts"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> StreamServer:
-        self.proc = subprocess.Popen(
-            [need_ffmpeg(), "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-stream_loop", "-1",
-             "-i", str(self.video), "-an", "-c:v", "mpeg2video", "-q:v", "5", "-g", "5", "-f", "mpegts",
-             "-listen", "1", self.url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # A probe connection would be taken as the one client (and end the server), so watch the kernel's
-        # socket table for the listening port instead.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not listening(self.port):
-            time.sleep(0.02)
+    def start(self) -> StreamServer:  # type: ignore[override]
+        need_ffmpeg()
+        super().start()
         return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
 
 
 def test_channel_model_classes_pixels_by_their_strongest_colour(tmp_path):
