@@ -50,54 +50,35 @@ def _class_key(text: str) -> str | int:
 
 def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of every verb that runs the stream pipeline (`segment`, `generate --input VIDEO|URI`); read back
-    by `stream_job`."""
-    p.add_argument("--realtime", action="store_true",
-                   help="read video files at their frame rate and keep only the newest frame, like a camera "
-                        "(default: every frame, as fast as the model goes)")
-    p.add_argument("--loop", action="store_true", help="restart video files and image lists at their end")
-    p.add_argument("--stats", type=Path, metavar="FILE", help="write the statistics as JSON at the end")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (all streams together)")
+    by `stream_job`. Most are StreamJob's and SourceOptions' own (their fields declare them)."""
+    from .configflags import add_config_flags
+    from .jobs import StreamJob
+    from .sources import SourceOptions
+
+    add_config_flags(p, SourceOptions, ["realtime", "loop"])
+    add_config_flags(p, StreamJob, ["stats", "duration", "max_frames"])
     p.add_argument("--no-hud", action="store_true", help="display:// without the FPS and timing overlay")
-    g = p.add_argument_group("inference")
-    g.add_argument("--workers", type=int, help="inference workers sharing the model (default: by backend and cores)")
-    g.add_argument("--threads", type=int, help="threads per inference call (default: by backend and cores)")
-    g.add_argument("--batch-timeout", type=float, default=40.0, metavar="MS",
-                   help="multi-stream: push a partial batch after MS milliseconds (default 40)")
-    g.add_argument("--max-batch", type=int, help="multi-stream: frames per inference call (default: one per stream)")
-    g.add_argument("--triton-url", metavar="URL",
-                   help="--backend triton: the server, HOST:PORT or http://HOST:PORT (HTTP, default localhost:8000) "
-                        "or grpc://HOST:PORT")
+    add_config_flags(p.add_argument_group("inference"), StreamJob,
+                     ["workers", "threads", "batch_timeout_ms", "max_batch", "triton_url"])
     g = p.add_argument_group("sources")
     g.add_argument("--input-size", type=_size, metavar="WxH", help="requested camera mode, e.g. 1280x720")
-    g.add_argument("--input-fps", type=float, metavar="FPS", help="requested camera frame rate")
+    add_config_flags(g, SourceOptions, ["fps"])
     g.add_argument("--input-codec", metavar="FOURCC", help="requested camera pixel format, e.g. MJPG")
-    g.add_argument("--open-timeout", type=float, default=10.0, metavar="S", help="network streams: open timeout (10)")
-    g.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
-                   help="network streams: a read that blocks this long counts as an outage (5)")
-    g.add_argument("--rtsp-transport", choices=("auto", "tcp", "udp"), default="auto",
-                   help="auto: TCP, or UDP when the server refuses TCP")
-    g.add_argument("--reconnect-attempts", type=int, metavar="N",
-                   help="live sources: reopen tries per outage (default unlimited; 0: end the stream)")
-    g.add_argument("--backoff-max", type=float, default=0.5, metavar="S",
-                   help="longest wait between reopen tries (the wait doubles from 0.25 s; default 0.5)")
+    add_config_flags(g, SourceOptions, ["open_timeout", "read_timeout", "rtsp_transport", "reconnect_attempts",
+                                        "backoff_max"])
 
 
 def stream_job(args: argparse.Namespace, *, sources: list[str], sinks: list[str], **fields):
     """The StreamJob (runtime.jobs) that `add_stream_arguments`' flags describe, plus the verb's own `fields`."""
+    from .configflags import config_values
     from .jobs import StreamJob
     from .sources import SourceOptions
 
-    return StreamJob(
-        model=args.model, sources=sources, sinks=sinks, backend=args.backend,
-        source_options=SourceOptions(
-            size=args.input_size, fps=args.input_fps, codec=args.input_codec.upper() if args.input_codec else None,
-            open_timeout=args.open_timeout, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport,
-            reconnect_attempts=args.reconnect_attempts, backoff_max=args.backoff_max, realtime=args.realtime,
-            loop=args.loop),
-        workers=args.workers, threads=args.threads, batch_timeout_ms=args.batch_timeout, max_batch=args.max_batch,
-        max_frames=args.max_frames, duration=args.duration, stats=args.stats, hud=not args.no_hud,
-        triton_url=args.triton_url, status_interval=1.0 if sys.stderr.isatty() else 5.0, **fields)
+    source_options = SourceOptions(**config_values(args, SourceOptions), size=args.input_size,
+                                   codec=args.input_codec.upper() if args.input_codec else None)
+    return StreamJob(**config_values(args, StreamJob), model=args.model, sources=sources, sinks=sinks,
+                     backend=args.backend, source_options=source_options, hud=not args.no_hud,
+                     status_interval=1.0 if sys.stderr.isatty() else 5.0, **fields)
 
 
 def run_stream_command(verb: str, job, args: argparse.Namespace) -> int:
@@ -112,8 +93,8 @@ def run_stream_command(verb: str, job, args: argparse.Namespace) -> int:
         # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
         # the pipeline reports outages itself. --verbose keeps their logs.
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-        # OpenCV reads OPENCV_LOG_LEVEL at its first log line; older Python bindings (4.6, Debian's and
-        # JetPack 5's) have no cv2.utils.logging, so the variable is what quiets them.
+        # OpenCV reads OPENCV_LOG_LEVEL at its first log line; older Python bindings (Debian 12's OpenCV 4.6)
+        # have no cv2.utils.logging, so the variable is what quiets them.
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
         import cv2
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configflags import flag
 from .errors import InputError, ModelFormatError, SinkError
 from .formats import CHECKPOINT_SUFFIXES
 from .processor import FrameProcessor
@@ -44,15 +45,23 @@ class StreamJob:
     backend: str = "auto"
     render: RenderOptions = field(default_factory=RenderOptions)
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    workers: int | None = None
-    threads: int | None = None
-    batch_timeout_ms: float = 40.0
-    max_batch: int | None = None
-    max_frames: int | None = None
-    duration: float | None = None
-    stats: str | os.PathLike | None = None  # where to write the statistics as JSON at the end
-    hud: bool = True
-    triton_url: str | None = None
+    workers: int | None = field(default=None, metadata=flag("inference workers sharing the model",
+                                                            default="by backend and cores"))
+    threads: int | None = field(default=None, metadata=flag("threads per inference call",
+                                                            default="by backend and cores"))
+    batch_timeout_ms: float = field(default=40.0, metadata=flag(
+        "multi-stream: push a partial batch after MS milliseconds", name="--batch-timeout", metavar="MS"))
+    max_batch: int | None = field(default=None, metadata=flag("multi-stream: frames per inference call",
+                                                              default="one per stream"))
+    max_frames: int | None = field(default=None, metadata=flag("stop after N frames (all streams together)",
+                                                               metavar="N"))
+    duration: float | None = field(default=None, metadata=flag("stop after S seconds", metavar="S"))
+    stats: str | os.PathLike | None = field(default=None, metadata=flag(
+        "write the statistics as JSON at the end", metavar="FILE", type=Path))
+    hud: bool = True  # display://: the FPS and timing overlay
+    triton_url: str | None = field(default=None, metadata=flag(
+        "--backend triton: the server, HOST:PORT or http://HOST:PORT (HTTP, default localhost:8000) or "
+        "grpc://HOST:PORT", metavar="URL"))
     status_interval: float = 5.0
 
 

@@ -55,6 +55,10 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def add_train_seg(tasks) -> None:
+    from edgepix.runtime.configflags import add_config_flags
+
+    from .config import SegTrainConfig
+
     p = tasks.add_parser(
         "seg", help="train a segmentation model",
         description="Train a segmentation model on a dataset folder (images/ + masks/ + classes.json), a Pascal VOC "
@@ -63,43 +67,19 @@ def add_train_seg(tasks) -> None:
                     + TRAIN_SEG_DEFAULTS_NOTE + ".",
     )
     p.add_argument("--data", required=True, help="dataset folder, Pascal VOC folder, or 'synthetic'")
-    p.add_argument("--model", default=None,
-                   help="architecture: fastscnn (default), lraspp or unet, or hf:PATH for a pretrained Hugging Face "
-                        "model saved with save_pretrained (its classifier is replaced when the data's classes differ)")
+    add_config_flags(p, SegTrainConfig, ["model"])
     p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[],
                    metavar="KEY=VALUE", help="architecture keyword, e.g. base_channels=32 (repeatable)")
+    h, w = SegTrainConfig.imgsz
     p.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
-                   help="model input size: SIZE or H W, multiples of 32 (default 256)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs (default 3, tuned for --data synthetic; real datasets want more)")
-    p.add_argument("--batch", type=int, default=None, help="global batch size (default 16)")
-    p.add_argument("--out", type=Path, default=Path("runs/seg"), help="run folder (default runs/seg)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+                   help=f"model input size: SIZE or H W, multiples of 32 (default: {h} {w})")
+    add_config_flags(p, SegTrainConfig, ["epochs", "batch", "out", "device"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--exist-ok", action="store_true", help="overwrite a finished or abandoned run in --out")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 AdamW)")
-    p.add_argument("--pretrained-lr-ratio", type=float, default=None,
-                   help="hf: models: every layer but the classifier trains at lr x this (default 0.1)")
-    p.add_argument("--freeze-epochs", type=int, default=None,
-                   help="hf: models: keep the pretrained backbone frozen for the first N epochs (default 0)")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="default adamw")
-    p.add_argument("--schedule", choices=["cosine", "poly"], default=None, help="after warm-up (default cosine)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 0.3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default 5)")
-    p.add_argument("--loss", choices=["ce", "ohem"], default=None, help="cross-entropy or OHEM cross-entropy")
-    p.add_argument("--dice-weight", type=float, default=None, help="add this times a soft Dice loss (default 0)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision on CUDA (default on)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep an EMA of the weights, validate and export it (default off)")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes per training process")
-    p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch CPU threads per process (default: CPU cores / processes)")
-    p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
-    p.add_argument("--synthetic-n", type=int, default=None, help="synthetic training scenes (default 2000)")
-    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs (default 1)")
+    add_config_flags(p, SegTrainConfig, [
+        "lr", "pretrained_lr_ratio", "freeze_epochs", "optimizer", "schedule", "warmup_epochs", "weight_decay",
+        "grad_clip", "loss", "dice_weight", "amp", "ema", "workers", "threads", "seed", "deterministic", "synthetic_n",
+        "val_every"])
     p.set_defaults(func=cmd_train_seg)
 
 
@@ -116,15 +96,6 @@ def add_val_seg(tasks) -> None:
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the checkpoint has EMA")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_val_seg)
-
-
-_CONFIG_FIELDS = {  # CLI attribute -> SegTrainConfig field
-    "model": "model", "epochs": "epochs", "batch": "batch", "lr": "lr", "optimizer": "optimizer",
-    "schedule": "schedule", "warmup_epochs": "warmup_epochs", "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip", "loss": "loss", "dice_weight": "dice_weight", "amp": "amp", "ema": "ema",
-    "seed": "seed", "synthetic_n": "synthetic_n", "val_every": "val_every",
-    "pretrained_lr_ratio": "pretrained_lr_ratio", "freeze_epochs": "freeze_epochs",
-}
 
 
 def _passive_openmp() -> None:
@@ -146,12 +117,13 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
     import logging
 
     _passive_openmp()
+    from edgepix.runtime.configflags import config_values
     from edgepix.runtime.errors import require
 
     require("torch", extra="train", purpose="Training")
     from edgepix.train.segmentation import RESUME_OVERRIDABLE, SegTrainConfig, train_segmentation
 
-    given = {field: getattr(args, attr) for attr, field in _CONFIG_FIELDS.items() if getattr(args, attr) is not None}
+    given = config_values(args, SegTrainConfig)
     if args.imgsz is not None:
         try:
             given["imgsz"] = _imgsz(args.imgsz)
@@ -161,10 +133,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
             raise EdgepixError(str(e)) from None
     if args.model_args:
         given["model_kwargs"] = dict(args.model_args)
-    if args.deterministic:
-        given["deterministic"] = True
-    config = SegTrainConfig(data=str(args.data), out=str(args.out), device=args.device, workers=args.workers,
-                            threads=args.threads, quiet=args.quiet, **given)
+    config = SegTrainConfig(data=str(args.data), quiet=args.quiet, **given)
     if args.resume:
         ignored = sorted(k for k in given if k not in RESUME_OVERRIDABLE)
         if ignored:

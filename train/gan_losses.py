@@ -22,20 +22,13 @@ both); the trainer saves it as the checkpoint's "ema" entry, which `model_from_c
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
 
-DEFAULT_LAMBDA_L1 = 100.0
+from .config import DEFAULT_LAMBDA_L1, GANMode
+
 DEFAULT_LR = 2e-4
 DEFAULT_BETAS = (0.5, 0.999)
-
-
-class GANMode(str, enum.Enum):
-    VANILLA = "vanilla"
-    LSGAN = "lsgan"
-    HINGE = "hinge"
 
 
 class GANLoss:

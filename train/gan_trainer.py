@@ -24,13 +24,11 @@ in its own step.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +47,9 @@ from edgepix.runtime.generator import tile_grid
 from edgepix.runtime.metrics import psnr
 from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
-from edgepix.runtime.synthetic import APPEARANCES
 
 from .checkpoint import prepare_run, save_checkpoint
+from .config import GanKind, GANMode, GanTrainConfig
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -60,7 +58,7 @@ from .distributed import (
     dist_info_from_env,
 )
 from .gan_data import PairedDataset, UnconditionalDataset, open_image_source, open_pair_source, pregenerate
-from .gan_losses import DEFAULT_LAMBDA_L1, GANLoss, GANMode, pix2pix_generator_loss
+from .gan_losses import GANLoss, pix2pix_generator_loss
 from .loop import (
     ModelEMA,
     cpu_state,
@@ -77,106 +75,8 @@ from .registry import create_model, get_entry
 log = logging.getLogger("edgepix.train")
 
 
-class GanKind(str, enum.Enum):
-    DCGAN = "dcgan"  # unconditional: noise -> image
-    PIX2PIX = "pix2pix"  # conditional: image A -> image B
-
-
 class TrainingDiverged(EdgepixError):
     """A loss or a weight became NaN or Inf; the run folder keeps the last good checkpoint."""
-
-
-# Per-kind defaults; the CLI leaves unset options to these.
-DEFAULTS: dict[GanKind, dict[str, Any]] = {
-    GanKind.DCGAN: dict(model="dcgan", discriminator="dcgan_d", imgsz=64, batch=64, epochs=20, out="runs/gan",
-                        sample_n=64),
-    GanKind.PIX2PIX: dict(model="pix2pix", discriminator="patchgan", imgsz=256, batch=1, epochs=200,
-                          out="runs/pix2pix", sample_n=6, scenes="lit"),
-}
-
-
-@dataclass
-class GanTrainConfig:
-    """Everything that defines a GAN run. Saved in every checkpoint as `train_config`."""
-
-    kind: GanKind = GanKind.DCGAN
-    data: str = "synthetic"
-    out: str = "runs/gan"
-    model: str = "dcgan"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    discriminator: str = "dcgan_d"
-    discriminator_kwargs: dict[str, Any] = field(default_factory=dict)
-    imgsz: int = 64  # square images: the generator's output (DCGAN) or input and output (pix2pix)
-    latent_size: int = 100  # DCGAN
-    epochs: int = 20
-    batch: int = 64  # global: split over the processes of a torchrun job
-    lr: float = 2e-4
-    lr_d: float | None = None  # the discriminator's learning rate; None: lr
-    beta1: float = 0.5
-    beta2: float = 0.999
-    gan_mode: GANMode = GANMode.VANILLA
-    lambda_l1: float = DEFAULT_LAMBDA_L1  # pix2pix
-    load_size: int | None = None  # pix2pix jitter: resize to this, random-crop imgsz (the paper: 286 for 256)
-    flip: bool = True
-    ema: bool = False
-    ema_decay: float = 0.999
-    seed: int = 0
-    deterministic: bool = False
-    workers: int | None = None  # DataLoader workers per process; None: 0 on CPU, 4 on CUDA
-    device: str = "auto"
-    synthetic_n: int = 2000
-    synthetic_val_n: int = 200
-    # `--data synthetic`: the scene appearance (pix2pix defaults to "lit": see runtime.synthetic)
-    scenes: str = "varied"
-    direction: str = "AtoB"  # pix2pix: which side of the pair is the input
-    time_limit: float | None = None  # minutes of training (excluding data preparation); stops mid-epoch
-    sample_n: int = 64  # images in the DCGAN grid / rows in the pix2pix grid
-    val_n: int = 64  # pix2pix: validation pairs scored (L1, PSNR) after every epoch
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        self.kind = GanKind(self.kind)
-        self.gan_mode = GANMode(self.gan_mode)
-        checks = [
-            (self.imgsz >= 16, f"imgsz must be at least 16, got {self.imgsz}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
-            (self.lr_d is None or (self.lr_d > 0 and math.isfinite(self.lr_d)),
-             f"lr-d must be a positive number, got {self.lr_d}"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must be in [0, 1), got {self.beta1}, "
-                                                          f"{self.beta2}"),
-            (self.lambda_l1 >= 0, f"lambda-l1 must be >= 0, got {self.lambda_l1}"),
-            (self.latent_size >= 1, f"latent size must be at least 1, got {self.latent_size}"),
-            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
-            (self.load_size is None or self.load_size >= self.imgsz,
-             f"load-size must be >= imgsz ({self.imgsz}), got {self.load_size}"),
-            (self.time_limit is None or self.time_limit > 0, f"time limit must be positive, got {self.time_limit}"),
-            (self.sample_n >= 1 and self.val_n >= 1, "sample-n and val-n must be at least 1"),
-            (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
-            (self.direction in ("AtoB", "BtoA"), f"direction must be AtoB or BtoA, got {self.direction!r}"),
-            (self.scenes in APPEARANCES, f"scenes must be one of {', '.join(APPEARANCES)}, got {self.scenes!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EdgepixError(message)
-
-    @classmethod
-    def for_kind(cls, kind: GanKind | str, **given: Any) -> GanTrainConfig:
-        kind = GanKind(kind)
-        return cls(kind=kind, **{**DEFAULTS[kind], **given})
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.value if isinstance(v, enum.Enum) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GanTrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # The options `--resume` may change; everything else comes from the checkpoint.

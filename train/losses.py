@@ -3,16 +3,11 @@ and/or a soft Dice term."""
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LossKind(str, enum.Enum):
-    CE = "ce"
-    OHEM = "ohem"
+from .config import LossKind
 
 
 class SegmentationLoss(nn.Module):

@@ -15,14 +15,12 @@ logs and writes files.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from edgepix.runtime.progress import progress_bar
 from edgepix.runtime.spec import ModelSpec, Task
 
 from .checkpoint import load_source, prepare_run, save_checkpoint
+from .config import OptimizerKind, Schedule, SegTrainConfig
 from .data import SegmentationDataset, SegmentationSource, SyntheticSource, collate, open_source
 from .distributed import DistInfo, all_reduce_sum, barrier, dist_info_from_env
 from .loop import (
@@ -57,113 +56,9 @@ from .loop import (
 from .losses import LossKind, SegmentationLoss
 from .metrics import SegmentationMeter, SegmentationMetrics
 from .registry import checkpoint_arch, create_model, get_entry, measure_output_stride
-from .transforms import AugmentConfig, EvalTransform, TrainTransform
+from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger("edgepix.train")
-
-
-class OptimizerKind(str, enum.Enum):
-    ADAMW = "adamw"
-    SGD = "sgd"
-
-
-class Schedule(str, enum.Enum):
-    COSINE = "cosine"
-    POLY = "poly"
-
-
-@dataclass
-class SegTrainConfig:
-    """Everything that defines a segmentation run. Saved in every checkpoint as `train_config`."""
-
-    data: str = "synthetic"
-    out: str = "runs/seg"
-    model: str = "fastscnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    imgsz: tuple[int, int] = (256, 256)  # (H, W), the model's input size
-    epochs: int = 3  # tuned for --data synthetic (6000 augmented scenes); real datasets want more
-    batch: int = 16  # global: split over the processes of a torchrun job
-    lr: float = 4e-3
-    # Pretrained models (--model hf:PATH): every layer but the classifier trains at lr x this ratio, and the
-    # backbone (encoder) stays frozen for the first `freeze_epochs` epochs.
-    pretrained_lr_ratio: float = 0.1
-    freeze_epochs: int = 0
-    optimizer: OptimizerKind = OptimizerKind.ADAMW
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # SGD only
-    schedule: Schedule = Schedule.COSINE
-    warmup_epochs: float = 0.3
-    warmup_start: float = 0.05  # the first iteration's lr as a fraction of `lr`
-    min_lr_ratio: float = 0.01  # the final lr as a fraction of `lr`
-    grad_clip: float = 5.0  # max gradient norm; 0 disables
-    loss: LossKind = LossKind.CE
-    dice_weight: float = 0.0
-    amp: bool = True  # mixed precision on CUDA; ignored on CPU
-    ema: bool = False
-    ema_decay: float = 0.999
-    seed: int = 0
-    deterministic: bool = False
-    workers: int | None = None  # DataLoader workers per process; None: see default_workers()
-    threads: int | None = None  # torch CPU threads per process; None: the CPU cores / processes on this machine
-    device: str = "auto"
-    synthetic_n: int = 2000  # scenes in the synthetic training set
-    synthetic_val_n: int = 200  # held-out scenes (a fixed seed no training run uses)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    val_every: int = 1
-    channels_last: bool = True
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        self.imgsz = tuple(int(v) for v in self.imgsz)  # type: ignore[assignment]
-        self.optimizer = OptimizerKind(self.optimizer)
-        self.schedule = Schedule(self.schedule)
-        self.loss = LossKind(self.loss)
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.augment.items()})
-        checks = [
-            (len(self.imgsz) == 2 and all(v >= 32 and v % 32 == 0 for v in self.imgsz),
-             f"imgsz must be one or two multiples of 32 (>= 32), got {self.imgsz}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
-            (0 < self.pretrained_lr_ratio <= 1,
-             f"pretrained lr ratio must be in (0, 1], got {self.pretrained_lr_ratio}"),
-            (0 <= self.freeze_epochs < self.epochs,
-             f"freeze epochs must be in 0..epochs-1 ({self.epochs - 1}), got {self.freeze_epochs}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 < self.warmup_start <= 1, f"warmup start must be in (0, 1], got {self.warmup_start}"),
-            (0 <= self.min_lr_ratio <= 1, f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.grad_clip >= 0, f"grad clip must be >= 0, got {self.grad_clip}"),
-            (self.dice_weight >= 0, f"dice weight must be >= 0, got {self.dice_weight}"),
-            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
-            (self.synthetic_n >= 1 and self.synthetic_val_n >= 1, "synthetic set sizes must be at least 1"),
-            (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
-            (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
-            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EdgepixError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        def plain(v: Any) -> Any:
-            if isinstance(v, enum.Enum):
-                return v.value
-            if dataclasses.is_dataclass(v):
-                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, (tuple, list)):
-                return [plain(x) for x in v]
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            return v
-
-        return plain(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegTrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # The options `--resume` may change; everything else comes from the checkpoint.

@@ -11,6 +11,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..configflags import flag
 from ..errors import SourceError, unknown_name
 from ..formats import IMAGE_SUFFIXES
 
@@ -21,6 +22,7 @@ MAX_SANE_FPS = 240.0
 MIN_FPS = 0.1  # slowest rate a source may be asked for (one frame per 10 s): slower is a typo, not a camera
 MAX_CAPTURE_SIDE = 16384  # no camera mode is wider or taller
 MAX_SYNTHETIC_SIDE = 4096  # synthetic scenes: 4K is plenty for a test pattern (frames and grain stay < 0.5 GB)
+RTSP_TRANSPORTS = ("auto", "tcp", "udp")
 
 # ---- options and URIs ---------------------------------------------------------------------------------------
 
@@ -40,19 +42,29 @@ class SourceOptions:
     """How to open and read a source. Sizes are (width, height), as cameras list their modes."""
 
     size: tuple[int, int] | None = None  # requested capture size (cameras, CSI, synthetic)
-    fps: float | None = None  # requested frame rate (cameras, CSI, synthetic); also paces files with realtime
+    # requested frame rate (cameras, CSI, synthetic); also paces files with realtime
+    fps: float | None = field(default=None, metadata=flag("requested camera frame rate", name="--input-fps",
+                                                          metavar="FPS"))
     codec: str | None = None  # requested camera pixel format / FourCC, e.g. "MJPG" (USB cameras need it for 30 fps HD)
-    open_timeout: float = 10.0  # seconds allowed to open a network stream
-    read_timeout: float = 5.0  # seconds a network read may block before the stream counts as stalled
+    open_timeout: float = field(default=10.0, metadata=flag("network streams: seconds allowed to open one",
+                                                            metavar="S"))
+    read_timeout: float = field(default=5.0, metadata=flag(
+        "network streams: a read that blocks this many seconds counts as an outage", metavar="S"))
     # "auto": TCP (no smeared frames from lost packets), UDP if the server refuses TCP; "tcp" or "udp" force one
-    rtsp_transport: str = "auto"
-    reconnect_attempts: int | None = None  # live sources: reopen tries per outage; None: unlimited, 0: never
+    rtsp_transport: str = field(default="auto", metadata=flag("auto: TCP, or UDP when the server refuses TCP",
+                                                              choices=RTSP_TRANSPORTS))
+    reconnect_attempts: int | None = field(default=None, metadata=flag(
+        "live sources: reopen tries per outage; 0 ends the stream", metavar="N", default="unlimited"))
     backoff_initial: float = 0.25  # seconds before the second reopen; doubles on each failure ...
     # ... up to this: a refused connection costs the server nothing, and a short wait is what lets a stream
     # be back within a second of its server's return
-    backoff_max: float = 0.5
-    realtime: bool = False  # files: read at their frame rate and keep only the newest frame, like a camera
-    loop: bool = False  # files and image lists: start again at the end
+    backoff_max: float = field(default=0.5, metadata=flag(
+        "live sources: the longest wait in seconds between reopen tries; the wait doubles after each",
+        metavar="S"))
+    realtime: bool = field(default=False, metadata=flag(
+        "read video files at their frame rate, keeping only the newest frame like a camera; off: every frame, as "
+        "fast as the model goes"))
+    loop: bool = field(default=False, metadata=flag("restart video files and image lists at their end"))
     queue_size: int = 3  # frame-by-frame sources: frames decoded ahead of the consumer
     flip: int = 0  # CSI: nvvidconv flip-method (0..7)
 
@@ -67,8 +79,8 @@ class SourceOptions:
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 3600):
                 raise SourceError(f"{name}: expected a positive number of seconds (at most 3600), got {value}")
-        if self.rtsp_transport not in ("auto", "tcp", "udp"):
-            raise SourceError(unknown_name("RTSP transport", self.rtsp_transport, ("auto", "tcp", "udp")))
+        if self.rtsp_transport not in RTSP_TRANSPORTS:
+            raise SourceError(unknown_name("RTSP transport", self.rtsp_transport, RTSP_TRANSPORTS))
         if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
             raise SourceError(f"reconnect_attempts: expected >= 0 or None (unlimited), got {self.reconnect_attempts}")
         if self.queue_size < 1:
