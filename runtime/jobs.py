@@ -160,7 +160,8 @@ def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
         max_frames=job.max_frames, duration=job.duration, status_interval=job.status_interval),
         title=title, status=status,
         info={"threads_per_worker": plan.threads, "spin_wait": plan.spin_wait, "vis": job.render.mode.value,
-              "pid": os.getpid(), **({"then": str(job.then)} if job.then is not None else {})})
+              "pid": os.getpid(), "done": _done(processor),
+              **({"then": str(job.then)} if job.then is not None else {})})
     failed_run = True
     try:
         with _stop_on_signals(pipeline):
@@ -180,6 +181,16 @@ def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
 
 
 run_segment = run_stream  # the name from before the pipeline ran generators
+
+
+def _done(processor: FrameProcessor) -> str:
+    """What the run did to each frame, for its summary line."""
+    from .generator import ImageGenerator
+    from .processor import SegmentThenGenerate
+
+    if isinstance(processor, SegmentThenGenerate):
+        return "segmented and generated"
+    return "generated" if isinstance(processor, ImageGenerator) else "segmented"
 
 
 def _open_sinks(job: StreamJob) -> list:

@@ -795,7 +795,8 @@ def summary_line(stats: dict) -> str:
     n = len(stats["streams"])
     # e.g. a video that ended before the frames its container promised
     warnings = "".join(f"; stream {d['stream_id']}: {d['warning']}" for d in stats["streams"] if d.get("warning"))
-    return (f"segmented {stats['frames']} frames from {n} stream{'s' if n != 1 else ''} in {stats['elapsed_s']:.1f} s: "
+    done = stats["config"].get("done", "segmented")  # what the processor did to each frame (runtime.jobs says)
+    return (f"{done} {stats['frames']} frames from {n} stream{'s' if n != 1 else ''} in {stats['elapsed_s']:.1f} s: "
             f"{stats['fps']:.1f} fps{infer}{age}; dropped {stats['dropped']}, reconnects {stats['reconnects']}"
             f"{warnings}")
 
