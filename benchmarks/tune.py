@@ -77,7 +77,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     report, fastest = tune(args.model, threads=threads, rounds=args.rounds, warmup=args.warmup, progress=say)
     print(f"{args.model.name}, input {'x'.join(map(str, report.input_shape))}, {threads} thread(s), "
-          f"{args.rounds} rounds; load average {load_average()}")
+          f"{args.rounds} rounds; {load_average()}")
     print("| backend | p50 ms | p90 ms | p99 ms | note |")
     print("|---|---|---|---|---|")
     for peer in report.peers:
