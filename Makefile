@@ -19,7 +19,7 @@ endif
 STAMP := $(VENV)/.edgepix-installed
 DEMO_DIR ?= .demo
 
-.PHONY: setup system-tools demo test clean
+.PHONY: setup system-tools system-opencv-env demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,16 @@ $(STAMP): pyproject.toml Makefile
 SYSTEM_TOOLS := ffmpeg:ffmpeg chromium:chromium Xvfb:xvfb
 # GLib's key-file parser for the system python3: the DeepStream config tests read the configs with it.
 GLIB_KEYFILE_PACKAGES := python3-gi gir1.2-glib-2.0
+# The GStreamer tests: the system's OpenCV (built with GStreamer), GStreamer's Python bindings, venv, and the
+# elements they use (x264enc: -ugly; rtph264pay, udpsrc: -good; avdec_h264: -libav; gst-launch-1.0: -tools).
+GSTREAMER_PACKAGES := python3-opencv python3-gst-1.0 python3-venv gstreamer1.0-tools gstreamer1.0-plugins-base \
+	gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-libav
+GSTREAMER_CHECK := /usr/bin/python3 -c "import cv2, ensurepip, gi; gi.require_version('Gst', '1.0')" && \
+	gst-inspect-1.0 --exists x264enc && gst-inspect-1.0 --exists rtph264pay && gst-inspect-1.0 --exists avdec_h264
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	/usr/bin/python3 -c "import gi" >/dev/null 2>&1 || missing="$$missing $(GLIB_KEYFILE_PACKAGES)"; \
+	($(GSTREAMER_CHECK)) >/dev/null 2>&1 || missing="$$missing $(GSTREAMER_PACKAGES)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing (for the stream tests)"; \
@@ -50,7 +57,23 @@ system-tools:
 		echo "note: the stream tests need$$missing: sudo apt-get install$$missing (they are skipped without)"; \
 	fi
 
-setup: $(STAMP) system-tools
+# An environment of the system's Python and OpenCV (python3-opencv, with GStreamer), edgepix installed in it as
+# docs/install.md says for such systems (no opencv-python wheel): tests/test_gstreamer.py runs the CLI there. Made
+# where python3-opencv is installed (the tests skip elsewhere), again when pyproject.toml changes.
+SYSTEM_OPENCV_ENV ?= $(HOME)/.cache/edgepix/system-opencv-env
+export EDGEPIX_SYSTEM_OPENCV_ENV := $(SYSTEM_OPENCV_ENV)
+system-opencv-env: system-tools
+	@stamp=$(SYSTEM_OPENCV_ENV)/.edgepix-installed; \
+	if ! /usr/bin/python3 -c "import cv2" >/dev/null 2>&1; then \
+		echo "note: no python3-opencv, so no $(SYSTEM_OPENCV_ENV): the GStreamer tests are skipped"; \
+	elif [ ! -f $$stamp ] || [ pyproject.toml -nt $$stamp ]; then \
+		echo "making $(SYSTEM_OPENCV_ENV) (the system's Python and OpenCV, for the GStreamer tests)"; \
+		{ test -x $(SYSTEM_OPENCV_ENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(SYSTEM_OPENCV_ENV); } \
+		&& $(SYSTEM_OPENCV_ENV)/bin/python -m pip install --quiet -e . onnxruntime "numpy<2" && touch $$stamp \
+		|| echo "could not make $(SYSTEM_OPENCV_ENV); the GStreamer tests will be skipped"; \
+	fi
+
+setup: $(STAMP) system-tools system-opencv-env
 
 # The docs build into build/ (ignored); --strict fails on broken links, missing anchors and pages left out of the nav.
 test: setup

@@ -25,7 +25,11 @@ EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
 # Optional packages and the pyproject extra that installs each.
 EXTRA_OF_PACKAGE = {"torch": "train", "onnx": "train", "onnxscript": "train", "onnxslim": "train", "tqdm": "train",
                     "transformers": "hub", "safetensors": "hub", "tritonclient": "triton", "openvino": "openvino",
-                    "matplotlib": "plot", "onnxruntime": "cpu", "tensorrt": "gpu", "cuda": "gpu"}
+                    "matplotlib": "plot", "onnxruntime": "cpu", "tensorrt": "gpu", "cuda": "gpu",
+                    "cv2": "cpu"}
+# OpenCV is not a base dependency (a system's own OpenCV, with GStreamer, must not be shadowed by the wheel).
+INSTALL_NOTE = {"cv2": " (OpenCV), or use the system's OpenCV: apt-get install python3-opencv, in a virtual "
+                       "environment made with --system-site-packages (docs/install.md)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +63,39 @@ def join_compound_verb(argv: Sequence[str], compound: frozenset[str]) -> list[st
     return argv
 
 
+def missing_package(package: str, extra: str) -> str:
+    return (f"this needs the Python package '{package}', which is not installed here; install it with: "
+            f"pip install 'edgepix[{extra}]'{INSTALL_NOTE.get(package, '')}")
+
+
+def opencv_problem() -> str | None:
+    """Why OpenCV does not import, in one line, or None. Building the verbs' flags imports the runtime, which
+    needs it; a system OpenCV (built for numpy 1.x) under a numpy 2 that pip installed beside it is the usual case."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # numpy prints a page about the mismatch; one line follows
+            import cv2  # noqa: F401
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "cv2":
+            raise
+        return missing_package("cv2", EXTRA_OF_PACKAGE["cv2"])
+    except ImportError as e:
+        import numpy
+
+        if int(numpy.__version__.split(".")[0]) < 2:
+            return f"OpenCV does not import: {e}"
+        return (f"OpenCV does not import with numpy {numpy.__version__} ({e}): an OpenCV built for numpy 1.x "
+                "(JetPack's, Debian's python3-opencv) needs: pip install 'numpy<2'")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    problem = opencv_problem()
+    if problem is not None:
+        print(f"edgepix: error: {problem}", file=sys.stderr)
+        return EXIT_FAILURE
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(join_compound_verb(argv, parser.get_default("_compound_verbs")))
@@ -87,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = EXTRA_OF_PACKAGE.get(package)
         if extra is None or args.verbose:
             raise
-        print(f"edgepix {args.verb}: error: this needs the Python package '{package}', which is not installed "
-              f"here; install it with: pip install 'edgepix[{extra}]'", file=sys.stderr)
+        print(f"edgepix {args.verb}: error: {missing_package(package, extra)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK if code is None else int(code)

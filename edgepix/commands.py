@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -262,57 +263,169 @@ def _gpu_facts() -> list[str]:
     return []
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    rows: list[tuple[str, str, str]] = []  # (component, status, detail)
+# Where packages that a JetPack or Debian system installs for its own Python come from (apt's python3-opencv,
+# JetPack's TensorRT bindings): a virtual environment sees them only when made with --system-site-packages.
+OPENCV_MIN_VERSION = (4, 6)  # the oldest OpenCV the runtime is tested with (Debian 12's python3-opencv)
+INSTALL_DOCS = "docs/install.md#keeping-the-systems-opencv"
+JETSON_DOCS = "docs/jetson.md"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
 
-    def ok(name: str, detail: str) -> None:
-        rows.append((name, "ok", detail))
 
-    def missing(name: str, disables: str, how: str) -> None:
-        rows.append((name, "missing", f"disables {disables}; install: {how}"))
+def _system_package_dirs() -> list[Path]:
+    """The folders where apt (Debian, Ubuntu, JetPack) and system-wide builds put packages for /usr/bin/python3."""
+    return [Path("/usr/lib/python3/dist-packages"), *sorted(Path("/usr/lib").glob("python3.*/dist-packages")),
+            *sorted(Path("/usr/local/lib").glob("python3.*/dist-packages"))]
 
-    from edgepix import __version__
-    from edgepix.runtime.cpuinfo import usable_cores
 
-    ok("edgepix", __version__)
-    ok("python", f"{platform.python_version()} ({sys.executable})")
-    ok("platform", f"{platform.platform()}, {platform.machine()}, {usable_cores()} CPUs")
-    _doctor_cpu(rows)
-    numpy, v = _version("numpy")
-    ok("numpy", v) if numpy else missing("numpy", "everything", "pip install numpy")
+def _uses_system_python() -> bool:
+    """This interpreter is the OS's own (directly or in a venv made from it), whose packages apt installs."""
+    return Path(sys.base_prefix).resolve() == Path("/usr")
 
+
+def _module_origin(module) -> str:
+    """Where an imported module comes from: 'system package', 'pip: DIST VERSION' or 'not from pip'."""
+    import importlib.metadata as metadata
+
+    file = Path(getattr(module, "__file__", None) or "").resolve()
+    if file.is_relative_to("/usr/lib"):
+        return "system package"
+    top = module.__name__.split(".")[0]
+    for name in metadata.packages_distributions().get(top, []):
+        dist = metadata.distribution(name)
+        if any(Path(dist.locate_file(f)).resolve() == file for f in dist.files or ()):
+            return f"pip: {dist.metadata['Name']} {dist.version}"
+    return "not installed by pip"
+
+
+def _system_copy(module: str, in_use=None) -> Path | None:
+    """A copy of `module` in the system's package folders other than the one in use, or None."""
+    used = Path(in_use.__file__).resolve() if in_use is not None and getattr(in_use, "__file__", None) else None
+    for folder in _system_package_dirs():
+        for candidate in [folder / module, *folder.glob(f"{module}.*.so")]:
+            if candidate.exists() and not (used and used.is_relative_to(candidate.resolve())):
+                return folder
+    return None
+
+
+_PROBE_OPENCV = """import json, sys
+sys.path.insert(0, sys.argv[1])
+import cv2, numpy
+print(json.dumps({"version": cv2.__version__, "file": cv2.__file__, "numpy": numpy.__version__,
+                  "gstreamer": "GStreamer:" in cv2.getBuildInformation()
+                               and cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER)}))"""
+
+
+def _probe_opencv(folder: Path) -> dict | None:
+    """The OpenCV in `folder`, loaded in a subprocess by the interpreter it is built for (this one when it is the
+    system's): version, file, GStreamer; None if it does not load."""
+    python = sys.executable if _uses_system_python() or not SYSTEM_PYTHON.exists() else str(SYSTEM_PYTHON)
+    try:
+        done = subprocess.run([python, "-c", _PROBE_OPENCV, str(folder)], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _opencv_fix(cv2, origin: str, system: dict) -> str:
+    """The command that lets this environment use the system's OpenCV (`system`: what _probe_opencv found)."""
+    if not _uses_system_python():
+        return (f"make an environment of the system's Python ({SYSTEM_PYTHON} -m venv --system-site-packages ENV) "
+                "and install edgepix there without the cpu/gpu extras")
+    if not _sees_system_packages():
+        return (f"recreate this environment with {SYSTEM_PYTHON} -m venv --system-site-packages (it does not see "
+                "the system's packages) and install edgepix there without the cpu/gpu extras")
+    if origin.startswith("pip:"):
+        import numpy
+
+        # The wheel may have brought numpy 2, under which an OpenCV built for numpy 1.x does not import.
+        major = {name: int(v.split(".")[0]) for name, v in (("here", numpy.__version__), ("system", system["numpy"]))}
+        numpy_fix = f" && {sys.executable} -m pip install 'numpy<2'" if major["here"] >= 2 > major["system"] else ""
+        return (f"{sys.executable} -m pip uninstall -y {origin.split()[1]}{numpy_fix} (the cpu/gpu extras of "
+                "edgepix bring the wheel back: install edgepix without them)")
+    return f"remove the OpenCV at {Path(cv2.__file__).parent}"
+
+
+def _sees_system_packages() -> bool:
+    return any(str(d) in sys.path for d in _system_package_dirs())
+
+
+def _on_jetson() -> bool:
+    model = Path("/proc/device-tree/model")
+    text = model.read_text(errors="replace").lower() if model.exists() else ""
+    return Path("/etc/nv_tegra_release").exists() or "jetson" in text
+
+
+def _doctor_opencv(rows: list[tuple[str, str, str]]) -> None:
+    """Which OpenCV, from where, with which video back-ends; a pip OpenCV without GStreamer that hides the
+    system's (with GStreamer) is named with the command that fixes it."""
     cv2, v = _version("cv2")
-    if cv2:
-        video = _opencv_video_backends(cv2)
-        ok("opencv", f"{v}; video I/O: " + ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in video.items()))
-        if not video["GStreamer"]:
-            rows.append(("gstreamer", "missing", "OpenCV lacks GStreamer: disables csi:// and gst:// sources; "
-                         "use the OpenCV that ships with JetPack, or build OpenCV with -DWITH_GSTREAMER=ON"))
-        try:
-            n_cuda = cv2.cuda.getCudaEnabledDeviceCount()
-        except (AttributeError, cv2.error):
-            n_cuda = 0
-        rows.append(("opencv-cuda", "ok" if n_cuda else "missing",
-                     f"{n_cuda} CUDA device(s)" if n_cuda else
-                     "disables the opencv backend's CUDA target (CPU target still works); needs an OpenCV built "
-                     "with CUDA"))
-    else:
-        missing("opencv", "image and video I/O", "pip install opencv-python")
+    if not cv2:
+        rows.append(("opencv", "missing", "disables everything (images, video, every verb that reads them); "
+                     "install: pip install 'edgepix[cpu]', or, to keep the system's OpenCV with GStreamer, "
+                     f"apt-get install python3-opencv in a venv made with --system-site-packages (see {INSTALL_DOCS})"))
+        return
+    video = _opencv_video_backends(cv2)
+    origin = _module_origin(cv2)
+    rows.append(("opencv", "ok", f"{v} at {Path(cv2.__file__).parent} ({origin}); video I/O: "
+                 + ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in video.items())))
+    if tuple(int(p) for p in re.findall(r"\d+", v)[:2]) < OPENCV_MIN_VERSION:
+        rows.append(("opencv-version", "old", f"OpenCV {v} is older than {'.'.join(map(str, OPENCV_MIN_VERSION))}, "
+                     "the oldest the runtime is tested with"))
+    if not video["GStreamer"]:
+        system = _system_copy("cv2", cv2)
+        probe = _probe_opencv(system) if system else None
+        if probe and probe["gstreamer"] and _uses_system_python() and _sees_system_packages():
+            rows.append(("gstreamer", "shadowed", f"this OpenCV {v} has no GStreamer and hides the system's OpenCV "
+                         f"{probe['version']} at {system}, which has it: csi://, gst:// and rtp:// need it; fix: "
+                         f"{_opencv_fix(cv2, origin, probe)}; see {INSTALL_DOCS}"))
+        elif probe and probe["gstreamer"]:
+            rows.append(("gstreamer", "missing", f"this OpenCV {v} has no GStreamer: disables csi:// and gst:// "
+                         f"sources and rtp:// sinks; the system's OpenCV {probe['version']} at {system} has it, "
+                         f"but this environment does not use it; install: {_opencv_fix(cv2, origin, probe)}; see "
+                         f"{INSTALL_DOCS}"))
+        else:
+            rows.append(("gstreamer", "missing", "OpenCV lacks GStreamer: disables csi:// and gst:// sources and "
+                         "rtp:// sinks; install: the system's OpenCV (JetPack's, or apt-get install python3-opencv) "
+                         f"without the opencv-python wheel (see {INSTALL_DOCS}), or build OpenCV with "
+                         "-DWITH_GSTREAMER=ON"))
+    try:
+        n_cuda = cv2.cuda.getCudaEnabledDeviceCount()
+    except (AttributeError, cv2.error):
+        n_cuda = 0
+    rows.append(("opencv-cuda", "ok" if n_cuda else "missing",
+                 f"{n_cuda} CUDA device(s)" if n_cuda else
+                 "disables the opencv backend's CUDA target (CPU target still works); needs an OpenCV built "
+                 "with CUDA"))
 
+
+def _doctor_onnxruntime(rows: list[tuple[str, str, str]]) -> None:
     ort, v = _version("onnxruntime")
+    jetson = _on_jetson()
     if ort:
-        ok("onnxruntime", f"{v}; providers: {', '.join(ort.get_available_providers())}")
+        providers = ort.get_available_providers()
+        rows.append(("onnxruntime", "ok", f"{v} ({_module_origin(ort)}); providers: {', '.join(providers)}"))
+        if jetson and "CUDAExecutionProvider" not in providers:
+            rows.append(("onnxruntime-gpu", "missing", "disables ort-cuda and ort-trt on this Jetson; install: the "
+                         f"onnxruntime-gpu wheel built for its JetPack, from Jetson AI Lab's index ({JETSON_DOCS})"))
     else:
-        missing("onnxruntime", "ONNX inference (backends ort-*)", "pip install 'edgepix[cpu]' (or [gpu] on NVIDIA)")
+        how = (f"the onnxruntime-gpu wheel for this JetPack ({JETSON_DOCS})" if jetson
+               else "pip install 'edgepix[cpu]' (or [gpu] on NVIDIA)")
+        rows.append(("onnxruntime", "missing", f"disables ONNX inference (backends ort-*); install: {how}"))
 
+
+def _doctor_training_side(rows: list[tuple[str, str, str]]) -> None:
     torch, v = _version("torch")
     if torch:
-        if torch.cuda.is_available():
-            ok("torch", f"{v}; CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
-        else:
-            ok("torch", f"{v}; CUDA not available (CPU build or no GPU)")
+        cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+                else "CUDA not available (CPU build or no GPU)")
+        rows.append(("torch", "ok", f"{v}; {cuda}"))
     else:
-        missing("torch", "training, export and verification", "pip install 'edgepix[train]'")
+        rows.append(("torch", "missing", "disables training, export and verification; install: "
+                     "pip install 'edgepix[train]'"))
     for module, disables, extra in (
         ("onnx", "export", "train"),
         ("onnxscript", "the dynamo ONNX exporter", "train"),
@@ -322,41 +435,79 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("openvino", "the openvino backend", "openvino"),
     ):
         mod, v = _version(module)
-        ok(module, v) if mod else missing(module, disables, f"pip install 'edgepix[{extra}]'")
+        rows.append((module, "ok", v) if mod else
+                    (module, "missing", f"disables {disables}; install: pip install 'edgepix[{extra}]'"))
 
+
+def _doctor_tensorrt(rows: list[tuple[str, str, str]]) -> None:
+    """TensorRT and cuda-python, and where they come from (JetPack's system packages, or pip)."""
+    jetson = _on_jetson()
     trt, v = _version("tensorrt")
-    ok("tensorrt", v) if trt else missing(
-        "tensorrt", "TensorRT engines (export --format engine, backend tensorrt)",
-        "pip install 'edgepix[gpu]' (on Jetson it comes with JetPack)")
-    cuda_rt = None
-    for module in ("cuda.bindings.runtime", "cuda.cudart"):
-        cuda_rt, _ = _version(module)
-        if cuda_rt:
-            break
+    if trt:
+        rows.append(("tensorrt", "ok", f"{v} ({_module_origin(trt)})"))
+    else:
+        hidden = _system_copy("tensorrt")
+        how = ("pip install 'edgepix[gpu]'" if not jetson else
+               "it comes with JetPack (apt-get install python3-libnvinfer)")
+        if hidden and not _sees_system_packages():
+            how = (f"the system's TensorRT at {hidden} is not visible here: make the virtual environment with "
+                   f"python3 -m venv --system-site-packages ({JETSON_DOCS})")
+        rows.append(("tensorrt", "missing", f"disables TensorRT engines (export --format engine, backend tensorrt); "
+                     f"install: {how}"))
+    cuda_rt = next((mod for mod in (_version(m)[0] for m in ("cuda.bindings.runtime", "cuda.cudart")) if mod), None)
     if cuda_rt:
-        ok("cuda-python", _version("cuda")[1] if _version("cuda")[0] else "installed")
+        cuda, version = _version("cuda")
+        rows.append(("cuda-python", "ok", f"{version if cuda else 'installed'} ({_module_origin(cuda_rt)})"))
     else:
-        missing("cuda-python", "the native tensorrt backend's device buffers", "pip install 'edgepix[gpu]'")
-    gpus = _gpu_facts()
-    if gpus:
-        for g in gpus:
-            ok("gpu", g)
-    else:
-        rows.append(("gpu", "none", "no NVIDIA GPU found: CPU backends only (ort-cpu, opencv)"))
+        how = ("pip install cuda-python with the major version of JetPack's CUDA, e.g. 'cuda-python>=12,<13' on "
+               f"JetPack 6 ({JETSON_DOCS})" if jetson else "pip install 'edgepix[gpu]'")
+        rows.append(("cuda-python", "missing", f"disables the native tensorrt backend's device buffers; install: "
+                     f"{how}"))
+
+
+def _doctor_gpu(rows: list[tuple[str, str, str]]):
+    """The GPUs, and which TensorRT and GPU engines built here target (the facts `--engines` compares with)."""
     from edgepix.runtime.engine_manifest import running_device_facts
 
+    gpus = _gpu_facts()
+    rows.extend(("gpu", "ok", g) for g in gpus)
+    if not gpus:
+        rows.append(("gpu", "none", "no NVIDIA GPU found: CPU backends only (ort-cpu, opencv)"))
     here = running_device_facts()
     if here.tensorrt and here.gpu:
-        ok("engines", f"engines built here target TensorRT {here.tensorrt}, {here.gpu} (compute capability "
-                      f"{here.compute_capability}){f', CUDA {here.cuda}' if here.cuda else ''}")
+        rows.append(("engines", "ok", f"engines built here target TensorRT {here.tensorrt}, {here.gpu} (compute "
+                     f"capability {here.compute_capability}){f', CUDA {here.cuda}' if here.cuda else ''}"))
     else:
         rows.append(("engines", "none", f"TensorRT engines cannot run here ({here.describe()})"))
+    return here
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edgepix import __version__
+    from edgepix.runtime.cpuinfo import usable_cores
+
+    rows: list[tuple[str, str, str]] = [  # (component, status, detail)
+        ("edgepix", "ok", __version__),
+        ("python", "ok", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", "ok", f"{platform.platform()}, {platform.machine()}, {usable_cores()} CPUs"),
+    ]
+    _doctor_cpu(rows)
+    numpy, v = _version("numpy")
+    rows.append(("numpy", "ok", f"{v} ({_module_origin(numpy)})") if numpy else
+                ("numpy", "missing", "disables everything; install: pip install numpy"))
+    _doctor_opencv(rows)
+    _doctor_onnxruntime(rows)
+    _doctor_training_side(rows)
+    _doctor_tensorrt(rows)
+    here = _doctor_gpu(rows)
 
     width = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         print(f"{name:<{width}}  {status:<8} {detail}")
     n_missing = sum(status == "missing" for _, status, _ in rows)
-    print(f"{len(rows)} checks, {n_missing} missing (missing pieces disable features; edgepix still runs)")
+    n_fix = sum(status in ("shadowed", "old") for _, status, _ in rows)
+    print(f"{len(rows)} checks, {n_missing} missing" + (f", {n_fix} to fix" if n_fix else "")
+          + " (missing pieces disable features; edgepix still runs)")
     if getattr(args, "engines", None) is not None:
         return _doctor_engines(args.engines, here)
     return 0

@@ -353,4 +353,5 @@ def write_dataset(
 
 def scene_seed(seed: int, index: int) -> int:
     """A distinct 63-bit seed for scene `index` of the dataset with seed `seed`."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # int() first: numpy < 2 refuses to shift a uint64 by a Python int
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]) >> 1

@@ -51,3 +51,37 @@ def test_every_python_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(REPO / folder)
             found.add(".".join([package, *rel.parts]) if rel.parts else package)
     assert found == listed, f"in the tree but not listed: {found - listed}; listed but absent: {listed - found}"
+
+
+def test_opencv_comes_with_the_cpu_and_gpu_extras_not_with_the_base_package():
+    """A system's own OpenCV (JetPack's, Debian's python3-opencv, with GStreamer) must survive `pip install edgepix`:
+    the wheel is in the extras that make a runtime on a plain machine, not in the base dependencies."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("opencv")]
+    for extra in ("cpu", "gpu"):
+        assert [d for d in project["optional-dependencies"][extra] if d.startswith("opencv-python>=")], extra
+
+
+# A stand-in for an install without OpenCV (`pip install edgepix` with neither the cpu extra nor the system's
+# python3-opencv): the interpreter refuses to import cv2.
+WITHOUT_OPENCV = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "cv2":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from edgepix.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_opencv_every_verb_fails_in_one_line_that_says_how_to_get_it(tmp_path):
+    for args in (["segment", str(tmp_path / "m.onnx")], ["doctor"], ["--help"]):
+        r = subprocess.run([sys.executable, "-c", WITHOUT_OPENCV, *args], capture_output=True, text=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+        assert "'cv2'" in lines[0] and "pip install 'edgepix[cpu]'" in lines[0], lines
+        assert "apt-get install python3-opencv" in lines[0] and "--system-site-packages" in lines[0], lines

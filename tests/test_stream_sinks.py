@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,12 +24,16 @@ from edgepix.runtime.pipeline import Pipeline, PipelineOptions
 from edgepix.runtime.sinks import (
     HttpSink,
     Output,
+    RtpSink,
     SinkContext,
     StreamInfo,
     VideoFileSink,
+    make_sink,
     parse_http_address,
+    parse_rtp_address,
     parse_sink,
 )
+from edgepix.runtime.sources import opencv_has_gstreamer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,8 @@ def test_image_pattern_sink_names_files_by_frame_index(seg, tmp_path):
 
 @pytest.mark.parametrize("uri, kind", [("display://", "display"), ("null://", "null"), ("x.mp4", "video"),
                                        ("x.webm", "video"), ("dir/", "images"), ("d/%04d.jpg", "images"),
-                                       ("http://0.0.0.0:8080", "http"), ("x.mp4?stream=1", "video")])
+                                       ("http://0.0.0.0:8080", "http"), ("x.mp4?stream=1", "video"),
+                                       ("rtp://192.168.1.20:5004?stream=1", "rtp")])
 def test_sink_uris(uri, kind):
     spec = parse_sink(uri)
     assert spec.kind == kind
@@ -91,6 +97,32 @@ def test_bad_sink_uris_and_the_default_http_address():
     assert parse_http_address(":8080", "u") == ("127.0.0.1", 8080)
     assert parse_http_address("localhost:9", "u") == ("127.0.0.1", 9)
     assert parse_http_address("0.0.0.0:8080", "u") == ("0.0.0.0", 8080)
+
+
+def test_rtp_addresses_and_parameters():
+    assert parse_rtp_address("192.168.1.20:5004", "u") == ("192.168.1.20", 5004)
+    assert parse_rtp_address("localhost:5004", "u") == parse_rtp_address(":5004", "u") == ("127.0.0.1", 5004)
+    assert parse_rtp_address("[::1]:5004", "u") == ("::1", 5004)
+    for bad in ("rtp://127.0.0.1", "rtp://h:0", "rtp://h:65536", "rtp://h:port", "rtp://a!b:5004"):
+        with pytest.raises(SinkError, match="rtp://") as e:
+            make_sink(bad)
+        assert "\n" not in str(e.value)
+    sink = make_sink("rtp://239.0.0.1:5004?bitrate=2000&fps=25")
+    assert isinstance(sink, RtpSink) and (sink.host, sink.port, sink.bitrate_kbits, sink.fps_override) == (
+        "239.0.0.1", 5004, 2000, 25.0)
+    assert not sink.lossless  # newest frame, like the display and HTTP sinks
+    with pytest.raises(SinkError, match="bitrate"):
+        make_sink("rtp://h:5004?bitrate=5")
+
+
+@pytest.mark.skipif(opencv_has_gstreamer(), reason="this OpenCV has GStreamer (tests/test_gstreamer.py sends RTP)")
+def test_the_rtp_sink_without_gstreamer_fails_in_one_line_before_the_model_loads(tmp_path):
+    model = channel_model(tmp_path / "c.onnx")
+    done = subprocess.run([sys.executable, "-m", "edgepix", "segment", str(model), "--source", "synthetic://?frames=3",
+                           "--sink", "rtp://127.0.0.1:5004"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "rtp://127.0.0.1:5004 needs OpenCV built with GStreamer" in done.stderr
+    assert "edgepix doctor" in done.stderr
 
 
 def test_a_busy_port_is_a_sink_error(seg):

@@ -224,7 +224,7 @@ def test_the_uri_help_rows_are_the_rows_the_docs_and_the_cli_show(edgepix_cli):
     table_rows = [line for line in docs.splitlines() if line.startswith("| `")]
     uri_rows = [f"| {uri} | {what} |" for uri, what in SOURCE_URIS + SINK_URIS]
     assert [row for row in table_rows if row in uri_rows] == uri_rows
-    assert len(SOURCE_URIS) == 7 and len(SINK_URIS) == 5
+    assert len(SOURCE_URIS) == 7 and len(SINK_URIS) == 6
     help_text = edgepix_cli("segment", "--help").stdout
     for uri, _ in SOURCE_URIS + SINK_URIS:
         assert uri.replace("`", "") in help_text

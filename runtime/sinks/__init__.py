@@ -3,6 +3,8 @@
 The URIs each kind accepts, and what the code does with them, are its module's `URI_HELP` rows; `URI_HELP`
 here joins them in the order the `--sink` help and docs/streams.md list them.
 
+`rtp://HOST:PORT` sends H.264 over RTP/UDP through a GStreamer pipeline (OpenCV with GStreamer needed).
+
 `?stream=N` after a sink URI sends it one stream only; otherwise a sink gets every stream (files and folders then
 write one file or subfolder per stream: `out_0.mp4`, `out/0/`). Video files are written to a temporary name
 beside the target and renamed when finished, so a video at its path is always complete and playable; the
@@ -23,16 +25,17 @@ cause, and nothing is left at its path. Partial files that a killed run left beh
 that writes the same file (see `runtime.fileio`).
 
 The package follows the data flow: `base` (the Sink interface and null://), one module per kind (`video`,
-`folder`, `display`, `http`), and `uri` (what a sink string means, and `make_sink`).
+`folder`, `display`, `http`, `rtp`), and `uri` (what a sink string means, and `make_sink`).
 """
 
 from __future__ import annotations
 
-from . import base, display, folder, http, video
+from . import base, display, folder, http, rtp, video
 from .base import NullSink, Output, Sink, SinkContext, StreamInfo
 from .display import DisplaySink, display_available, draw_hud, hud_lines
 from .folder import ImageFolderSink
 from .http import BOUNDARY, MAX_REQUEST_HEAD, PAGE, HttpSink
+from .rtp import H264_ENCODERS, RtpSink, parse_rtp_address, rtp_pipeline
 from .uri import SinkSpec, make_sink, parse_http_address, parse_sink
 from .video import VIDEO_CODECS, VideoFileSink, VideoFileWriter
 
@@ -41,7 +44,8 @@ __all__ = [
     "BOUNDARY", "DisplaySink", "HttpSink", "ImageFolderSink", "MAX_REQUEST_HEAD", "NullSink", "Output", "PAGE",
     "Sink", "SinkContext", "SinkSpec", "StreamInfo", "VIDEO_CODECS", "VideoFileSink", "VideoFileWriter",
     "display_available", "draw_hud", "hud_lines", "make_sink", "parse_http_address", "parse_sink",
+    "H264_ENCODERS", "RtpSink", "parse_rtp_address", "rtp_pipeline",
 ]
 
 URI_HELP: tuple[tuple[str, str], ...] = (display.URI_HELP + video.URI_HELP + folder.URI_HELP + http.URI_HELP
-                                         + base.URI_HELP)
+                                         + rtp.URI_HELP + base.URI_HELP)

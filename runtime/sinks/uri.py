@@ -13,6 +13,7 @@ from .base import NullSink, Sink
 from .display import DisplaySink
 from .folder import ImageFolderSink
 from .http import HttpSink
+from .rtp import DEFAULT_BITRATE_KBITS, RtpSink, parse_rtp_address
 from .video import VIDEO_CODECS, VideoFileSink
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SinkSpec:
     uri: str
-    kind: str  # display | video | images | http | null
+    kind: str  # display | video | images | http | rtp | null
     target: str
     streams: frozenset[int] | None = None
     params: dict = field(default_factory=dict)
 
 
-_SINK_PARAMS = {"stream", "fps", "codec", "quality", "clients"}
+_SINK_PARAMS = {"stream", "fps", "codec", "quality", "clients", "bitrate"}
 
 
 def _split_params(text: str) -> tuple[str, dict]:
@@ -50,7 +51,8 @@ def _split_params(text: str) -> tuple[str, dict]:
 def parse_sink(uri: str) -> SinkSpec:
     text = uri.strip()
     if not text:
-        raise SinkError("empty sink URI; expected display://, a video file, a folder/, http://HOST:PORT or null://")
+        raise SinkError("empty sink URI; expected display://, a video file, a folder/, http://HOST:PORT, "
+                        "rtp://HOST:PORT or null://")
     base, params = _split_params(text)
     streams = None
     if "stream" in params:
@@ -67,10 +69,14 @@ def parse_sink(uri: str) -> SinkSpec:
         return SinkSpec(text, "null", "", streams, params)
     if scheme in ("http", "mjpeg"):
         return SinkSpec(text, "http", rest, streams, params)
+    if scheme == "rtp":
+        parse_rtp_address(rest, uri)  # a bad address fails here, before anything opens
+        return SinkSpec(text, "rtp", rest, streams, params)
     if scheme == "file":
         base = urllib.parse.unquote(rest)
     elif scheme:
-        raise SinkError(unknown_name("sink scheme", scheme + "://", ["display://", "http://", "null://", "file://"])
+        raise SinkError(unknown_name("sink scheme", scheme + "://",
+                                     ["display://", "http://", "rtp://", "null://", "file://"])
                         + " (or a video file, a folder/ or an image pattern)")
     suffix = Path(base).suffix.lower()
     if suffix in VIDEO_CODECS:
@@ -79,7 +85,7 @@ def parse_sink(uri: str) -> SinkSpec:
         return SinkSpec(text, "images", base, streams, params)
     raise SinkError(f"sink {uri!r}: cannot tell what to write for '{suffix}'; expected a video file "
                     f"({', '.join(VIDEO_CODECS)}), a folder ending in '/', an image pattern such as "
-                    "out/%05d.png, display://, http://HOST:PORT or null://")
+                    "out/%05d.png, display://, http://HOST:PORT, rtp://HOST:PORT or null://")
 
 
 def parse_http_address(target: str, uri: str) -> tuple[str, int]:
@@ -114,6 +120,11 @@ def make_sink(uri: str | SinkSpec, *, hud: bool = True) -> Sink:
             clients = int(p.get("clients", 16))  # viewers at once; connections in all: eight per viewer
             return HttpSink(spec.uri, host, port, spec.streams, quality=int(p.get("quality", 80)),
                             max_clients=clients, max_connections=max(128, 8 * clients))
+        if spec.kind == "rtp":
+            host, port = parse_rtp_address(spec.target, spec.uri)
+            return RtpSink(spec.uri, host, port, spec.streams,
+                           bitrate_kbits=int(p.get("bitrate", DEFAULT_BITRATE_KBITS)),
+                           fps=float(p["fps"]) if "fps" in p else None)
         if spec.kind == "video":
             return VideoFileSink(spec.uri, Path(spec.target).expanduser(), spec.streams,
                                  fps=float(p["fps"]) if "fps" in p else None, codec=p.get("codec"))

@@ -146,7 +146,9 @@ class VideoFileWriter:
             repeats = min(repeats, int(self.fps * 5) + 1)  # never pad an outage with more than ~5 s
         for _ in range(repeats):
             # False: FFmpeg could not write the frame (a full disk, an I/O error); None: an OpenCV too old to say
-            if self.writer.write(image) is False:  # type: ignore[union-attr]
+            # (4.6), whose FFmpeg truncates the file silently, so the disk itself is looked at
+            status = self.writer.write(image)  # type: ignore[union-attr]
+            if status is False or (status is None and _disk_full(self.path.parent)):
                 self._give_up(f"FFmpeg could not write frame {self.written + 1}")
             self.written += 1
 

@@ -3,6 +3,7 @@ files."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob as globlib
 import logging
@@ -38,7 +39,11 @@ URI_HELP = (
      'over HTTP, a finished HLS playlist) is read frame by frame like a file and resumed where it broke '
      'off; live HLS (`.m3u8`) is paced by its timestamps, since it arrives a segment at a time'),
     ('`gst://PIPELINE`',
-     'a raw GStreamer pipeline ending in appsink (same check)'),
+     'a raw GStreamer pipeline ending in appsink (same check). One whose sources GStreamer plays as non-live '
+     '(`filesrc`, `multifilesrc`, `splitmuxsrc`, `videotestsrc` without `is-live=true`, a uri bin on a '
+     '`file://` URI) is read like a file: every frame, the pipeline waiting for the model, and its end ends '
+     'the stream (`--realtime` makes it live). Any other is live: newest frame; OpenCV opens it at its first '
+     'frame (`--open-timeout` does not apply), and one silent for twice `--read-timeout` is reopened'),
     ('`video.mp4`, `file://...`',
      'a video file, frame by frame (nothing dropped); `--realtime` reads it at its frame rate like a '
      'camera'),
@@ -76,6 +81,29 @@ def _ffmpeg_capture_options(options: dict[str, str]) -> Iterator[None]:
                 os.environ[_FFMPEG_ENV] = before
 
 
+# A read the watchdog abandoned (see `live`) may return at any time: a UDP pipeline's old socket gets the packets
+# again once the pipeline that replaced it closes at exit. Its thread then releases the capture; if that happens
+# while the interpreter finalizes, the thread is ended by a forced unwind inside OpenCV's binding, and the process
+# aborts ("terminate called without an active exception"). So at exit, open captures get a moment to be released.
+_OPEN_CAPTURES = [0]
+_CAPTURES_CHANGED = threading.Condition()
+EXIT_WAIT_S = 1.0
+
+
+def _count_capture(delta: int) -> None:
+    with _CAPTURES_CHANGED:
+        _OPEN_CAPTURES[0] += delta
+        _CAPTURES_CHANGED.notify_all()
+
+
+@atexit.register
+def _let_open_captures_close() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with _CAPTURES_CHANGED:
+        while _OPEN_CAPTURES[0] and (left := deadline - time.monotonic()) > 0:
+            _CAPTURES_CHANGED.wait(left)
+
+
 def opencv_has_gstreamer() -> bool:
     # getBackends() also lists backends that could only be loaded as plugins; hasBackend() says whether one is
     # built in or its plugin actually loaded.
@@ -83,6 +111,30 @@ def opencv_has_gstreamer() -> bool:
     if registry is not None and hasattr(registry, "hasBackend"):
         return bool(registry.hasBackend(cv2.CAP_GSTREAMER))
     return bool(re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()))
+
+
+# GStreamer sources that GStreamer plays as non-live: a pipeline made of them has an end (num-buffers, the end of a
+# file) and waits for a slow reader instead of dropping frames. Any other source element (v4l2src, nvarguscamerasrc,
+# rtspsrc, udpsrc, souphttpsrc, appsrc, ...) makes a pipeline live.
+FINITE_GST_SOURCES = frozenset({"filesrc", "multifilesrc", "splitmuxsrc", "videotestsrc"})
+_GST_URI_BINS = frozenset({"uridecodebin", "uridecodebin3", "urisourcebin", "playbin", "playbin3"})
+# An element name where an element can stand: not a property value (after '=', '/', ...) nor a property name.
+_GST_SOURCE_ELEMENT = re.compile(r"(?<![\w=/.:,-])([a-z][a-z0-9_]*src|uridecodebin3?|urisourcebin|playbin3?)(?![\w.=-])")
+
+
+def gst_pipeline_is_finite(pipeline: str) -> bool:
+    """Whether a gst:// pipeline plays like a file: every source element is one GStreamer plays as non-live
+    (FINITE_GST_SOURCES, or a uri bin on a file:// URI) and nothing sets is-live=true."""
+    if re.search(r"\bis-live\s*=\s*(true|1)\b", pipeline, re.IGNORECASE):
+        return False
+    sources = _GST_SOURCE_ELEMENT.findall(pipeline)
+    if not sources:
+        return False
+    if any(name in _GST_URI_BINS for name in sources):
+        schemes = re.findall(r"\buri\s*=\s*[\"']?([A-Za-z][A-Za-z0-9+.-]*):", pipeline)
+        if not schemes or any(s.lower() != "file" for s in schemes):
+            return False
+    return all(name in FINITE_GST_SOURCES or name in _GST_URI_BINS for name in sources)
 
 
 def csi_pipeline(sensor: int, options: SourceOptions) -> str:
@@ -99,7 +151,9 @@ class CaptureReader(Reader):
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
-        self.live = spec.kind is not SourceKind.VIDEO or spec.options.realtime
+        # A gst:// pipeline of non-live sources (a test pattern, a file) is read like a file: every frame.
+        self.finite_pipeline = spec.kind is SourceKind.GSTREAMER and gst_pipeline_is_finite(spec.target)
+        self.live = (spec.kind is not SourceKind.VIDEO and not self.finite_pipeline) or spec.options.realtime
         self.cap: cv2.VideoCapture | None = None
         self.nominal_fps = None
         self.frame_count: int | None = None
@@ -121,6 +175,7 @@ class CaptureReader(Reader):
                 "(python3-opencv, with GStreamer) instead of the opencv-python wheel: pip uninstall opencv-python")
 
     def open(self) -> None:
+        self.close()  # a reopen releases the capture it replaces
         spec, o = self.spec, self.spec.options
         kind = spec.kind
         t_open = time.monotonic()
@@ -144,6 +199,8 @@ class CaptureReader(Reader):
         elif kind in (SourceKind.CSI, SourceKind.GSTREAMER):
             self._needs_gstreamer()
             pipeline = csi_pipeline(int(spec.target), o) if kind is SourceKind.CSI else spec.target
+            # OpenCV bounds the appsink's queue (max-buffers=1 unless the pipeline sets it), so a finite pipeline
+            # waits for a slow reader rather than filling memory.
             cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
         elif kind is SourceKind.NETWORK:
             # A live HLS read waits for the next segment to be published: allow a few segments' time.
@@ -175,6 +232,7 @@ class CaptureReader(Reader):
             cap.release()
             raise SourceError(self._open_failure(time.monotonic() - t_open))
         self.cap = cap
+        _count_capture(+1)
         self.delivered = 0
         self.nominal_fps = sane_fps(cap.get(cv2.CAP_PROP_FPS))
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -207,7 +265,10 @@ class CaptureReader(Reader):
             return None
         ok, image = self.cap.read()
         if not ok or image is None or image.size == 0:
-            self.ended_cleanly = self.spec.kind is SourceKind.VIDEO or (self.remote_file and self._near_end())
+            # A finite GStreamer pipeline ends at its EOS; a live one that fails is reopened (its reads block
+            # while it is silent, and the watchdog in `live` reopens it).
+            self.ended_cleanly = (self.spec.kind is SourceKind.VIDEO or self.finite_pipeline
+                                  or (self.remote_file and self._near_end()))
             # Containers that estimate their length from the duration may be one frame off: allow that.
             if self.spec.kind is SourceKind.VIDEO and self.frame_count and self.delivered < self.frame_count - 1:
                 self.truncated = (f"{self.spec.target}: its container promised {self.frame_count} frames, "
@@ -236,7 +297,7 @@ class CaptureReader(Reader):
         self.ended_cleanly = False
         self.delivered = 0
         if not self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
-            self.cap.release()
+            self.close()
             self.open()
         return True
 
@@ -244,4 +305,5 @@ class CaptureReader(Reader):
         if self.cap is not None:
             self.cap.release()
             self.cap = None
+            _count_capture(-1)
 
