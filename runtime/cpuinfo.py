@@ -9,13 +9,19 @@ bits and the gain over FP32 mostly disappears. FP16 arithmetic on the CPU needs 
 `fphp`/`asimdhp` (ARM); elsewhere FP16 files are converted back to FP32 as they run.
 
 Linux (and so every Jetson and Raspberry Pi) names the features in /proc/cpuinfo ("flags" on x86, "Features" on
-ARM). Elsewhere numpy's own CPU detection is the fallback; it does not know AVX-VNNI or AMX, which then read as
-unknown rather than absent. `edgepix doctor`, `edgepix export --format onnx-int8` and the benchmark reports use
-this module.
+ARM). Only the line of this process's own architecture counts: an aarch64 process emulated on an x86 host (qemu-user,
+as in benchmarks/aarch64_run.py) reads the host's /proc/cpuinfo, whose x86 "flags" say nothing about the ARM CPU it
+runs on. A 64-bit ARM process without a "Features" line reads the kernel's (or the emulator's) hardware-capability
+bits instead, getauxval(AT_HWCAP/AT_HWCAP2), from which Linux prints that line. Elsewhere numpy's own CPU detection
+is the fallback; it does not know AVX-VNNI or AMX, which then read as unknown rather than absent. `edgepix doctor`,
+`edgepix export --format onnx-int8` and the benchmark reports use this module.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -43,6 +49,14 @@ ARM_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("SVE", ("sve",)),
 )
 
+# The Linux name of each aarch64 hardware-capability bit edgepix reports (arch/arm64/include/uapi/asm/hwcap.h):
+# (auxv entry, bit, flag). AT_HWCAP is 16 and AT_HWCAP2 26 in <elf.h>.
+AT_HWCAP, AT_HWCAP2 = 16, 26
+_AARCH64_HWCAPS = (
+    (AT_HWCAP, 1, "asimd"), (AT_HWCAP, 9, "fphp"), (AT_HWCAP, 10, "asimdhp"), (AT_HWCAP, 20, "asimddp"),
+    (AT_HWCAP, 22, "sve"), (AT_HWCAP2, 13, "i8mm"),
+)
+
 # numpy's names (numpy._core._multiarray_umath.__cpu_features__) -> the Linux flag they stand for.
 _NUMPY_NAMES = {
     "AVX2": "avx2", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16",
@@ -68,7 +82,9 @@ class CpuFeatures:
     model: str
     flags: frozenset[str]
     known: frozenset[str]
-    source: str  # "/proc/cpuinfo", "numpy", or "none"
+    source: str  # "/proc/cpuinfo", "getauxval(AT_HWCAP)", "numpy", or "none"
+    # The family /proc/cpuinfo describes when it is not this process's own: the process runs under emulation.
+    cpuinfo_family: str = ""
 
     @property
     def family(self) -> str:
@@ -113,7 +129,16 @@ class CpuFeatures:
         parts = [f"{label} {_word(present)}" for label, present in self.features()]
         if not parts:
             return f"no instruction-set report for {self.machine} CPUs"
-        return ", ".join(parts) + f" (from {self.source})"
+        line = ", ".join(parts) + f" (from {self.source})"
+        if self.emulated:
+            line += (f"; /proc/cpuinfo describes an {self.cpuinfo_family} CPU: this {self.machine} process runs "
+                     "under emulation, so its speed says nothing about a real device")
+        return line
+
+    @property
+    def emulated(self) -> bool:
+        """True when /proc/cpuinfo describes another CPU family than the one this process is built for."""
+        return bool(self.cpuinfo_family) and self.cpuinfo_family != self.family
 
     def int8_advice(self) -> str:
         """What INT8 can be expected to do here, in one sentence."""
@@ -134,24 +159,66 @@ def _word(present: bool | None) -> str:
     return "yes" if present is True else "no" if present is False else "unknown"
 
 
+# The /proc/cpuinfo key that lists a CPU's features -> the family whose features it lists.
+_CPUINFO_FLAG_KEYS = {"flags": "x86", "features": "arm"}
+
+
 def parse_proc_cpuinfo(text: str, machine: str) -> CpuFeatures:
-    """Read /proc/cpuinfo text: the first processor's flags (x86 "flags", ARM "Features") and model name."""
+    """Read /proc/cpuinfo text: the first processor's flags (x86 "flags", ARM "Features") and model name.
+
+    Only the key of `machine`'s family is read. When the text carries the other family's key instead (an aarch64
+    process emulated on an x86 host sees the host's "flags"), nothing is known, and `cpuinfo_family` names the
+    family the text describes."""
+    family = _family(machine)
     flags: set[str] = set()
     model = ""
+    described = ""  # the family of the first feature list in the text
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
-        if key in ("flags", "features") and not flags:
-            flags = set(value.split())
+        if key in _CPUINFO_FLAG_KEYS:
+            described = described or _CPUINFO_FLAG_KEYS[key]
+            if _CPUINFO_FLAG_KEYS[key] == family and not flags:
+                flags = set(value.split())
         elif key in ("model name", "hardware", "processor") and not model and not value.strip().isdigit():
             model = value.strip()
-    family = _family(machine)
+    if described and described != family:
+        model = ""  # the model name is the other CPU's
     table = X86_FEATURES if family == "x86" else ARM_FEATURES if family == "arm" else ()
     # Linux lists every feature the kernel knows that the CPU has; one it does not list is absent. Without a
     # flags line at all (some containers), nothing is known.
     known = {name for _, names in table for name in names} if flags else set()
     return CpuFeatures(machine=machine, model=model or platform.processor() or machine, flags=frozenset(flags),
-                       known=frozenset(known), source="/proc/cpuinfo")
+                       known=frozenset(known), source="/proc/cpuinfo", cpuinfo_family=described)
+
+
+def read_hwcaps() -> dict[int, int] | None:
+    """This process's AT_HWCAP and AT_HWCAP2 words from getauxval (Linux C libraries); None where there is none.
+
+    An entry the kernel (or emulator) did not pass is left out, so a zero word means "none of these features"."""
+    try:
+        getauxval = ctypes.CDLL(None, use_errno=True).getauxval
+    except (OSError, AttributeError):
+        return None
+    getauxval.restype = ctypes.c_ulong
+    getauxval.argtypes = [ctypes.c_ulong]
+    words = {}
+    for entry in (AT_HWCAP, AT_HWCAP2):
+        ctypes.set_errno(0)
+        value = getauxval(entry)
+        if value or ctypes.get_errno() != errno.ENOENT:
+            words[entry] = value
+    return words or None
+
+
+def features_from_hwcaps(words: dict[int, int], machine: str, *, cpuinfo_family: str = "") -> CpuFeatures:
+    """An aarch64 CPU's features from its AT_HWCAP/AT_HWCAP2 words (the bits Linux prints as "Features")."""
+    flags = {flag for entry, bit, flag in _AARCH64_HWCAPS if words.get(entry, 0) >> bit & 1}
+    known = {flag for entry, _, flag in _AARCH64_HWCAPS if entry in words}
+    if "asimd" in known:
+        known.add("neon")  # 64-bit kernels call NEON "asimd" and never list "neon"
+    return CpuFeatures(machine=machine, model=platform.processor() or machine, flags=frozenset(flags),
+                       known=frozenset(known), source="getauxval(AT_HWCAP)", cpuinfo_family=cpuinfo_family)
 
 
 def _from_numpy(machine: str) -> CpuFeatures:
@@ -168,16 +235,28 @@ def _from_numpy(machine: str) -> CpuFeatures:
                        known=frozenset(known), source="numpy" if numpy_features else "none")
 
 
+def _read_proc_cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux, or /proc not mounted
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> CpuFeatures:
     """This machine's CPU features (read once per process)."""
     machine = platform.machine() or "unknown"
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return _from_numpy(machine)
-    found = parse_proc_cpuinfo(text, machine)
-    return found if found.known else _from_numpy(machine)
+    text = _read_proc_cpuinfo()
+    found = parse_proc_cpuinfo(text, machine) if text is not None else None
+    if found is not None and found.known:
+        return found
+    cpuinfo_family = found.cpuinfo_family if found is not None else ""
+    if machine.lower() in ("aarch64", "arm64"):
+        words = read_hwcaps()
+        if words is not None:
+            return features_from_hwcaps(words, machine, cpuinfo_family=cpuinfo_family)
+    fallback = _from_numpy(machine)
+    return dataclasses.replace(fallback, cpuinfo_family=cpuinfo_family) if cpuinfo_family else fallback
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,6 +272,9 @@ def warn_if_int8_is_slow_here() -> bool:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one: a container or `taskset` limit
     counts, not the machine's total)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity"):  # Linux only (not macOS or Windows)
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except OSError:  # some emulators and sandboxes refuse the call
+            pass
     return os.cpu_count() or 1
