@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,scale,dev]"
 	touch $(STAMP)
 
 # The stream tests serve a real network stream with ffmpeg, screenshot the MJPEG page in headless Chromium and

@@ -26,7 +26,7 @@ EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
 EXTRA_OF_PACKAGE = {"torch": "train", "onnx": "train", "onnxscript": "train", "onnxslim": "train", "tqdm": "train",
                     "transformers": "hub", "safetensors": "hub", "tritonclient": "triton", "openvino": "openvino",
                     "matplotlib": "plot", "onnxruntime": "cpu", "tensorrt": "gpu", "cuda": "gpu",
-                    "cv2": "cpu"}
+                    "ray": "scale", "cv2": "cpu"}
 # OpenCV is not a base dependency (a system's own OpenCV, with GStreamer, must not be shadowed by the wheel).
 INSTALL_NOTE = {"cv2": " (OpenCV), or use the system's OpenCV: apt-get install python3-opencv, in a virtual "
                        "environment made with --system-site-packages (docs/install.md)"}

@@ -84,23 +84,14 @@ def stream_job(args: argparse.Namespace, *, sources: list[str], sinks: list[str]
 def run_stream_command(verb: str, job, args: argparse.Namespace) -> int:
     """Run a StreamJob with a status line on stderr; print the summary; exit 1 if a stream failed."""
     import logging
-    import os
 
     from .jobs import run_stream
     from .pipeline import summary_line
 
-    if not args.verbose:
-        # Reconnect attempts and damaged network packets make FFmpeg and OpenCV print a line each, for days;
-        # the pipeline reports outages itself. --verbose keeps their logs.
-        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-        # OpenCV reads OPENCV_LOG_LEVEL at its first log line; older Python bindings (Debian 12's OpenCV 4.6)
-        # have no cv2.utils.logging, so the variable is what quiets them.
-        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-        import cv2
+    if not args.verbose:  # --verbose keeps FFmpeg's and OpenCV's own logs
+        from .sources import quiet_decoder_logs
 
-        cv_logging = getattr(cv2.utils, "logging", None)
-        if cv_logging is not None:
-            cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+        quiet_decoder_logs()
     log = logging.getLogger(f"edgepix.{verb}")
     stats = run_stream(job, status=None if args.quiet else _status,
                        describe=None if args.quiet else (lambda line: log.info("%s", line)))
@@ -143,11 +134,19 @@ def register(subparsers) -> None:
     p.add_argument("--show", choices=("side", "generated"), default="side",
                    help="with --then: the frame and the picture side by side (default), or the picture alone")
     add_stream_arguments(p)
+    from .cluster import add_archive_flags
+
+    add_archive_flags(p)
     p.set_defaults(func=cmd_segment)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    """The flags as a StreamJob (runtime.jobs), then the summary and the exit code."""
+    """The flags as a StreamJob (runtime.jobs), then the summary and the exit code; an archive run (--archive,
+    --engine ray: one output per input file) is runtime.archive's."""
+    if args.archive or args.engine != "local":
+        from .archive import cmd_archive
+
+        return cmd_archive(args)
     from .render import RenderOptions
 
     job = stream_job(args, sources=args.source or ["synthetic://"], sinks=args.sink, then=args.then,

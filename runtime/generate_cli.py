@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                    help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing (default 1)")
     add_stream_arguments(p)
+    from .cluster import add_engine_flags
+
+    add_engine_flags(p.add_argument_group("clusters (noise models)"))
     p.set_defaults(func=cmd_generate)
 
 
@@ -70,10 +73,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.out is None and args.grid is None:
             raise InputError("give --out DIR and/or --grid FILE: nowhere to put the images")
         _check_outputs(args, out_is_video=False)
+        if args.engine == "ray":  # index ranges on a Ray cluster's actors: the same files
+            from .cluster import generate_on_ray
+
+            return generate_on_ray(args)
         return _generate_noise(args)
     if task is Task.GENERATION_IMAGE:
         if args.input is None:
             raise InputError(f"{args.model.name} is an image -> image model: give --input DIR|IMAGE|VIDEO|URI")
+        if args.engine != "local":
+            raise InputError("--engine ray runs noise models (--num); image -> image models run with --engine local")
         images = _image_files(args.input)
         if images is None:
             return _generate_stream(args)
@@ -114,7 +123,7 @@ def _write(path: Path, image) -> None:
         raise SinkError(f"cannot write {path} (disk full or not writable?)")
 
 
-def _write_atomic(path: Path, image) -> None:
+def write_image_atomic(path: Path, image) -> None:
     """An image that appears complete or not at all (the partial name keeps the extension cv2 needs)."""
     from .errors import SinkError
     from .fileio import atomic_output
@@ -167,7 +176,7 @@ def _generate_noise(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         backend = gen.backend.name if hasattr(gen.backend, "name") else type(gen.backend).__name__
     if keep_for_grid:
-        _write_atomic(args.grid, tile_grid(keep_for_grid, cols=args.grid_cols))
+        write_image_atomic(args.grid, tile_grid(keep_for_grid, cols=args.grid_cols))
     # Throughput of the generation itself (latents + inference + conversion), not of PNG encoding, is below.
     gen_s = float(np.sum(batch_ms)) / 1e3
     print(_closing_line("generated", done, gen_s, batch_ms, backend, batch)
@@ -233,7 +242,7 @@ def _generate_images(args: argparse.Namespace, paths: list[Path]) -> int:
                 outputs = gen.generate_batch(frames)
                 batch_ms.append((time.perf_counter() - t1) * 1e3)
                 for p, out in zip(chunk, outputs):
-                    _write_atomic(args.out / (p.stem + ".png"), out)
+                    write_image_atomic(args.out / (p.stem + ".png"), out)
                 bar.update(len(chunk))
         seconds = time.perf_counter() - t0
         backend = gen.backend.name if hasattr(gen.backend, "name") else type(gen.backend).__name__

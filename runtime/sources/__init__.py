@@ -26,7 +26,7 @@ interface), one module per kind of reader (`capture`: cameras, CSI, GStreamer, n
 from __future__ import annotations
 
 from . import capture, images, scenes
-from .capture import LIVE_PROBE_OPTIONS, CaptureReader, csi_pipeline, opencv_has_gstreamer
+from .capture import LIVE_PROBE_OPTIONS, CaptureReader, csi_pipeline, opencv_has_gstreamer, quiet_decoder_logs
 from .images import ImageListReader
 from .live import FrameBuffer, Outage, Source, SourceState, make_reader, open_source, open_sources
 from .reader import Frame, Reader, sane_fps, to_bgr8
@@ -53,7 +53,7 @@ __all__ = [
     "CaptureReader", "Frame", "FrameBuffer", "ImageListReader", "LIVE_PROBE_OPTIONS", "MAX_CAPTURE_SIDE",
     "MAX_SANE_FPS", "MAX_SYNTHETIC_SIDE", "MIN_FPS", "NETWORK_SCHEMES", "Outage", "Reader", "Source",
     "SourceKind", "SourceOptions", "SourceSpec", "SourceState", "SyntheticReader", "check_fps", "csi_pipeline",
-    "make_reader", "open_source", "open_sources", "opencv_has_gstreamer", "parse_size", "parse_source",
+    "make_reader", "open_source", "open_sources", "opencv_has_gstreamer", "parse_size", "parse_source", "quiet_decoder_logs",
     "sane_fps", "synthetic_fps", "synthetic_size", "synthetic_speed", "to_bgr8",
 ]
 

@@ -104,6 +104,17 @@ def _let_open_captures_close() -> None:
             _CAPTURES_CHANGED.wait(left)
 
 
+def quiet_decoder_logs() -> None:
+    """FFmpeg and OpenCV print a line per damaged file, packet or reconnect attempt, for days; edgepix reports
+    outages and undecodable inputs itself. FFmpeg reads its level when its backend loads; OpenCV's is set directly
+    (older bindings without cv2.utils.logging, such as Debian 12's OpenCV 4.6, read OPENCV_LOG_LEVEL)."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    cv_logging = getattr(cv2.utils, "logging", None)
+    if cv_logging is not None:
+        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+
+
 def opencv_has_gstreamer() -> bool:
     # getBackends() also lists backends that could only be loaded as plugins; hasBackend() says whether one is
     # built in or its plugin actually loaded.
