@@ -60,8 +60,9 @@ system-tools:
 # An environment of the system's Python and OpenCV (python3-opencv, with GStreamer), edgepix installed in it as
 # docs/install.md says for such systems (no opencv-python wheel): tests/test_gstreamer.py runs the CLI there. Made
 # where python3-opencv is installed (the tests skip elsewhere), again when pyproject.toml changes.
-SYSTEM_OPENCV_ENV ?= $(HOME)/.cache/edgepix/system-opencv-env
-export EDGEPIX_SYSTEM_OPENCV_ENV := $(SYSTEM_OPENCV_ENV)
+# In the checkout, like .venv: edgepix is installed into it editable from this folder.
+SYSTEM_OPENCV_ENV ?= $(CURDIR)/.venv-system
+export EDGEPIX_SYSTEM_OPENCV_ENV := $(abspath $(SYSTEM_OPENCV_ENV))
 system-opencv-env: system-tools
 	@stamp=$(SYSTEM_OPENCV_ENV)/.edgepix-installed; \
 	if ! /usr/bin/python3 -c "import cv2" >/dev/null 2>&1; then \
@@ -95,4 +96,4 @@ demo: setup
 	$(PY) -m edgepix bench $(DEMO_DIR)/fastscnn.onnx $(DEMO_DIR)/fastscnn.int8.argmax.onnx --torch $(DEMO_DIR)/run/best.pt --runs 30 --out $(DEMO_DIR)/bench
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(SYSTEM_OPENCV_ENV) $(DEMO_DIR)

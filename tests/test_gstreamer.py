@@ -1,7 +1,7 @@
 """GStreamer for real: edgepix in an environment of the system's Python and OpenCV (Debian's python3-opencv, built
 with GStreamer), installed the way docs/install.md says for such systems (no opencv-python wheel).
 
-`make setup` makes that environment once (SYSTEM_OPENCV_ENV, by default ~/.cache/edgepix/system-opencv-env; this
+`make setup` makes that environment once (SYSTEM_OPENCV_ENV, by default .venv-system in the checkout; this
 file reads EDGEPIX_SYSTEM_OPENCV_ENV); the tests run the CLI and small scripts in it, against real GStreamer
 pipelines: videotestsrc, a file through decodebin, H.264 over RTP/UDP on loopback from a gst-launch-1.0 sender that
 is killed and restarted, the csi:// pipeline strings, newest-frame reading, and the rtp:// sink read back. They
@@ -22,7 +22,7 @@ import pytest
 from test_stream_support import channel_model, free_port, write_scene_video
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = Path(os.environ.get("EDGEPIX_SYSTEM_OPENCV_ENV", Path.home() / ".cache" / "edgepix" / "system-opencv-env"))
+ENV = Path(os.environ.get("EDGEPIX_SYSTEM_OPENCV_ENV", REPO / ".venv-system"))
 ENV_PYTHON = ENV / "bin" / "python"
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTP_CAPS = "application/x-rtp,media=video,encoding-name=H264,payload=96,clock-rate=90000"

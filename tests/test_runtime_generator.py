@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_runtime_models import export
+from test_runtime_models import ChannelLogits, export
 from torch import nn
 
 from edgepix.runtime import ImageGenerator, NoiseGenerator, Segmenter, tile_grid
@@ -134,19 +134,9 @@ def test_wrong_task_says_which_class_to_use(gens):
 # ---- image -> image -------------------------------------------------------------------------------------------
 
 
-class Identity(nn.Module):
-    """A 1x1 convolution that copies its input: with mean 0.5, std 0.5 and range [-1, 1] the generated image is
-    the (resized) input image."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+# A 1x1 convolution that copies its input (test_runtime_models' ChannelLogits): with mean 0.5, std 0.5 and range
+# [-1, 1] the generated image is the (resized) input image.
+Identity = ChannelLogits
 
 
 def image_spec(**overrides) -> ModelSpec:
