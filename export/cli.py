@@ -29,6 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--dropout", action="store_true",
                    help="with --train-mode: keep dropout active (new random masks on every run; the gate then "
                         "compares output distributions)")
+    p.add_argument("--deconv", choices=("convtranspose", "subpixel", "col2im"), default="convtranspose",
+                   help="how transposed convolutions are computed: ONNX ConvTranspose (as PyTorch), subpixel (2x2 "
+                        "Convs per output phase; batches in ONNX Runtime on CPUs) or col2im (MatMul + Col2Im, "
+                        "--opset 18); see docs/generation.md")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the checkpoint has EMA")
     p.add_argument("--calib", default="synthetic", help="INT8 calibration images: a folder, or 'synthetic'")
@@ -110,6 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_request(args: argparse.Namespace):
     """The ExportRequest the command line describes."""
+    from .generators import TransposedConvForm
     from .pipeline import ExportFormat, ExportRequest
     from .precision import CalibrationMethod, Int8Options, Int8Target, QuantFormat
     from .to_onnx import DEFAULT_OPSET, Exporter, OnnxExportOptions
@@ -127,6 +132,7 @@ def export_request(args: argparse.Namespace):
             uint8_output=args.uint8_output,
             train_mode=args.train_mode,
             dropout=args.dropout,
+            deconv=TransposedConvForm(args.deconv),
             simplify=not args.no_simplify,
             exporter=Exporter(args.exporter),
         ),

@@ -23,6 +23,7 @@ from edgepix.runtime.fileio import atomic_output
 from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
 
 from .audit import Severity, audit_model
+from .generators import TransposedConvForm, transposed_conv_graph
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class OnnxExportOptions:
     uint8_output: bool = False  # generators: end the graph with a uint8 image
     train_mode: bool = False  # generators: normalise with each image's own statistics, as in training (pix2pix)
     dropout: bool = False  # with train_mode: keep dropout active (random masks on every run); see generators.py
+    deconv: TransposedConvForm = TransposedConvForm.CONVTRANSPOSE  # how transposed convolutions are computed
     simplify: bool = True
     exporter: Exporter = Exporter.TORCHSCRIPT
 
@@ -138,6 +140,9 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, optio
         model = train_mode_graph(model, dropout=options.dropout)
     model.eval()
     x = example_input(out_spec)
+    if options.deconv is not TransposedConvForm.CONVTRANSPOSE:  # a copy that computes the same function
+        model = transposed_conv_graph(model, options.deconv, x, opset=options.opset,
+                                      dynamic_size=options.dynamic_size)
 
     findings = audit_model(model, x, dynamic_size=options.dynamic_size, exporter=options.exporter.value)
     for f in findings:
@@ -183,6 +188,9 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
             # Per-image normalisation (train-mode exports) is instance_norm with input statistics, on purpose.
             warnings.filterwarnings("ignore", message=r".*'instance_norm' is set to train=True.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
+            # F.pad (sub-pixel transposed convolutions) exports its pads through a reversing Slice that the constant
+            # folder skips; the simplifier folds them into the Conv that follows.
+            warnings.filterwarnings("ignore", message=r".*Only steps=1 can be constant folded.*")
             # transformers' attention checks shapes in Python (is_causal); the parity gate, which also runs a
             # dynamic-size graph at an untraced size, is what shows whether a trace generalises.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
