@@ -13,8 +13,8 @@ optionally pix2pix FP32 vs INT8 latency at batch 1.
    generating `--num` images in batches of B (the runtime's NoiseGenerator, the same call as `edgepix generate`),
    PyTorch eager on the same latents with the same uint8 conversion, and a plain ONNX Runtime MatMul with the FLOPs
    of one batch (square, n = (B * FLOPs per image / 2) ** (1/3)) run as many times. Medians over rounds.
-3. The ceiling at B: that MatMul's GFLOP/s, or numpy's best GEMM (benchmarks.ceiling: fresh interpreter, same
-   threads, sizes 512..2048) where higher, turned into images/s by the FLOPs per image.
+3. The ceiling at B: that MatMul's GFLOP/s, or the best square GEMM of numpy and ONNX Runtime (benchmarks.ceiling:
+   fresh interpreter, same threads, sizes 512..2048) where higher, turned into images/s by the FLOPs per image.
 4. Per layer, at each thread count's best batch: ONNX Runtime's profile of every form (kernel times grouped by the
    model's layers) against each layer's FLOPs at the ceiling; then `edgepix generate` with the best form and batch
    in a fresh process, as a user runs it.
@@ -36,41 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepix.benchmarks.ceiling import gemm_session
 from edgepix.benchmarks.environment import describe, environment
 from edgepix.runtime.cpuinfo import usable_cores
 
 GOAL_CEILING_SHARE = 0.70  # the best batch at the largest thread count should reach this share of the ceiling
 FORMS = ("convtranspose", "subpixel", "col2im")
 PAUSE_S = 0.05  # between timed blocks, so one runtime's spinning worker threads do not slow the next
-
-
-def gemm_session(threads: int, n: int):
-    """An ONNX Runtime session computing one float32 n x n by n x n MatMul with `threads` intra-op threads, and a
-    call that runs it."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
-    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", [a, b], [c])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    return lambda: session.run(None, feed)
-
-
-def ort_gemm_gflops(threads: int, n: int = 1024, duration: float = 1.5) -> float:
-    """Best float32 MatMul throughput of ONNX Runtime (n x n by n x n) with `threads` intra-op threads."""
-    from edgepix.benchmarks.ceiling import best_seconds
-
-    return 2.0 * n**3 / best_seconds(gemm_session(threads, n), duration) / 1e9
 
 
 def run_generate_cli(onnx_path: Path, batch: int, num: int, threads: int, tmp: Path) -> tuple[float, str]:
@@ -271,7 +243,7 @@ def pix2pix_int8(ckpt: Path | None, threads: int, tmp: Path, rounds: int, n_eval
 
 
 def measure_threads(exports: dict, checkpoint: Path, threads: int, batches: list[int], num: int, rounds: int,
-                    gflop: float, numpy_gflops: float) -> dict:
+                    gflop: float, square_gemm_gflops: float) -> dict:
     """One thread count: every batch size measured (see the module docstring) and printed as a table row."""
     import torch
 
@@ -282,7 +254,8 @@ def measure_threads(exports: dict, checkpoint: Path, threads: int, batches: list
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     generators = {form: NoiseGenerator.load(e["path"], "ort-cpu", threads=threads) for form, e in exports.items()}
     print(f"{threads} thread(s): images/s, share of the GEMM ceiling (the higher of ONNX Runtime's MatMul of one "
-          f"batch's FLOPs and numpy's {numpy_gflops:.1f} GFLOP/s), ratio to PyTorch eager at the same batch")
+          f"batch's FLOPs and the best square GEMM's {square_gemm_gflops:.1f} GFLOP/s), ratio to PyTorch eager at the "
+          "same batch")
     print(f"{'batch':>5} {'ORT GEMM GFLOP/s':>16} {'ceiling img/s':>13} {'torch img/s':>11} "
           + " ".join(f"{form + ' img/s':>20} {'%':>4} {'x torch':>7}" for form in exports))
     rows = {}
@@ -290,7 +263,7 @@ def measure_threads(exports: dict, checkpoint: Path, threads: int, batches: list
         for b in batches:
             n = round((b * gflop * 1e9 / 2) ** (1 / 3))
             rates = measure_batch(generators, model, gemm_session(threads, n), b, num, rounds)
-            ceiling_gflops = max(rates["gemm"] * 2 * n**3 / 1e9, numpy_gflops)
+            ceiling_gflops = max(rates["gemm"] * 2 * n**3 / 1e9, square_gemm_gflops)
             row = {"gemm_n": n, "gemm_ort_gflops": rates["gemm"] * 2 * n**3 / 1e9, "ceiling_gflops": ceiling_gflops,
                    "ceiling_images_per_s": ceiling_gflops / gflop, "torch_images_per_s": rates["torch"],
                    "torch_ceiling_share": rates["torch"] * gflop / ceiling_gflops, "forms": {}}
@@ -369,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{results['model']}: {gflop:.4f} GFLOP per image; parity gate PSNR "
               + ", ".join(f"{f} {e['gate_psnr_db']:.1f} dB" for f, e in exports.items()))
         for threads in args.threads:
-            numpy_gflops = measure_ceiling(threads).gemm_gflops
-            print(f"numpy GEMM, {threads} thread(s): {numpy_gflops:.1f} GFLOP/s (best of n = 512..2048)")
+            ceiling = measure_ceiling(threads)
+            square_gemm_gflops = ceiling.gemm_gflops
+            print(f"square GEMM, {threads} thread(s): {square_gemm_gflops:.1f} GFLOP/s ({ceiling.gemm_library}, best "
+                  "of n = 512..2048 for numpy and ONNX Runtime)")
             rows = measure_threads(exports, checkpoint, threads, args.batches, args.num, args.rounds, gflop,
-                                   numpy_gflops)
+                                   square_gemm_gflops)
             best_form, best = max(((f, b) for b in rows for f in rows[b]["forms"]),
                                   key=lambda fb: rows[fb[1]]["forms"][fb[0]]["images_per_s"])
             top = rows[best]["forms"][best_form]
@@ -384,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                                       tmp)
             cli_rate, line = run_generate_cli(exports[best_form]["path"], best, args.num, threads, tmp)
             print(f"edgepix generate --batch {best} ({best_form}, fresh process): {line}")
-            results["threads"][threads] = {"numpy_gemm_gflops": numpy_gflops, "batches": rows, "best": {
+            results["threads"][threads] = {"square_gemm_gflops": square_gemm_gflops, "batches": rows, "best": {
                 "form": best_form, "batch": best, **top, "goal_met": goal == "met", "generate_cli_images_per_s":
                 cli_rate, "generate_cli_line": line}, "per_layer": per_layer}
         run_pix2pix(args, tmp, results, threads=args.threads[-1])

@@ -40,7 +40,8 @@ def markdown(rows: Sequence[BenchRow], env: dict, *, ceiling=None, notes: Sequen
     out = io.StringIO()
     out.write(f"Environment: {describe(env)}\n")
     if ceiling is not None:
-        out.write(f"Ceiling: GEMM {ceiling.gemm_gflops:.1f} GFLOP/s ({ceiling.threads} threads), memory copy "
+        out.write(f"Ceiling: GEMM {ceiling.gemm_gflops:.1f} GFLOP/s ({ceiling.gemm_library} MatMul, {ceiling.threads} "
+                  f"threads), memory copy "
                   f"{ceiling.memory_gbps:.1f} GB/s\n")
     out.write("\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
     for r in rows:
