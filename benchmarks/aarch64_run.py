@@ -456,7 +456,7 @@ def write_class_maps(model: Path, out: Path, *, scenes: int = 16, size: int = 16
     import numpy as np
 
     from edgepix.runtime import Segmenter
-    from edgepix.runtime.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene
 
     config = SceneConfig(size=(size, size))
     with Segmenter.load(model, "ort-cpu") as segmenter:
@@ -490,7 +490,7 @@ AGREEMENT_FLOOR = {"fp32": 0.995, "int8": 0.99}
 
 
 def host_description() -> dict[str, str]:
-    from edgepix.runtime.cpuinfo import cpu_features, usable_cores
+    from edgepix.runtime.core.cpuinfo import cpu_features, usable_cores
 
     qemu = shutil.which("qemu-aarch64-static")
     version = run([qemu, "--version"]).stdout.splitlines()[0] if qemu else "none (native aarch64)"
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     if root == REPO or REPO in root.parents:
         p.error(f"--root {root} is inside the repository; give a folder outside it")
-    from edgepix.runtime.fileio import atomic_write_text
+    from edgepix.runtime.core.fileio import atomic_write_text
 
     try:
         report = run_everything(root, args)

@@ -113,9 +113,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import sys
 
-    from edgepix.runtime.cpuinfo import usable_cores
-    from edgepix.runtime.errors import EdgepixError
-    from edgepix.runtime.fileio import atomic_write_text
+    from edgepix.runtime.core.cpuinfo import usable_cores
+    from edgepix.runtime.core.errors import EdgepixError
+    from edgepix.runtime.core.fileio import atomic_write_text
 
     from .ceiling import measure_ceiling
     from .environment import environment
@@ -135,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.models and not args.torch:
         raise EdgepixError("nothing to benchmark: give exported models and/or --torch CKPT")
     if args.torch:  # before minutes of measuring the models, not after
-        from edgepix.runtime.errors import require
+        from edgepix.runtime.core.errors import require
 
         require("torch", extra="train", purpose="The PyTorch baseline (--torch)")
     for m in args.models:
@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_stream(args: argparse.Namespace) -> int:
     import sys
 
-    from edgepix.runtime.fileio import atomic_write_text
+    from edgepix.runtime.core.fileio import atomic_write_text
 
     from .stream import StreamBenchOptions, csv_text, json_text, markdown, plot_stages, run_stream_bench
 

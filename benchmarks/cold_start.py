@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from edgepix.benchmarks.segmenter_breakdown import ensure_default_model
-    from edgepix.runtime.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene
 
     model = args.model or ensure_default_model()
     with tempfile.TemporaryDirectory(prefix="edgepix-cold-") as tmp:

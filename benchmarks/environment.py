@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgepix.runtime.cpuinfo import cpu_features, usable_cores
+from edgepix.runtime.core.cpuinfo import cpu_features, usable_cores
 
 _PACKAGES = ("numpy", "opencv-python", "opencv-python-headless", "onnxruntime", "onnxruntime-gpu", "openvino",
              "torch", "tensorrt", "onnx")

@@ -38,7 +38,7 @@ import numpy as np
 
 from edgepix.benchmarks.ceiling import gemm_session
 from edgepix.benchmarks.environment import describe, environment
-from edgepix.runtime.cpuinfo import usable_cores
+from edgepix.runtime.core.cpuinfo import usable_cores
 
 GOAL_CEILING_SHARE = 0.70  # the best batch at the largest thread count should reach this share of the ceiling
 FORMS = ("convtranspose", "subpixel", "col2im")
@@ -62,7 +62,7 @@ def standard_dcgan_checkpoint(tmp: Path) -> Path:
     import torch
     from torch import nn
 
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.description.spec import ModelSpec
     from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
     from edgepix.train.registry import create_model
 
@@ -197,8 +197,8 @@ def pix2pix_int8(ckpt: Path | None, threads: int, tmp: Path, rounds: int, n_eval
     from edgepix.export.generators import generator_input_image
     from edgepix.export.pipeline import ExportFormat, ExportRequest, run_export
     from edgepix.export.verify import VERIFY_SEED, preprocess, synthetic_samples, to_uint8_image
-    from edgepix.runtime.metrics import psnr
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.data.metrics import psnr
+    from edgepix.runtime.description.spec import ModelSpec
     from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
     from edgepix.train.registry import create_model
 
@@ -247,7 +247,7 @@ def measure_threads(exports: dict, checkpoint: Path, threads: int, batches: list
     """One thread count: every batch size measured (see the module docstring) and printed as a table row."""
     import torch
 
-    from edgepix.runtime.generator import NoiseGenerator
+    from edgepix.runtime.tasks.generator import NoiseGenerator
     from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ skip() { echo "gpu_check: skipped: $1"; exit 0; }
 # What is missing, if anything (no GPU first: that is the common case).
 reason="$("$PYTHON" - <<'EOF'
 import importlib.util
-from edgepix.runtime.engine_manifest import running_device_facts
+from edgepix.runtime.backends.tensorrt.manifest import running_device_facts
 facts = running_device_facts()
 if not facts.gpu:
     print("no NVIDIA GPU visible (nvidia-smi / cuda-python found none); TensorRT engines need one")
@@ -142,7 +142,7 @@ if [[ -n "$trtexec_bin" ]]; then
     "$PYTHON" - "$out" "$trtexec_bin" <<'EOF' || failed=1
 import json, re, subprocess, sys
 from pathlib import Path
-from edgepix.runtime.engine_manifest import read_manifest
+from edgepix.runtime.backends.tensorrt.manifest import read_manifest
 
 out, trtexec = Path(sys.argv[1]), sys.argv[2]
 ours = json.loads((out / "gpu_check.json").read_text())

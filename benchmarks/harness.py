@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.runtime.backends import Backend, load_backend
-from edgepix.runtime.errors import EdgepixError
-from edgepix.runtime.metrics import ConfusionMatrix, psnr
-from edgepix.runtime.spec import ModelSpec, Task
+from edgepix.runtime.core.errors import EdgepixError
+from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
+from edgepix.runtime.description.spec import ModelSpec, Task
 
 from .stats import LatencyStats
 
@@ -123,7 +123,7 @@ def accuracy_samples(config: BenchConfig) -> list[tuple[np.ndarray, np.ndarray |
     if config.accuracy_n <= 0:
         return []
     if config.data == "synthetic":
-        from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
+        from edgepix.runtime.data.synthetic import SceneConfig, make_scene, scene_seed
 
         scene = SceneConfig(size=config.frame_size)
         return [make_scene(scene_seed(BENCH_SEED, i), scene) for i in range(config.accuracy_n)]
@@ -149,7 +149,7 @@ def model_input(spec: ModelSpec, batch: int, size: tuple[int, int], frames: list
     """A realistic input batch: pre-processed frames for image models, seeded noise for noise generators."""
     if spec.task is Task.GENERATION_NOISE:
         return np.random.default_rng(BENCH_SEED).standard_normal((batch, spec.latent_size), dtype=np.float32)
-    from edgepix.runtime.imageops import Normalizer
+    from edgepix.runtime.tasks.imageops import Normalizer
 
     picked = [frames[i % len(frames)] for i in range(batch)]
     return Normalizer(spec, size)(picked)[0]
@@ -175,7 +175,7 @@ def _static_batch(backend: Backend) -> int | None:
 
 
 def _segmentation_miou(backend: Backend, spec: ModelSpec, samples) -> float | None:
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     labelled = [(im, m) for im, m in samples if m is not None]
     if not labelled:
@@ -189,7 +189,7 @@ def _segmentation_miou(backend: Backend, spec: ModelSpec, samples) -> float | No
 
 def _generator_outputs(backend: Backend, spec: ModelSpec, size, samples) -> np.ndarray:
     """uint8 images for fixed inputs, to compare variants of one generator (PSNR)."""
-    from edgepix.runtime.generator import ImageGenerator, NoiseGenerator
+    from edgepix.runtime.tasks.generator import ImageGenerator, NoiseGenerator
 
     if spec.task is Task.GENERATION_NOISE:
         images = NoiseGenerator(backend, spec).generate(8, batch_size=1, seed=BENCH_SEED)

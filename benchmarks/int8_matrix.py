@@ -112,7 +112,7 @@ def build_variants(model, ckpt_spec, folder: Path, size: tuple[int, int], int8: 
 def measure_accuracy(variants: list[Variant], model, samples) -> None:
     """Each variant's file size and mIoU on `samples`, and its drop from PyTorch FP32, as the parity gate measures."""
     from edgepix.export.verify import verify_segmentation
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.description.spec import ModelSpec
 
     for v in variants:
         v.size_mb = v.path.stat().st_size / 1e6
@@ -149,7 +149,7 @@ def report(variants: list[Variant], args: argparse.Namespace, size: tuple[int, i
     import onnxruntime as ort
 
     from edgepix.benchmarks.stats import LatencyStats
-    from edgepix.runtime.cpuinfo import cpu_features
+    from edgepix.runtime.core.cpuinfo import cpu_features
 
     cpu = cpu_features()
     stats = [LatencyStats.from_samples(v.latencies_ms) for v in variants]
@@ -181,7 +181,7 @@ def report(variants: list[Variant], args: argparse.Namespace, size: tuple[int, i
     else:
         print("no INT8 variant kept mIoU within 1 point of PyTorch FP32 here")
     if args.json:
-        from edgepix.runtime.fileio import atomic_write_text
+        from edgepix.runtime.core.fileio import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"cpu": cpu.model, "cpu_features": dict(cpu.features()),
                                                  "fast_int8": cpu.fast_int8, "rows": rows,

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepix.runtime.errors import EdgepixError
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import EdgepixError
+from edgepix.runtime.description.spec import ModelSpec
 
 from .stats import LatencyStats
 
@@ -218,7 +218,7 @@ def _model_spec(model: Path) -> ModelSpec:
 
 def _bench_input(spec: ModelSpec, model: Path) -> tuple[np.ndarray, list[str]]:
     """(the input every peer runs: one synthetic scene pre-processed at the model's size, notes)."""
-    from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene, scene_seed
 
     from .harness import BENCH_SEED, model_input
 
@@ -383,8 +383,8 @@ def cmd_peers(args) -> int:
     import json
     import sys
 
-    from edgepix.runtime.cpuinfo import usable_cores
-    from edgepix.runtime.fileio import atomic_write_text
+    from edgepix.runtime.core.cpuinfo import usable_cores
+    from edgepix.runtime.core.fileio import atomic_write_text
 
     from .environment import describe, environment
 

@@ -4,7 +4,7 @@
         [--configs 1x1,1x2,2x1] [--rounds 2] [--work DIR] [--json FILE] [--markdown FILE]
 
 Inputs: `--videos` short videos of moving synthetic scenes and `--images` synthetic scene images (made here with
-runtime.synthetic, seeded, so every run reads the same archive). Each round runs, in this order:
+runtime.data.synthetic, seeded, so every run reads the same archive). Each round runs, in this order:
 - `edgepix segment` as a stream (today's single-process pipeline over the glob, into a folder of JPEG frames), with
   its default plan and with 2 workers x 1 thread, the best plans for throughput on a 2-core CPU;
 - the archive on the local engine (`--archive`: one output per input) with 1 worker x all threads and with one
@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgepix.runtime.cpuinfo import usable_cores
+from edgepix.runtime.core.cpuinfo import usable_cores
 
 from .environment import describe, environment
 from .stream_bound import load_average, make_video
@@ -43,7 +43,7 @@ from .stream_bound import load_average, make_video
 
 def make_inputs(folder: Path, *, videos: int, frames: int, images: int, size: tuple[int, int]) -> str:
     """The archive: videos in two folders and images in a third; returns its recursive glob."""
-    from edgepix.runtime.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene
 
     w, h = size
     for i in range(videos):
@@ -103,7 +103,7 @@ class TreeCpu:
 
 def stream_run(model: Path, source: str, out: Path, *, workers: int | None, threads: int | None) -> dict:
     """Today's `edgepix segment --source GLOB --sink out/`: one stream through the pipeline."""
-    from edgepix.runtime.jobs import SegmentJob, run_segment
+    from edgepix.runtime.streams.jobs import SegmentJob, run_segment
 
     t0 = time.perf_counter()
     stats = run_segment(SegmentJob(model=model, sources=[source], sinks=[f"{out}/"], workers=workers,
@@ -113,8 +113,8 @@ def stream_run(model: Path, source: str, out: Path, *, workers: int | None, thre
 
 def archive_run(model: Path, source: str, out: Path, *, engine: str, workers: int | None = None,
                 threads: int | None = None, actors: int | None = None, cpus: float = 1.0) -> dict:
-    from edgepix.runtime.archive import ArchiveJob, run_archive
-    from edgepix.runtime.cluster import ClusterOptions
+    from edgepix.runtime.batch.archive import ArchiveJob, run_archive
+    from edgepix.runtime.batch.cluster import ClusterOptions
 
     summary = run_archive(ArchiveJob(model=model, sources=[source], sink=str(out), engine=engine, workers=workers,
                                      threads=threads, cluster=ClusterOptions(actors=actors, cpus_per_actor=cpus),
@@ -235,9 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from edgepix.runtime.archive import quiet_decoder_logs
-    from edgepix.runtime.cluster import ClusterOptions, connected
-    from edgepix.runtime.sources import parse_size
+    from edgepix.runtime.batch.cluster import ClusterOptions, connected
+    from edgepix.runtime.streams.sources import parse_size, quiet_decoder_logs
 
     logging.basicConfig(level=logging.WARNING)
     quiet_decoder_logs()

@@ -39,8 +39,8 @@ def ensure_default_model(path: Path | None = None) -> Path:
     import torch
 
     from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
-    from edgepix.runtime.spec import ModelSpec
-    from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE
+    from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE
+    from edgepix.runtime.description.spec import ModelSpec
     from edgepix.train.registry import create_model
 
     torch.manual_seed(0)
@@ -64,8 +64,8 @@ def measure(model: Path, *, backend: str, frames: int, warmup: int, size: tuple[
             threads: int | None, spin_wait: bool | None = None, fuse_argmax: bool = True) -> dict:
     import cv2
 
-    from edgepix.runtime.segmenter import Segmenter
-    from edgepix.runtime.synthetic import MovingScene, SceneConfig
+    from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     options: dict = {"threads": threads} if threads else {}
     if spin_wait is not None:

@@ -62,8 +62,8 @@ def viewer(port: int, counter: dict, stop: threading.Event) -> None:
 def run(model: Path, *, minutes: float, kill_every: float, outage: float, workdir: Path) -> dict:
     from edgepix.benchmarks.stream_bound import LiveServer, free_port, make_video
     from edgepix.runtime import Segmenter
-    from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers
-    from edgepix.runtime.sinks import HttpSink, make_sink
+    from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, choose_workers
+    from edgepix.runtime.streams.sinks import HttpSink, make_sink
 
     video = make_video(workdir / "loop.mp4", frames=150, size=(320, 240), fps=LIVE_FPS)
     server = LiveServer(video, free_port())
@@ -112,7 +112,7 @@ def run(model: Path, *, minutes: float, kill_every: float, outage: float, workdi
 
 def open_streams(video: Path, live_url: str) -> list:
     """The four sources, numbered as in the module docstring, sharing one condition."""
-    from edgepix.runtime.sources import SourceOptions, open_source
+    from edgepix.runtime.streams.sources import SourceOptions, open_source
 
     cond = threading.Condition()
     return [
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result["environment"] = environment()
     if args.out is not None:
-        from edgepix.runtime.fileio import atomic_write_text
+        from edgepix.runtime.core.fileio import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(result, indent=2, default=str) + "\n")
     print(f"RSS after 1 min {result['rss_mb_after_1_min']} MB, at the end {result['rss_mb_end']} MB "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepix.plotting import pyplot, save_figure
-from edgepix.runtime.errors import ModelFormatError, SinkError, SourceError
+from edgepix.runtime.core.errors import ModelFormatError, SinkError, SourceError
 
 from .environment import describe, environment
 from .stream_bound import (
@@ -92,7 +92,7 @@ def prepare_input(source: str, frames: int, work: Path, *,
     """Parse `source` and decide what the pipeline and the naive loop read (see the module docstring)."""
     import cv2
 
-    from edgepix.runtime.sources import SourceKind, csi_pipeline, parse_source, synthetic_fps, synthetic_size
+    from edgepix.runtime.streams.sources import SourceKind, csi_pipeline, parse_source, synthetic_fps, synthetic_size
 
     spec = parse_source(source)
     if spec.kind is SourceKind.SYNTHETIC:
@@ -138,7 +138,7 @@ def prepare_input(source: str, frames: int, work: Path, *,
 
 def sink_paths(sink: str | None, work: Path) -> tuple[str | None, Path | None, str]:
     """(the pipeline's sink URI or None, the naive loop's output path or None, a description)."""
-    from edgepix.runtime.sinks import parse_sink
+    from edgepix.runtime.streams.sinks import parse_sink
 
     if sink is None:
         return str(work / "pipeline.mp4"), work / "naive.mp4", "a temporary .mp4 per run (deleted afterwards)"
@@ -216,7 +216,7 @@ def _check_model(model: Path, options: StreamBenchOptions) -> None:
 def _run_both(model: Path, source: str, options: StreamBenchOptions, work: Path, pipe_sink: str | None,
               naive_out: Path | None, progress: Callable[[str], None] | None) -> _Runs:
     """The pipeline, then the naive loop writing the codec the pipeline's video sink picked."""
-    from edgepix.runtime.pipeline import resolve_backend
+    from edgepix.runtime.streams.pipeline import resolve_backend
 
     resolve_backend(model, options.backend)  # an unknown or unavailable backend fails before any work
     inp = prepare_input(source, options.frames, work, progress=progress)
@@ -236,7 +236,7 @@ def _run_both(model: Path, source: str, options: StreamBenchOptions, work: Path,
 
 def _results(stats: dict, loop: LoopResult, naive_out: Path | None) -> dict:
     """The report's `results`: FPS, drops, frame age, latency and per-stage statistics of each runtime."""
-    from edgepix.runtime.stats import LatencyStats
+    from edgepix.runtime.core.stats import LatencyStats
 
     config = stats["config"]
     per_frame = LatencyStats.from_samples(loop.frame_ms).as_dict() if loop.frame_ms else None

@@ -6,7 +6,7 @@
    pre-processing (resize, RGB swap, mean and per-channel scale in one call), ONNX Runtime with default session
    options, numpy argmax, nearest resize, colouring with cv2.LUT, cv2.addWeighted overlay, cv2.VideoWriter.
    (`naive_loop`, reused by `edgepix bench stream`.)
-2. The pipeline (`edgepix.runtime.pipeline`) on the same model file, video and output file type.
+2. The pipeline (`edgepix.runtime.streams.pipeline`) on the same model file, video and output file type.
 3. The machine's bound for the pipeline's work: cores / (sum over the stages of the CPU time per frame each takes
    when measured alone: decode, pre-process, inference with its threads, post-process + render, encode). CPU time
    is `time.process_time()` of this process, so decoder threads and ONNX Runtime pool threads (spinning included)
@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgepix.runtime.stats import LatencyStats
+from edgepix.runtime.core.stats import LatencyStats
 
 # ---- the test video -----------------------------------------------------------------------------------------
 
@@ -45,17 +45,17 @@ def make_video(path: str | os.PathLike, *, frames: int = 300, size: tuple[int, i
     `source`: a `synthetic://` URI whose frames are written instead, exactly as the runtime draws them for that URI
     (its size, seed, speed and shading; at most its `frames=`); `size` and `seed` are then ignored and `fps` is the
     URI's frame rate (30 when it is unpaced)."""
-    from edgepix.runtime.errors import SinkError
+    from edgepix.runtime.core.errors import SinkError
 
     if source is not None:
-        from edgepix.runtime.sources import SyntheticReader, parse_source
+        from edgepix.runtime.streams.sources import SyntheticReader, parse_source
 
         reader = SyntheticReader(parse_source(source))
         reader.open()
         images = (got[0] for got in iter(reader.read, None))
         (w, h), fps = reader.size, reader.nominal_fps
     else:
-        from edgepix.runtime.synthetic import MovingScene, SceneConfig
+        from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
 
         w, h = size
         images = (image for image, _ in MovingScene(seed=seed, config=SceneConfig(size=(h, w))).frames(frames))
@@ -96,8 +96,8 @@ class LoopResult:
 def naive_spec(model: str | os.PathLike):
     """The ModelSpec the naive loop copies its pre-processing from; ModelFormatError without one, or for a model
     that does not segment."""
-    from edgepix.runtime.errors import ModelFormatError
-    from edgepix.runtime.spec import ModelSpec, Task
+    from edgepix.runtime.core.errors import ModelFormatError
+    from edgepix.runtime.description.spec import ModelSpec, Task
 
     spec = ModelSpec.from_onnx(model)
     if spec is None:
@@ -122,11 +122,11 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.Vi
     the first frame, outside the timed stages."""
     import onnxruntime as ort
 
-    from edgepix.runtime.errors import SinkError, SourceError
+    from edgepix.runtime.core.errors import SinkError, SourceError
 
     spec = naive_spec(model)
     h_in, w_in = spec.input_size
-    from edgepix.runtime.spec import ChannelOrder
+    from edgepix.runtime.description.spec import ChannelOrder
 
     swap_rb = spec.channel_order is ChannelOrder.RGB  # frames are BGR
     # blobFromImage computes (pixel - mean) * scale per channel, in the model's channel order: the spec's
@@ -211,9 +211,9 @@ def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | 
                  backend: str = "auto", workers: int | None = None, threads: int | None = None,
                  max_frames: int | None = None, realtime: bool = False, prefetch: bool = True) -> dict:
     """The stream pipeline over `video` into `out` (or null://); returns its statistics."""
-    from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
-    from edgepix.runtime.segmenter import Segmenter
-    from edgepix.runtime.sources import SourceOptions
+    from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
+    from edgepix.runtime.streams.sources import SourceOptions
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
     with Segmenter.load(model, plan.backend, **plan.backend_options()) as seg:
@@ -253,9 +253,9 @@ def stage_costs(model: str | os.PathLike, video: str | os.PathLike, *, backend: 
                 out_suffix: str = ".mp4") -> dict:
     """CPU milliseconds per frame of each pipeline stage measured alone, on the first `frames` frames, with the
     pipeline's inference plan (the same threads and spin setting per call)."""
-    from edgepix.runtime.cpuinfo import usable_cores
-    from edgepix.runtime.pipeline import choose_workers, resolve_backend
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.core.cpuinfo import usable_cores
+    from edgepix.runtime.streams.pipeline import choose_workers, resolve_backend
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
     name, threads = plan.backend, plan.threads
@@ -419,8 +419,8 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
     import shutil
     import threading
 
-    from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     if shutil.which("ffmpeg") is None:
         raise SystemExit("the live check needs ffmpeg (apt-get install ffmpeg)")
@@ -586,7 +586,7 @@ def _print_ratios(naive_fps: float, pipe_fps: float, bound: dict, rounds: int) -
 
 
 def _write_json(path: Path, data: object) -> None:
-    from edgepix.runtime.fileio import atomic_write_text
+    from edgepix.runtime.core.fileio import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edgepix.runtime.backends.base import Backend, TensorMeta
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, Task
+from edgepix.runtime.backends.base import Backend
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, Task
+from edgepix.runtime.description.tensors import TensorMeta
 
 
 class TorchBackend(Backend):

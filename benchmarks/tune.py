@@ -1,5 +1,5 @@
 """`edgepix tune MODEL`: time every backend that can run the file on this machine and record the fastest, so that
-`auto` picks it here (`edgepix.runtime.profile`).
+`auto` picks it here (`edgepix.runtime.backends.profile`).
 
     edgepix tune model.onnx [--threads N] [--rounds 50] [--warmup 10] [--dry-run]
 
@@ -26,7 +26,7 @@ ONNX_BACKENDS = ("ort-trt", "ort-cuda", "ort-cpu", "openvino", "opencv")
 def tune(model: Path, *, threads: int, rounds: int, warmup: int, progress=None) -> tuple[PeersReport, str]:
     """Time the backends that can run `model` here; returns the report and the fastest backend's name."""
     from edgepix.runtime.backends.registry import backend_status
-    from edgepix.runtime.errors import BackendError
+    from edgepix.runtime.core.errors import BackendError
 
     from .peers import edgepix_backend, measure
 
@@ -61,10 +61,10 @@ def register(subparsers) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     import sys
 
+    from edgepix.runtime.backends.profile import record
     from edgepix.runtime.backends.registry import candidates
-    from edgepix.runtime.cpuinfo import usable_cores
-    from edgepix.runtime.errors import InputError, ModelFormatError
-    from edgepix.runtime.profile import record
+    from edgepix.runtime.core.cpuinfo import usable_cores
+    from edgepix.runtime.core.errors import InputError, ModelFormatError
 
     from .peers import load_average
 

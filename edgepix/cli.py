@@ -17,8 +17,9 @@ from edgepix import __version__
 
 # Packages that contribute verbs, in the order their verbs appear in --help. A module that does not exist yet is
 # simply not listed here; every listed one must import.
-VERB_MODULES = ("edgepix.commands", "edgepix.train.cli", "edgepix.export.cli", "edgepix.runtime.cli",
-                "edgepix.runtime.generate_cli", "edgepix.benchmarks.cli")
+VERB_MODULES = ("edgepix.commands", "edgepix.runtime.cli.spec", "edgepix.runtime.cli.data", "edgepix.train.cli",
+                "edgepix.export.cli", "edgepix.runtime.cli.segment", "edgepix.runtime.cli.generate",
+                "edgepix.benchmarks.cli")
 
 EXIT_OK, EXIT_FAILURE = 0, 1  # argparse itself exits 2 on bad usage
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         stream=sys.stderr,
     )
-    from edgepix.runtime.errors import EdgepixError
+    from edgepix.runtime.core.errors import EdgepixError
 
     try:
         code = args.func(args)

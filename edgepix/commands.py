@@ -10,10 +10,9 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from edgepix.runtime.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES
+from edgepix.runtime.core.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES
 
 
 def register(subparsers) -> None:
@@ -23,57 +22,23 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
-    p = subparsers.add_parser(
-        "spec", help="show an ONNX file's spec (or what the runtime would assume), or write a copy with a new one",
-        description="Without --set/--from-hf/--palette: print the spec MODEL carries, or, for a model exported by "
-                    "another tool, the one the runtime would assume. With them: write --out, a copy of MODEL whose "
-                    "metadata holds the validated spec; the graph and weights are copied unchanged. Settable: "
-                    "classes, model_name, ignore_index, scale, mean, std, channel_order, resize, pad_value, "
-                    "input_size, size_divisor, output_stride, output_range (lists comma-separated or JSON).")
-    p.add_argument("model", type=Path, help="an .onnx file")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="spec fields, e.g. classes=road,car,person mean=0.5,0.5,0.5 std=0.5,0.5,0.5")
-    p.add_argument("--from-hf", type=Path, metavar="DIR",
-                   help="class names, normalisation and size from a Hugging Face save_pretrained folder "
-                        "(config.json id2label, preprocessor_config.json); --set wins over it")
-    p.add_argument("--palette", type=Path, metavar="FILE",
-                   help='class colours: a JSON list of [r, g, b], or {"names": [...], "palette": [...]}')
-    p.add_argument("--task", choices=("segmentation", "generation-noise", "generation-image"),
-                   default="segmentation", help="what a model without a spec is (default segmentation)")
-    p.add_argument("--out", type=Path, metavar="NEW.onnx", help="where the copy goes (may be MODEL itself)")
-    p.add_argument("--json", action="store_true", help="print the spec as JSON")
-    p.set_defaults(func=cmd_spec)
-
     p = subparsers.add_parser("doctor", help="report what this machine can run and what is missing")
     p.add_argument("--engines", type=Path, metavar="DIR",
                    help="also say, for each TensorRT engine in DIR, whether it can load here (exit 1 if one cannot)")
     p.set_defaults(func=cmd_doctor)
 
-    p = subparsers.add_parser("data", help="datasets: make synthetic scenes")
-    data_verbs = p.add_subparsers(dest="data_verb", metavar="ACTION")
-    data_verbs.required = True
-    s = data_verbs.add_parser("synth", help="write synthetic scenes in the training folder format")
-    s.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    s.add_argument("--n", type=int, required=True, help="number of scenes")
-    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes listed in val.txt")
-    s.add_argument("--appearance", choices=["varied", "lit"], default="varied",
-                   help="varied: colours independent of the layout (segmentation); lit: rendered from the layout "
-                        "with light, shading and shadows (mask -> image training)")
-    s.set_defaults(func=cmd_data_synth)
 
 
 # ---- info ----------------------------------------------------------------------------------------------
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from edgepix.runtime.errors import ModelFormatError
+    from edgepix.runtime.core.errors import ModelFormatError
 
     path: Path = args.model
     if not path.exists():
         raise ModelFormatError(f"model file not found: {path}")
-    from edgepix.runtime.hfconfig import is_hf_folder
+    from edgepix.runtime.description.hfconfig import is_hf_folder
 
     suffix = path.suffix.lower()
     if is_hf_folder(path):
@@ -96,41 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_spec(args: argparse.Namespace) -> int:
-    from edgepix.runtime.errors import EdgepixError
-    from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
-    from edgepix.runtime.specfile import palette_from_file, parse_settings, read_spec, write_spec
-
-    given: dict = {}
-    preferred_size = None
-    if args.from_hf:
-        folder = read_hf_folder(args.from_hf)
-        given.update(spec_fields(folder), model_name=folder.path.resolve().name or folder.model_type)
-        preferred_size = given.pop("input_size", None)
-    if args.palette:
-        given.update(palette_from_file(args.palette))
-    given.update(parse_settings(args.set))
-    if given and args.out is None:
-        raise EdgepixError("--set, --from-hf and --palette write a copy of the model: give --out NEW.onnx")
-    reading = read_spec(args.model, task=args.task, given=given, preferred_size=preferred_size)
-    spec = reading.spec
-    if args.out is not None:
-        spec = write_spec(args.model, args.out, spec)
-    if args.json:
-        print(spec.to_json(indent=2))
-    else:
-        origin = "embedded" if reading.embedded or args.out else "not embedded: what the runtime would assume"
-        print(f"spec of {args.out or args.model} ({origin})")
-        for key, value in spec.to_dict().items():
-            print(f"  {key:<15} {value}")
-    if args.out is not None:
-        print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): graph and weights unchanged, spec "
-              f"with {spec.num_classes} classes embedded", file=sys.stderr)
-    return 0
-
-
 def _onnx_info(path: Path) -> dict:
-    from edgepix.runtime.onnxinfo import read_onnx_info
+    from edgepix.runtime.description.onnxinfo import read_onnx_info
 
     info = read_onnx_info(path)
     return {
@@ -145,7 +77,7 @@ def _onnx_info(path: Path) -> dict:
 
 def _hf_folder_info(path: Path) -> dict:
     """What edgepix reads from a save_pretrained folder (no torch, no transformers): the spec fields it gives."""
-    from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
+    from edgepix.runtime.description.hfconfig import read_hf_folder, spec_fields
 
     folder = read_hf_folder(path)
     fields = spec_fields(folder)
@@ -155,7 +87,7 @@ def _hf_folder_info(path: Path) -> dict:
 
 
 def _checkpoint_info(path: Path) -> dict:
-    from edgepix.runtime.errors import require
+    from edgepix.runtime.core.errors import require
 
     require("torch", extra="train", purpose="Reading checkpoints")
     from edgepix.train.checkpoint import load_checkpoint
@@ -175,8 +107,8 @@ def _checkpoint_info(path: Path) -> dict:
 
 
 def _engine_info(path: Path) -> dict:
-    from edgepix.runtime import boundedjson
-    from edgepix.runtime.errors import ModelFormatError
+    from edgepix.runtime.core import boundedjson
+    from edgepix.runtime.core.errors import ModelFormatError
 
     manifest = path.with_name(path.name + ".json")
     if not manifest.exists():
@@ -467,7 +399,7 @@ def _doctor_tensorrt(rows: list[tuple[str, str, str]]) -> None:
 
 def _doctor_gpu(rows: list[tuple[str, str, str]]):
     """The GPUs, and which TensorRT and GPU engines built here target (the facts `--engines` compares with)."""
-    from edgepix.runtime.engine_manifest import running_device_facts
+    from edgepix.runtime.backends.tensorrt.manifest import running_device_facts
 
     gpus = _gpu_facts()
     rows.extend(("gpu", "ok", g) for g in gpus)
@@ -484,7 +416,7 @@ def _doctor_gpu(rows: list[tuple[str, str, str]]):
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgepix import __version__
-    from edgepix.runtime.cpuinfo import usable_cores
+    from edgepix.runtime.core.cpuinfo import usable_cores
 
     rows: list[tuple[str, str, str]] = [  # (component, status, detail)
         ("edgepix", "ok", __version__),
@@ -514,8 +446,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _doctor_cpu(rows: list[tuple[str, str, str]]) -> None:
-    """The instruction sets that decide INT8 and FP16 speed on this CPU (see edgepix.runtime.cpuinfo)."""
-    from edgepix.runtime.cpuinfo import cpu_features
+    """The instruction sets that decide INT8 and FP16 speed on this CPU (see edgepix.runtime.core.cpuinfo)."""
+    from edgepix.runtime.core.cpuinfo import cpu_features
 
     cpu = cpu_features()
     rows.append(("cpu", "ok", f"{cpu.model}: {cpu.describe()}"))
@@ -530,7 +462,7 @@ def _doctor_cpu(rows: list[tuple[str, str, str]]) -> None:
 
 def _doctor_engines(folder: Path, here) -> int:
     """One line per engine in `folder`: can it load here (manifest vs running TensorRT and GPU)? No TensorRT needed."""
-    from edgepix.runtime.engine_manifest import scan_engines
+    from edgepix.runtime.backends.tensorrt.manifest import scan_engines
 
     statuses = scan_engines(folder, here)
     print(f"engines in {folder} (this machine: {here.describe()}):")
@@ -540,22 +472,3 @@ def _doctor_engines(folder: Path, here) -> int:
     print(f"{len(statuses)} engine(s), {n_bad} cannot load here" + ("" if statuses else " (none found: *.engine, "
                                                                       "*.plan, *.trt)"))
     return 1 if n_bad else 0
-
-
-# ---- data ----------------------------------------------------------------------------------------------
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    from edgepix.runtime.progress import progress_bar
-    from edgepix.runtime.synthetic import CLASS_NAMES, write_dataset
-
-    start = time.perf_counter()
-    with progress_bar(args.n, desc="synth", unit="scene", quiet=args.quiet) as bar:
-        write_dataset(args.out, args.n, size=tuple(args.size), seed=args.seed, val_fraction=args.val_fraction,
-                      appearance=args.appearance, progress=bar.update)
-    elapsed = time.perf_counter() - start
-    if not args.quiet:
-        print(f"wrote {args.n} {args.appearance} scenes of {args.size[0]}x{args.size[1]} ({len(CLASS_NAMES)} classes) "
-              f"to {args.out} "
-              f"in {elapsed:.1f} s ({args.n / elapsed:.0f} scenes/s)")
-    return 0

@@ -26,7 +26,7 @@ def save_figure(fig, path: Path, *, dpi: int | None = None) -> None:
     """Write `fig` as a PNG atomically (a reader never sees half a file) and free it."""
     import matplotlib.pyplot as plt
 
-    from edgepix.runtime.fileio import atomic_output
+    from edgepix.runtime.core.fileio import atomic_output
 
     try:
         with atomic_output(path) as tmp:

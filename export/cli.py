@@ -152,8 +152,8 @@ def export_request(args: argparse.Namespace):
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from edgepix.runtime.errors import ModelFormatError
-    from edgepix.runtime.spec import ModelSpec, Task
+    from edgepix.runtime.core.errors import ModelFormatError
+    from edgepix.runtime.description.spec import ModelSpec, Task
     from edgepix.train.checkpoint import load_source
 
     from .pipeline import load_samples

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from edgepix.runtime.errors import DataError, ExportError
-from edgepix.runtime.imageops import Geometry, map_to_frame
-from edgepix.runtime.metrics import ConfusionMatrix, psnr
-from edgepix.runtime.spec import ModelSpec, Precision
+from edgepix.runtime.core.errors import DataError, ExportError
+from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
+from edgepix.runtime.description.spec import ModelSpec, Precision
+from edgepix.runtime.tasks.imageops import Geometry, map_to_frame
 
 from .gate import Check
 
@@ -231,9 +231,9 @@ def compare_backends(artifact: str | os.PathLike, backend: str, reference_onnx: 
     """An artifact run by `backend` (a TensorRT engine on `tensorrt`, an ONNX file on `opencv`, ...) against the
     FP32 ONNX it came from on `ort-cpu`, on the same synthetic scenes: the check every non-PyTorch artifact gets."""
     from edgepix.runtime.backends import load_backend
-    from edgepix.runtime.imageops import Normalizer
-    from edgepix.runtime.spec import Task
-    from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene, scene_seed
+    from edgepix.runtime.description.spec import Task
+    from edgepix.runtime.tasks.imageops import Normalizer
 
     with load_backend(artifact, backend) as art_b, load_backend(reference_onnx, "ort-cpu") as ref_b:
         spec = art_b.spec

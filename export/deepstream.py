@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.spec import ChannelOrder, Layout, ModelSpec, OutputKind, Precision, ResizeMode, Task
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.description.spec import ChannelOrder, Layout, ModelSpec, OutputKind, Precision, ResizeMode, Task
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def write_deepstream_from_checkpoint(request, out_dir: str | os.PathLike, option
 
 def write_deepstream_from_onnx(onnx_path: Path, out_dir: str | os.PathLike, options: DeepStreamOptions
                                ) -> DeepStreamResult:
-    from edgepix.runtime.onnxproto import read_onnx_header
+    from edgepix.runtime.description.onnxproto import read_onnx_header
 
     header = read_onnx_header(onnx_path)
     spec = ModelSpec.from_onnx_metadata(header.metadata, source=str(onnx_path))
@@ -272,8 +272,8 @@ def check_adaptation(original: Path, spec: ModelSpec, adapted: Path, options: De
     through nvinfer's simulated rules, on synthetic scenes of a camera-like size."""
     import onnxruntime as ort
 
-    from edgepix.runtime.imageops import Normalizer, argmax_classes
-    from edgepix.runtime.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.tasks.imageops import Normalizer, argmax_classes
 
     if spec.resize is ResizeMode.LETTERBOX:
         log.warning("letterbox models: nvinfer pads with black (maintain-aspect-ratio=1, symmetric-padding=1), "

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.spec import ModelSpec, Task
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.description.spec import ModelSpec, Task
 
 
 class PerImageNorm(nn.Module):

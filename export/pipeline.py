@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.fileio import atomic_output
-from edgepix.runtime.spec import ModelSpec, Task
-from edgepix.runtime.synthetic import CLASS_NAMES
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.fileio import atomic_output
+from edgepix.runtime.data.synthetic import CLASS_NAMES
+from edgepix.runtime.description.spec import ModelSpec, Task
 from edgepix.train.checkpoint import load_source
 from edgepix.train.data import read_classes_json
 

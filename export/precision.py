@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepix.runtime.errors import ExportError, require
-from edgepix.runtime.spec import ModelSpec, Precision
+from edgepix.runtime.core.errors import ExportError, require
+from edgepix.runtime.description.spec import ModelSpec, Precision
 
 from .to_onnx import save_onnx, set_spec_metadata
 
@@ -165,7 +165,7 @@ def quantize_int8(
     if not calibration:
         raise ExportError("INT8 calibration needs at least one image; got none")
     if options.target is Int8Target.CPU:
-        from edgepix.runtime.cpuinfo import warn_if_int8_is_slow_here
+        from edgepix.runtime.core.cpuinfo import warn_if_int8_is_slow_here
 
         warn_if_int8_is_slow_here()  # one log line per process where this CPU has no VNNI/AMX/dot-product
     model = onnx.load(str(fp32_path))

@@ -3,9 +3,9 @@
 From a checkpoint, the ONNX matching the precision is exported first and passes the parity gate against PyTorch
 (FP32 ONNX, FP16 ONNX, or symmetric S8S8 Q/DQ ONNX for TensorRT), and is kept beside the engine: the manifest
 names it, and `--rebuild` (or the runtime's `rebuild=True`) rebuilds from it on another device. From an ONNX file,
-the engine is built from that file. The build itself is `edgepix.runtime.trt_build` (torch-free, so a Jetson can
-rebuild without PyTorch); this module adds what the export command needs: optimization profiles from --batch and
---imgsz-range (`derive_profiles`, a pure function), output naming, and an engine-vs-ONNX Runtime check.
+the engine is built from that file. The build itself is `edgepix.runtime.backends.tensorrt.build` (torch-free, so a
+Jetson can rebuild without PyTorch); this module adds what the export command needs: optimization profiles from
+--batch and --imgsz-range (`derive_profiles`, a pure function), output naming, and an engine-vs-ONNX Runtime check.
 
 Nothing in this module imports torch at import time; a checkpoint input imports the export pipeline (torch) then.
 """
@@ -23,17 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from edgepix.runtime.engine_manifest import ProfileShapes
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.formats import CHECKPOINT_SUFFIXES
-from edgepix.runtime.spec import Layout, ModelSpec, OutputKind, Precision
-from edgepix.runtime.trt_build import (
+from edgepix.runtime.backends.tensorrt.build import (
     EngineBuildOptions,
     EngineBuildResult,
     Int8Mode,
     build_engine_file,
     import_tensorrt,
 )
+from edgepix.runtime.backends.tensorrt.manifest import ProfileShapes
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.formats import CHECKPOINT_SUFFIXES
+from edgepix.runtime.description.spec import Layout, ModelSpec, OutputKind, Precision
 
 from .compare import compare_backends
 
@@ -218,7 +218,7 @@ class EngineExportOptions:
     batch: BatchRange | None = None
     imgsz_range: tuple[int, int, int, int] | None = None  # MIN_H MIN_W MAX_H MAX_W (dynamic-size ONNX only)
     imgsz: tuple[int, int] | None = None  # the optimal size; default: the spec's input size
-    cache_dir: Path | None = None  # default: engine_manifest.default_cache_dir()
+    cache_dir: Path | None = None  # default: runtime/backends/tensorrt/manifest.py default_cache_dir()
     rebuild: bool = False  # build even when the cache has this engine
     verify: bool = True  # compare the engine with ONNX Runtime on the CPU before keeping it
     verify_n: int = 20
@@ -240,7 +240,7 @@ def export_engine_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike
                             options: EngineExportOptions, *, calibration: list[np.ndarray] | None = None,
                             reference_onnx: str | os.PathLike | None = None) -> EngineBuildResult:
     """Build (or reuse) the engine for an ONNX file carrying an edgepix spec; check it against ONNX Runtime."""
-    from edgepix.runtime.onnxinfo import read_onnx_info
+    from edgepix.runtime.description.onnxinfo import read_onnx_info
 
     check_engine_prerequisites()
     onnx_path = Path(onnx_path)

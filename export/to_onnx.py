@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.fileio import atomic_output
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.fileio import atomic_output
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
 
 from .audit import Severity, audit_model
 from .generators import TransposedConvForm, transposed_conv_graph
@@ -315,6 +315,6 @@ def save_onnx(proto, out: str | os.PathLike) -> None:
 
 
 def _require_onnx():
-    from edgepix.runtime.errors import require
+    from edgepix.runtime.core.errors import require
 
     return require("onnx", extra="train", purpose="Exporting to ONNX")

@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.formats import ENGINE_SUFFIXES
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.formats import ENGINE_SUFFIXES
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def write_checkpoint_repository(request, repo: str | os.PathLike, options: Trito
 
 def write_onnx_repository(onnx_path: Path, repo: str | os.PathLike, options: TritonOptions) -> TritonResult:
     """Copy an exported ONNX (its spec checked against its graph), ending it in an argmax when asked."""
-    from edgepix.runtime.onnxproto import read_onnx_header
+    from edgepix.runtime.description.onnxproto import read_onnx_header
 
     header = read_onnx_header(onnx_path)
     spec = ModelSpec.from_onnx_metadata(header.metadata, source=str(onnx_path))
@@ -234,7 +234,7 @@ def write_onnx_repository(onnx_path: Path, repo: str | os.PathLike, options: Tri
 
 def write_plan_repository(engines: Sequence[Path], repo: str | os.PathLike, options: TritonOptions) -> TritonResult:
     """A tensorrt_plan model: each engine named after its compute capability, listed in cc_model_filenames."""
-    from edgepix.runtime.engine_manifest import read_manifest
+    from edgepix.runtime.backends.tensorrt.manifest import read_manifest
 
     if options.trt_accelerator is not None:
         raise ExportError("--trt-accelerator applies to ONNX models; an engine is already TensorRT")
@@ -303,7 +303,7 @@ def _is_segmentation_checkpoint(request) -> bool:
 
 
 def _write_onnx_model(repo: Path, options: TritonOptions, build) -> TritonResult:
-    from edgepix.runtime.onnxproto import read_onnx_header
+    from edgepix.runtime.description.onnxproto import read_onnx_header
 
     holder: dict = {}
 
@@ -332,7 +332,7 @@ def _write_onnx_model(repo: Path, options: TritonOptions, build) -> TritonResult
 
 def append_argmax_onnx(src: Path, dst: Path, spec: ModelSpec) -> ModelSpec:
     """Copy `src` to `dst` with its logits output replaced by ArgMax + Cast(uint8), spec updated to match."""
-    from edgepix.runtime.onnxedit import append_argmax_file
+    from edgepix.runtime.description.onnxedit import append_argmax_file
 
     from .to_onnx import _require_onnx, set_spec_metadata
 

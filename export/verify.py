@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 from torch import nn
 
-from edgepix.runtime.errors import DataError, require
-from edgepix.runtime.formats import IMAGE_SUFFIXES
-from edgepix.runtime.metrics import psnr
-from edgepix.runtime.spec import ModelSpec, Task
-from edgepix.runtime.synthetic import SceneConfig, make_scene, scene_seed
+from edgepix.runtime.core.errors import DataError, require
+from edgepix.runtime.core.formats import IMAGE_SUFFIXES
+from edgepix.runtime.data.metrics import psnr
+from edgepix.runtime.data.synthetic import SceneConfig, make_scene, scene_seed
+from edgepix.runtime.description.spec import ModelSpec, Task
 
 from .compare import (
     THRESHOLDS,
@@ -83,7 +83,7 @@ def folder_samples(folder: str | os.PathLike, n: int) -> list[Sample]:
 
 def preprocess(image: np.ndarray, spec: ModelSpec, size: tuple[int, int] | None = None) -> np.ndarray:
     """BGR uint8 image -> (1, C, H, W) float32 input, exactly as the runtime's Segmenter feeds it."""
-    from edgepix.runtime.imageops import Normalizer
+    from edgepix.runtime.tasks.imageops import Normalizer
 
     return Normalizer(spec, size or spec.input_size)([image])[0]
 

@@ -37,8 +37,8 @@ def seg_checkpoint(tmp_path_factory) -> Path:
     import numpy as np
     import torch
 
-    from edgepix.runtime.spec import ModelSpec
-    from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene
+    from edgepix.runtime.description.spec import ModelSpec
     from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
     from edgepix.train.registry import create_model
 

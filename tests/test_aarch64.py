@@ -17,8 +17,8 @@ from conftest import REPO
 
 from edgepix.benchmarks import aarch64_run
 from edgepix.benchmarks.aarch64_pytest import missing_train_module
-from edgepix.runtime import cpuinfo
-from edgepix.runtime.cpuinfo import AT_HWCAP, AT_HWCAP2, features_from_hwcaps, parse_proc_cpuinfo
+from edgepix.runtime.core import cpuinfo
+from edgepix.runtime.core.cpuinfo import AT_HWCAP, AT_HWCAP2, features_from_hwcaps, parse_proc_cpuinfo
 
 # The first processor of an x86 host's /proc/cpuinfo, which is what an aarch64 process sees under qemu-user 7.2.
 X86_HOST = """processor\t: 0
@@ -103,7 +103,7 @@ def test_test_files_that_import_the_train_extra_at_module_level_are_left_out(tmp
         "test_importorskip.py": "import pytest\nonnx = pytest.importorskip('onnx')\n",
         "test_export_api.py": "try:\n    from edgepix.export.pipeline import run\nexcept ImportError:\n    pass\n",
         "test_lazy.py": "def test_x():\n    import torch\n",
-        "test_runtime.py": "import numpy\nfrom edgepix.runtime.spec import ModelSpec\n",
+        "test_runtime.py": "import numpy\nfrom edgepix.runtime.description.spec import ModelSpec\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)

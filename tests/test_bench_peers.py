@@ -11,7 +11,7 @@ import pytest
 
 from edgepix.benchmarks.peers import Peer, PeersReport, _agreement, markdown, run_peers, verdict
 from edgepix.benchmarks.stats import LatencyStats
-from edgepix.runtime.errors import EdgepixError
+from edgepix.runtime.core.errors import EdgepixError
 
 
 def report_with(p50s: dict[str, float], *, auto: str, reduced: tuple[str, ...] = ()) -> PeersReport:

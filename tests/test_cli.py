@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from edgepix.runtime.spec import ModelSpec, default_palette
+from edgepix.runtime.description.spec import ModelSpec, default_palette
 
 
 def test_help_and_version(edgepix_cli):

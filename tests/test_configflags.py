@@ -1,5 +1,5 @@
-"""Flags declared on config dataclass fields (runtime.configflags): types, help with the dataclass's default, only
-the values the user gave, and the real verbs built from them."""
+"""Flags declared on config dataclass fields (runtime/core/fields.py declares, runtime/cli/flags.py parses): types,
+help with the dataclass's default, only the values the user gave, and the real verbs built from them."""
 
 import argparse
 import enum
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from edgepix.cli import build_parser, join_compound_verb
-from edgepix.runtime.configflags import add_config_flags, config_values, flag
-from edgepix.runtime.jobs import StreamJob
-from edgepix.runtime.sources import SourceOptions
+from edgepix.runtime.cli.flags import add_config_flags, config_values
+from edgepix.runtime.core.fields import flag
+from edgepix.runtime.streams.jobs import StreamJob
+from edgepix.runtime.streams.sources import SourceOptions
 from edgepix.train.config import DEFAULTS, GanKind, GanTrainConfig, SegTrainConfig
 
 
@@ -128,7 +129,7 @@ def test_train_verbs_state_the_config_defaults_per_kind():
 
 
 def test_stream_flags_build_the_job_and_leave_the_rest_to_the_dataclasses():
-    from edgepix.runtime.cli import stream_job
+    from edgepix.runtime.cli.segment import stream_job
 
     _, args = verb("segment m.onnx")
     job = stream_job(args, sources=["synthetic://"], sinks=["null://"])

@@ -14,10 +14,10 @@ from onnx import helper, numpy_helper
 from test_runtime_models import channel_model
 
 from edgepix.runtime import Segmenter
-from edgepix.runtime.engine_manifest import read_manifest
-from edgepix.runtime.errors import BackendError, ModelFormatError, SpecError
-from edgepix.runtime.onnxinfo import read_onnx_info
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec
+from edgepix.runtime.backends.tensorrt.manifest import read_manifest
+from edgepix.runtime.core.errors import BackendError, ModelFormatError, SpecError
+from edgepix.runtime.description.onnxinfo import read_onnx_info
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec
 
 
 @pytest.fixture(scope="module")

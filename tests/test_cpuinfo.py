@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
-from edgepix.runtime import cpuinfo
-from edgepix.runtime.cpuinfo import CpuFeatures, parse_proc_cpuinfo
+from edgepix.runtime.core import cpuinfo
+from edgepix.runtime.core.cpuinfo import CpuFeatures, parse_proc_cpuinfo
 
 # Trimmed from real machines: an AVX2-only AMD EPYC (Zen 2), an Intel Xeon with AVX-512 VNNI (Cascade Lake),
 # a Jetson Orin (Cortex-A78AE) and a Raspberry Pi 4 (Cortex-A72).
@@ -109,33 +109,33 @@ def test_doctor_prints_the_instruction_sets(monkeypatch, capsys):
 
 def test_int8_export_warns_once_where_the_cpu_has_no_fast_int8_path(seg_onnx, tmp_path, monkeypatch, caplog):
     from edgepix.export.precision import Int8Options, Int8Target, quantize_int8
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.description.spec import ModelSpec
 
     spec = ModelSpec.from_onnx(seg_onnx)
     calibration = [np.random.default_rng(i).standard_normal((1, 3, *spec.input_size), dtype=np.float32)
                    for i in range(2)]
-    caplog.set_level(logging.WARNING, logger="edgepix.runtime.cpuinfo")
+    caplog.set_level(logging.WARNING, logger="edgepix.runtime.core.cpuinfo")
     for flags, warnings in ((("avx2", "avx512_vnni"), 0), (("avx2",), 1)):
         monkeypatch.setattr(cpuinfo, "cpu_features", lambda flags=flags: fake_cpu(*flags))
         cpuinfo.warn_if_int8_is_slow_here.cache_clear()
         caplog.clear()
         for i in range(2):  # twice in one process: still one line
             quantize_int8(seg_onnx, tmp_path / f"int8_{i}.onnx", spec, calibration, Int8Options())
-        lines = [r.getMessage() for r in caplog.records if r.name == "edgepix.runtime.cpuinfo"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "edgepix.runtime.core.cpuinfo"]
         assert len(lines) == warnings, lines
         if warnings:
             assert lines[0].startswith("this CPU (Test CPU) has no VNNI or AMX") and "\n" not in lines[0]
     cpuinfo.warn_if_int8_is_slow_here.cache_clear()
     caplog.clear()
     quantize_int8(seg_onnx, tmp_path / "trt.onnx", spec, calibration, Int8Options(target=Int8Target.TENSORRT))
-    assert not [r for r in caplog.records if r.name == "edgepix.runtime.cpuinfo"]  # TensorRT is not this CPU
+    assert not [r for r in caplog.records if r.name == "edgepix.runtime.core.cpuinfo"]  # TensorRT is not this CPU
     cpuinfo.warn_if_int8_is_slow_here.cache_clear()
 
 
 @pytest.mark.parametrize("reduce_range", [False, True])
 def test_reduce_range_is_recorded_in_the_spec(seg_onnx, tmp_path, reduce_range):
     from edgepix.export.precision import Int8Options, quantize_int8
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.description.spec import ModelSpec
 
     spec = ModelSpec.from_onnx(seg_onnx)
     calibration = [np.zeros((1, 3, *spec.input_size), np.float32)]

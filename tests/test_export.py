@@ -11,8 +11,8 @@ from edgepix.export.pipeline import ExportFormat, ExportRequest, VerificationFai
 from edgepix.export.precision import Int8Options, Int8Target
 from edgepix.export.to_onnx import OnnxExportOptions
 from edgepix.export.verify import Check, GateReport
-from edgepix.runtime.errors import ExportError, ModelFormatError
-from edgepix.runtime.spec import ModelSpec, OutputKind, Precision
+from edgepix.runtime.core.errors import ExportError, ModelFormatError
+from edgepix.runtime.description.spec import ModelSpec, OutputKind, Precision
 
 pytestmark = pytest.mark.slow
 

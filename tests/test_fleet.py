@@ -18,9 +18,9 @@ import pytest
 from conftest import run_edgepix
 from kserve_standin import KServeStandInServer  # the stand-in, not Triton
 
-from edgepix.runtime.errors import BackendError, DependencyError, ModelFormatError
-from edgepix.runtime.onnxproto import read_onnx_header
-from edgepix.runtime.spec import ModelSpec, Precision
+from edgepix.runtime.core.errors import BackendError, DependencyError, ModelFormatError
+from edgepix.runtime.description.onnxproto import read_onnx_header
+from edgepix.runtime.description.spec import ModelSpec, Precision
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8", "float16": "TYPE_FP16"}
 needs_tritonclient = pytest.mark.skipif(
@@ -81,7 +81,7 @@ def triton_repo(seg_checkpoint, tmp_path_factory) -> Path:
 
 @needs_tritonclient
 def test_triton_repository_from_checkpoint(triton_repo, seg_checkpoint):
-    from edgepix.runtime.spec import OutputKind
+    from edgepix.runtime.description.spec import OutputKind
 
     model_dir = triton_repo / "fastscnn"
     config = parse_config(model_dir)
@@ -145,7 +145,7 @@ def test_triton_argmax_appended_to_an_existing_onnx(seg_onnx, tmp_path):
 @needs_tritonclient
 def test_triton_tensorrt_accelerator_block_and_bad_combinations(seg_onnx, tmp_path):
     from edgepix.export.triton import TritonOptions, TrtAccelerator, model_config_text, write_onnx_repository
-    from edgepix.runtime.errors import ExportError
+    from edgepix.runtime.core.errors import ExportError
 
     result = write_onnx_repository(seg_onnx, tmp_path / "repo", TritonOptions(max_batch=0,
                                                                                trt_accelerator=TrtAccelerator.FP16))
@@ -163,8 +163,8 @@ def test_triton_tensorrt_accelerator_block_and_bad_combinations(seg_onnx, tmp_pa
 @needs_tritonclient
 def test_triton_plan_repository_names_engines_by_compute_capability(seg_onnx, tmp_path):
     from edgepix.export.triton import TritonOptions, write_plan_repository
-    from edgepix.runtime.engine_manifest import EngineManifest, ProfileShapes, TensorDesc, write_manifest
-    from edgepix.runtime.errors import ExportError
+    from edgepix.runtime.backends.tensorrt.manifest import EngineManifest, ProfileShapes, TensorDesc, write_manifest
+    from edgepix.runtime.core.errors import ExportError
 
     spec = ModelSpec.from_onnx(seg_onnx).replace(dynamic_batch=True, precision=Precision.FP16)
     engines = []
@@ -198,7 +198,7 @@ def standin(triton_repo):
 
 
 def frames(n: int, size=(240, 320)) -> list[np.ndarray]:
-    from edgepix.runtime.synthetic import MovingScene, SceneConfig
+    from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
 
     scene = MovingScene(seed=3, config=SceneConfig(size=size))
     return [np.ascontiguousarray(scene.next()[0]) for _ in range(n)]
@@ -207,7 +207,7 @@ def frames(n: int, size=(240, 320)) -> list[np.ndarray]:
 @needs_tritonclient
 @pytest.mark.parametrize("model", ["fastscnn", "fastscnn_logits"])
 def test_triton_backend_matches_ort_cpu(standin, triton_repo, model):
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     images = frames(6)
     with Segmenter.load(model, "triton", url=standin.url) as remote, \
@@ -285,7 +285,7 @@ def test_triton_backend_without_tritonclient_says_which_extra(monkeypatch):
 
 
 def test_triton_worker_plan_keeps_several_requests_in_flight():
-    from edgepix.runtime.pipeline import choose_workers
+    from edgepix.runtime.streams.pipeline import choose_workers
 
     plan = choose_workers("triton", cores=2)
     assert plan.workers == 4 and plan.backend_options() == {}
@@ -321,7 +321,7 @@ def test_segment_cli_through_triton_matches_ort_cpu(standin, triton_repo, tmp_pa
                            "daemon here): start one on a repository from `edgepix export --format triton` and set "
                            "EDGEPIX_TRITON_URL=HOST:PORT and EDGEPIX_TRITON_MODEL=NAME")
 def test_triton_backend_against_a_real_server():
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     with Segmenter.load(os.environ.get("EDGEPIX_TRITON_MODEL", "fastscnn"), "triton",
                         url=os.environ["EDGEPIX_TRITON_URL"]) as seg:
@@ -407,8 +407,8 @@ def test_deepstream_adapted_onnx_under_nvinfer_rules_matches_segmenter(deepstrea
 
     from edgepix.export.deepstream import NvinferPreprocess, nvinfer_class_map, nvinfer_preprocess
     from edgepix.export.pipeline import ExportRequest, run_export
-    from edgepix.runtime.imageops import map_to_frame
-    from edgepix.runtime.segmenter import Segmenter
+    from edgepix.runtime.tasks.imageops import map_to_frame
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     original = run_export(ExportRequest(seg_checkpoint, out=tmp_path / "m.onnx", verify=False)).path
     prop = glib_parse(deepstream_dir / "config_infer_primary_fastscnn.txt")[

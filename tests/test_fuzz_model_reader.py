@@ -291,7 +291,7 @@ def _on_alarm(signum, frame):  # noqa: ARG001 - the signal module's signature
 
 def _outcome(fn):
     """('loaded' | 'edgepix-error' | 'other', detail) of calling fn()."""
-    from edgepix.runtime.errors import EdgepixError
+    from edgepix.runtime.core.errors import EdgepixError
 
     try:
         fn()
@@ -313,11 +313,11 @@ def _worst(results):
 def run_child(model_path: Path, work: Path, seed: int) -> None:
     import numpy as np
 
-    from edgepix.runtime.engine_manifest import read_manifest
-    from edgepix.runtime.onnxinfo import read_onnx_info
-    from edgepix.runtime.onnxproto import read_onnx_header
-    from edgepix.runtime.segmenter import Segmenter
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.backends.tensorrt.manifest import read_manifest
+    from edgepix.runtime.description.onnxinfo import read_onnx_info
+    from edgepix.runtime.description.onnxproto import read_onnx_header
+    from edgepix.runtime.description.spec import ModelSpec
+    from edgepix.runtime.tasks.segmenter import Segmenter
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     signal.signal(signal.SIGALRM, _on_alarm)

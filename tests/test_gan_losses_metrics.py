@@ -115,7 +115,7 @@ def test_mean_pairwise_distance_known_value():
 
 
 def test_diversity_exposes_mode_collapse():
-    from edgepix.runtime.synthetic import SceneConfig, make_scene
+    from edgepix.runtime.data.synthetic import SceneConfig, make_scene
 
     real = np.stack([make_scene(i, SceneConfig(size=(32, 32)))[0] for i in range(24)])
     same = diversity(real[::-1].copy(), real)  # the same set in another order: ratio exactly 1
@@ -146,7 +146,7 @@ def test_mask_to_scene_pairs_and_mean_colour_baseline():
 
 
 def test_paired_dataset_jitter_keeps_mask_colours(tmp_path):
-    from edgepix.runtime.spec import ModelSpec
+    from edgepix.runtime.description.spec import ModelSpec
 
     src = open_pair_source("synthetic", "train", seed=1, synthetic_n=4, size=(64, 64))
     spec = ModelSpec(task="generation-image", model_name="pix2pix", input_size=(64, 64), mean=(0.5,) * 3,
@@ -163,7 +163,7 @@ def test_paired_dataset_jitter_keeps_mask_colours(tmp_path):
 def test_ab_folder_and_side_by_side_pairs(tmp_path):
     import cv2
 
-    from edgepix.runtime.errors import DataError
+    from edgepix.runtime.core.errors import DataError
 
     for sub in ("A", "B"):
         (tmp_path / "ab" / sub).mkdir(parents=True)

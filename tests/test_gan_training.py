@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepix.runtime.errors import EdgepixError
+from edgepix.runtime.core.errors import EdgepixError
 from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint
 from edgepix.train.gan_trainer import GanTrainConfig, TrainingDiverged, train_gan
 
@@ -103,8 +103,8 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_pix2pix_run_and_val_gen(pix2pix_run, tmp_path):
-    from edgepix.runtime.spec import ModelSpec
-    from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE
+    from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE
+    from edgepix.runtime.description.spec import ModelSpec
     from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
     from edgepix.train.gan_eval import evaluate_pix2pix
     from edgepix.train.registry import create_model
@@ -155,7 +155,7 @@ def test_cli_train_and_val(edgepix_cli, tmp_path):
 def test_dcgan_export_gate_and_runtime(dcgan_run, tmp_path):
     from edgepix.export.pipeline import ExportFormat, ExportRequest, run_export
     from edgepix.export.to_onnx import OnnxExportOptions
-    from edgepix.runtime.generator import NoiseGenerator
+    from edgepix.runtime.tasks.generator import NoiseGenerator
     from edgepix.train.gan_trainer import to_uint8_bgr
 
     out, _ = dcgan_run

@@ -20,10 +20,10 @@ from test_runtime_models import export
 from test_stream_support import free_port
 
 from edgepix.runtime import ImageGenerator, Pipeline, Segmenter
-from edgepix.runtime.errors import ModelFormatError
-from edgepix.runtime.pipeline import PipelineOptions
-from edgepix.runtime.processor import FrameProcessor, SegmentThenGenerate
-from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene
+from edgepix.runtime.core.errors import ModelFormatError
+from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene
+from edgepix.runtime.streams.pipeline import PipelineOptions
+from edgepix.runtime.tasks.processor import FrameProcessor, SegmentThenGenerate
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from torch import nn
 from edgepix.export.generators import TransposedConvForm, transposed_conv_graph
 from edgepix.export.pipeline import ExportRequest, run_export
 from edgepix.export.to_onnx import OnnxExportOptions, export_onnx
-from edgepix.runtime.errors import ExportError
-from edgepix.runtime.generator import NoiseGenerator
-from edgepix.runtime.metrics import psnr
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.data.metrics import psnr
+from edgepix.runtime.description.spec import ModelSpec
+from edgepix.runtime.tasks.generator import NoiseGenerator
 from edgepix.train.checkpoint import save_checkpoint, wrap_state_dict
 from edgepix.train.registry import create_model
 

@@ -28,7 +28,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 RTP_CAPS = "application/x-rtp,media=video,encoding-name=H264,payload=96,clock-rate=90000"
 
 _PROBE = """import json, cv2, edgepix.runtime
-from edgepix.runtime.sources import opencv_has_gstreamer
+from edgepix.runtime.streams.sources import opencv_has_gstreamer
 print(json.dumps({"cv2": cv2.__file__, "version": cv2.__version__, "runtime": edgepix.runtime.__file__,
                   "gstreamer": opencv_has_gstreamer()}))"""
 
@@ -117,7 +117,7 @@ def test_a_pip_opencv_in_front_of_the_system_one_is_named_with_the_fix(sysenv, t
     wheel (no GStreamer), placed first on the path with its pip metadata, as pip would have placed it."""
     import cv2
 
-    from edgepix.runtime.sources import opencv_has_gstreamer
+    from edgepix.runtime.streams.sources import opencv_has_gstreamer
 
     wheel_dir = Path(cv2.__file__).parent.parent
     dist_info = sorted(wheel_dir.glob("opencv_python-*.dist-info"))
@@ -172,8 +172,8 @@ def test_a_file_through_decodebin_gives_every_frame(sysenv, model, tmp_path):
 ])
 def test_which_gst_pipelines_are_read_like_files(pipeline, finite):
     """Non-live sources only (no GStreamer needed to decide): every frame, and the end of stream ends the run."""
-    from edgepix.runtime.sources import CaptureReader, parse_source
-    from edgepix.runtime.sources.capture import gst_pipeline_is_finite
+    from edgepix.runtime.streams.sources import CaptureReader, parse_source
+    from edgepix.runtime.streams.sources.capture import gst_pipeline_is_finite
 
     assert gst_pipeline_is_finite(pipeline) is finite
     reader = CaptureReader(parse_source(f"gst://{pipeline}"))
@@ -255,7 +255,7 @@ def test_an_rtp_udp_stream_is_segmented_and_its_sender_restart_is_a_recorded_rec
 
 
 _NEWEST_FRAME = """import json, sys, time
-from edgepix.runtime.sources import open_source
+from edgepix.runtime.streams.sources import open_source
 indices, ages = [], []
 with open_source(sys.argv[1]) as source:
     for frame in source:
@@ -290,8 +290,8 @@ import gi
 gi.require_version("Gst", "1.0")
 gi.require_version("GstBase", "1.0")
 from gi.repository import GObject, Gst, GstBase
-from edgepix.runtime.sinks import rtp_pipeline
-from edgepix.runtime.sources import SourceOptions, csi_pipeline
+from edgepix.runtime.streams.sinks import rtp_pipeline
+from edgepix.runtime.streams.sources import SourceOptions, csi_pipeline
 Gst.init(None)
 ANY = Gst.Caps.new_any()
 

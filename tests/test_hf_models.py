@@ -23,8 +23,8 @@ from conftest import run_edgepix  # noqa: E402
 
 from edgepix.export.pipeline import ExportFormat, ExportRequest, run_export  # noqa: E402
 from edgepix.export.to_onnx import Exporter, OnnxExportOptions  # noqa: E402
-from edgepix.runtime.errors import EdgepixError, ExportError, ModelFormatError  # noqa: E402
-from edgepix.runtime.synthetic import CLASS_NAMES  # noqa: E402
+from edgepix.runtime.core.errors import EdgepixError, ExportError, ModelFormatError  # noqa: E402
+from edgepix.runtime.data.synthetic import CLASS_NAMES  # noqa: E402
 
 STREET = ["road", "sidewalk", "building", "vegetation", "sky", "person", "car"]
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.2, 0.3]
@@ -113,7 +113,7 @@ def test_spec_is_filled_from_the_folder(folders):
 
 def test_the_real_image_processor_files_are_read(tmp_path):
     """preprocessor_config.json as transformers' own image processor writes it."""
-    from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
+    from edgepix.runtime.description.hfconfig import read_hf_folder, spec_fields
 
     folder = save_folder("segformer", tmp_path / "seg")
     processor = getattr(transformers, "SegformerImageProcessorPil", None) or transformers.SegformerImageProcessor
@@ -211,7 +211,7 @@ def _model(folder: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "untraced"), [("segformer", (96, 224)), ("mobilevitv2", (160, 224))])
 def test_dynamic_size_export_computes_the_same_at_an_untraced_size(arch, untraced, folders, tmp_path):
-    from edgepix.runtime.onnxinfo import open_session
+    from edgepix.runtime.description.onnxinfo import open_session
     from edgepix.train.models.hf import ARCHITECTURES
 
     exporter = Exporter(ARCHITECTURES[arch].exporter or "torchscript")
@@ -350,8 +350,8 @@ def foreign_onnx(folders, tmp_path_factory) -> Path:
 
 def test_spec_set_gives_a_foreign_model_a_spec_the_runtime_uses(foreign_onnx, folders, tmp_path):
     from edgepix.runtime import Segmenter
-    from edgepix.runtime.foreign import ForeignModelWarning
-    from edgepix.runtime.onnxproto import read_onnx_header
+    from edgepix.runtime.description.foreign import ForeignModelWarning
+    from edgepix.runtime.description.onnxproto import read_onnx_header
 
     out = tmp_path / "described.onnx"
     r = run_edgepix("spec", str(foreign_onnx), "--from-hf", str(folders("segformer")), "--set",
@@ -405,7 +405,7 @@ def test_spec_round_trip_keeps_the_graph_and_prints_the_assumptions(foreign_onnx
 
 
 def _without_metadata(data: bytes) -> bytes:
-    from edgepix.runtime.onnxedit import _raw_fields
+    from edgepix.runtime.description.onnxedit import _raw_fields
 
     return b"".join(bytes(raw) for number, _, _, raw in _raw_fields(memoryview(data)) if number != 14)
 

@@ -1,13 +1,13 @@
-"""`edgepix segment` as a Python call: runtime.jobs.run_segment does what the command does."""
+"""`edgepix segment` as a Python call: runtime.streams.jobs.run_segment does what the command does."""
 
 import json
 import threading
 
 import pytest
 
-from edgepix.runtime.errors import InputError, ModelFormatError
-from edgepix.runtime.jobs import SegmentJob, run_segment
-from edgepix.runtime.render import RenderOptions
+from edgepix.runtime.core.errors import InputError, ModelFormatError
+from edgepix.runtime.streams.jobs import SegmentJob, run_segment
+from edgepix.runtime.tasks.render import RenderOptions
 
 
 def test_run_segment_from_python_writes_frames_and_statistics(seg_onnx, tmp_path):

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from edgepix.runtime.backends import load_backend, registry
-from edgepix.runtime.errors import BackendError, DependencyError
-from edgepix.runtime.spec import ModelSpec
-from edgepix.runtime.synthetic import SceneConfig, make_scene
+from edgepix.runtime.core.errors import BackendError, DependencyError
+from edgepix.runtime.data.synthetic import SceneConfig, make_scene
+from edgepix.runtime.description.spec import ModelSpec
 
 openvino = pytest.importorskip("openvino", reason="the openvino backend needs pip install 'edgepix[openvino]'")
 
 
 def scene_batch(spec: ModelSpec, n: int = 8) -> np.ndarray:
     """Labelled synthetic scenes, pre-processed as the Segmenter feeds them (seeds no other test uses)."""
-    from edgepix.runtime.imageops import Normalizer
+    from edgepix.runtime.tasks.imageops import Normalizer
 
     size = spec.input_size
     frames = [make_scene(7_700_000 + i, SceneConfig(size=size))[0] for i in range(n)]

@@ -21,12 +21,13 @@ from conftest import REPO, run_edgepix
 from test_stream_reliability import noise_model
 from test_stream_support import RGB_CLASSES, write_scene_video
 
-from edgepix.runtime.archive import ArchiveJob, read_journal, run_archive
-from edgepix.runtime.cluster import ClusterOptions
-from edgepix.runtime.render import RenderOptions
-from edgepix.runtime.segmenter import Segmenter
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
-from edgepix.runtime.synthetic import SceneConfig, make_scene
+from edgepix.runtime.batch.archive import ArchiveJob, run_archive
+from edgepix.runtime.batch.cluster import ClusterOptions
+from edgepix.runtime.batch.worker import read_journal
+from edgepix.runtime.data.synthetic import SceneConfig, make_scene
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
+from edgepix.runtime.tasks.render import RenderOptions
+from edgepix.runtime.tasks.segmenter import Segmenter
 
 pytestmark = pytest.mark.slow
 MASK = RenderOptions(mode="mask")

@@ -32,10 +32,10 @@ from edgepix.runtime.backends.ort import (
     cuda_providers,
     trt_providers,
 )
-from edgepix.runtime.errors import BackendError, InputError, ModelFormatError
-from edgepix.runtime.onnxedit import append_argmax, output_names
-from edgepix.runtime.onnxproto import parse_onnx_header, read_onnx_header
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import BackendError, InputError, ModelFormatError
+from edgepix.runtime.description.onnxedit import append_argmax, output_names
+from edgepix.runtime.description.onnxproto import parse_onnx_header, read_onnx_header
+from edgepix.runtime.description.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")

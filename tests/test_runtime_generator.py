@@ -10,9 +10,9 @@ from test_runtime_models import ChannelLogits, export
 from torch import nn
 
 from edgepix.runtime import ImageGenerator, NoiseGenerator, Segmenter, tile_grid
-from edgepix.runtime.errors import InputError, ModelFormatError
-from edgepix.runtime.foreign import ForeignModelWarning
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import InputError, ModelFormatError
+from edgepix.runtime.description.foreign import ForeignModelWarning
+from edgepix.runtime.description.spec import ModelSpec
 
 LATENT = 16
 

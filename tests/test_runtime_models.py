@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
 
 RGB_CLASSES = ("red", "green", "blue")
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from edgepix.runtime import Segmenter
-from edgepix.runtime.spec import ModelSpec
-from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, MovingScene, SceneConfig, make_scene
+from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE, MovingScene, SceneConfig, make_scene
+from edgepix.runtime.description.spec import ModelSpec
 
 SIZE = (512, 512)
 FRAME = (576, 768)
@@ -183,7 +183,7 @@ TORCH_FREE = r"""
 import json, sys
 import edgepix.runtime
 from edgepix.runtime import Segmenter
-from edgepix.runtime.synthetic import MovingScene, SceneConfig
+from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
 seg = Segmenter.load(sys.argv[1])
 scene = MovingScene(seed=1, config=SceneConfig(size=(576, 768)))
 shapes = []

@@ -14,9 +14,10 @@ from onnx import TensorProto, helper
 from test_runtime_models import RGB_CLASSES, channel_model, export, seg_spec, small_seg_net
 
 from edgepix.runtime import RenderOptions, Segmenter
-from edgepix.runtime.errors import BackendError, InputError, ModelFormatError
-from edgepix.runtime.foreign import ForeignModelWarning
-from edgepix.runtime.imageops import (
+from edgepix.runtime.core.errors import BackendError, InputError, ModelFormatError
+from edgepix.runtime.description.foreign import ForeignModelWarning
+from edgepix.runtime.description.spec import ModelSpec
+from edgepix.runtime.tasks.imageops import (
     Normalizer,
     argmax_classes,
     as_bgr,
@@ -24,7 +25,6 @@ from edgepix.runtime.imageops import (
     map_to_frame,
     softmax_confidence,
 )
-from edgepix.runtime.spec import ModelSpec
 
 RED, GREEN, BLUE = (0, 0, 255), (0, 255, 0), (255, 0, 0)  # BGR
 
@@ -201,7 +201,7 @@ def test_timings_cover_each_stage(models):
 def test_a_dynamic_size_model_runs_at_the_size_asked_for(tmp_path):
     from test_runtime_models import ChannelLogits
 
-    from edgepix.runtime.errors import SpecError
+    from edgepix.runtime.core.errors import SpecError
 
     spec = seg_spec(dynamic_size=True, dynamic_batch=True)
     path = export(ChannelLogits(), tmp_path / "dyn.onnx", torch.zeros(1, 3, 32, 48), spec=spec, dynamic_batch=True,
@@ -328,7 +328,7 @@ def overlay_at(frame, r, alpha, palette_bgr):
 
 
 def test_values_outside_the_class_list_keep_the_frame(models):
-    from edgepix.runtime.render import Renderer
+    from edgepix.runtime.tasks.render import Renderer
 
     renderer = Renderer(RGB_CLASSES, seg_spec().colours())
     frame = np.full((10, 10, 3), 77, np.uint8)

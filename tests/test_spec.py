@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from edgepix.runtime.errors import SpecError
-from edgepix.runtime.spec import ModelSpec, OutputKind, ResizeMode, Task, default_palette
+from edgepix.runtime.core.errors import SpecError
+from edgepix.runtime.description.spec import ModelSpec, OutputKind, ResizeMode, Task, default_palette
 
 
 def seg_spec(**overrides) -> ModelSpec:

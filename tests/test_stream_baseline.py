@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edgepix.benchmarks.stream_bound import _blob_params
-from edgepix.runtime.imageops import Normalizer
-from edgepix.runtime.spec import ModelSpec
-from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE
+from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE
+from edgepix.runtime.description.spec import ModelSpec
+from edgepix.runtime.tasks.imageops import Normalizer
 
 
 @pytest.mark.parametrize("with_params", [True, False])

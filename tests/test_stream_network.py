@@ -12,8 +12,8 @@ import pytest
 from test_stream_support import StreamServer, channel_model, free_port, need_ffmpeg, write_scene_video
 
 from edgepix.runtime import Segmenter
-from edgepix.runtime.pipeline import Pipeline, PipelineOptions
-from edgepix.runtime.sources import SourceOptions, SourceState, open_source
+from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions
+from edgepix.runtime.streams.sources import SourceOptions, SourceState, open_source
 
 FPS = 25.0
 
@@ -169,7 +169,7 @@ def test_live_hls_is_paced_by_its_timestamps_not_dropped_segment_by_segment(http
 
 def test_an_mjpeg_http_camera_is_a_live_source(tmp_path):
     """Many IP cameras serve multipart MJPEG over HTTP; the pipeline's own HTTP sink is one."""
-    from edgepix.runtime.sinks import HttpSink
+    from edgepix.runtime.streams.sinks import HttpSink
 
     seg = Segmenter.load(channel_model(tmp_path / "c.onnx"), "ort-cpu", threads=1)
     sink = HttpSink("http://127.0.0.1:0", "127.0.0.1", 0)

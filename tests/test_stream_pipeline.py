@@ -25,9 +25,9 @@ from test_stream_support import (
 )
 
 from edgepix.runtime import RenderOptions, Segmenter
-from edgepix.runtime.errors import InputError
-from edgepix.runtime.pipeline import Pipeline, PipelineOptions, choose_workers
-from edgepix.runtime.sinks import NullSink
+from edgepix.runtime.core.errors import InputError
+from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, choose_workers
+from edgepix.runtime.streams.sinks import NullSink
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,11 +24,11 @@ from conftest import run_edgepix
 from test_stream_support import StreamServer, channel_model, free_port, need_ffmpeg, video_info, write_scene_video
 
 from edgepix.runtime import Segmenter
-from edgepix.runtime.errors import SinkError, SourceError
-from edgepix.runtime.fileio import atomic_write_text
-from edgepix.runtime.pipeline import Pipeline, PipelineOptions, summary_line
-from edgepix.runtime.sinks import HttpSink
-from edgepix.runtime.sources import SourceOptions, open_source, parse_source
+from edgepix.runtime.core.errors import SinkError, SourceError
+from edgepix.runtime.core.fileio import atomic_write_text
+from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, summary_line
+from edgepix.runtime.streams.sinks import HttpSink
+from edgepix.runtime.streams.sources import SourceOptions, open_source, parse_source
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_a_partial_video_of_a_killed_run_is_removed_by_the_next_run(model, tmp_p
 
 def _hold_partial(target: str, ready: str) -> None:
     """In a child process: create a partial file of `target`, say so, then wait to be killed."""
-    from edgepix.runtime.fileio import PartialFile
+    from edgepix.runtime.core.fileio import PartialFile
 
     part = PartialFile(target)
     Path(ready).write_text(str(part.path))
@@ -134,7 +134,7 @@ def _hold_partial(target: str, ready: str) -> None:
 def test_stale_partial_files_are_removed_and_live_ones_left_alone(tmp_path):
     import multiprocessing
 
-    from edgepix.runtime.fileio import remove_stale_partials
+    from edgepix.runtime.core.fileio import remove_stale_partials
 
     target = tmp_path / "model.onnx"
     ctx = multiprocessing.get_context("spawn")
@@ -198,7 +198,7 @@ def noise_model(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec
+    from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(16, 3 * 8 * 12)).astype(np.float32), "w")

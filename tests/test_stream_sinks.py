@@ -19,9 +19,9 @@ import pytest
 from test_stream_support import channel_model, video_info, write_scene_video
 
 from edgepix.runtime import Segmenter
-from edgepix.runtime.errors import SinkError
-from edgepix.runtime.pipeline import Pipeline, PipelineOptions
-from edgepix.runtime.sinks import (
+from edgepix.runtime.core.errors import SinkError
+from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions
+from edgepix.runtime.streams.sinks import (
     HttpSink,
     Output,
     RtpSink,
@@ -33,7 +33,7 @@ from edgepix.runtime.sinks import (
     parse_rtp_address,
     parse_sink,
 )
-from edgepix.runtime.sources import opencv_has_gstreamer
+from edgepix.runtime.streams.sources import opencv_has_gstreamer
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_display_without_a_screen_points_to_the_browser_view(seg, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
 def test_display_shows_frames_with_a_hud_on_a_virtual_screen(seg, tmp_path, monkeypatch):
-    from edgepix.runtime.sinks import display_available
+    from edgepix.runtime.streams.sinks import display_available
 
     number = 90 + os.getpid() % 50
     xvfb = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_stream_support import write_scene_video
 
-from edgepix.runtime.errors import InputError, SourceError
-from edgepix.runtime.sources import (
+from edgepix.runtime.core.errors import InputError, SourceError
+from edgepix.runtime.streams.sources import (
     Frame,
     FrameBuffer,
     SourceKind,
@@ -190,7 +190,7 @@ class HangingReader:
 
 
 def test_a_read_that_never_returns_is_abandoned_and_the_source_reconnects(monkeypatch):
-    import edgepix.runtime.sources as sources
+    import edgepix.runtime.streams.sources as sources
 
     release = threading.Event()
     HangingReader.connections = 0
@@ -217,8 +217,8 @@ def test_the_uri_help_rows_are_the_rows_the_docs_and_the_cli_show(edgepix_cli):
     `edgepix segment --help` lists every URI."""
     from pathlib import Path
 
-    from edgepix.runtime.sinks import URI_HELP as SINK_URIS
-    from edgepix.runtime.sources import URI_HELP as SOURCE_URIS
+    from edgepix.runtime.streams.sinks import URI_HELP as SINK_URIS
+    from edgepix.runtime.streams.sources import URI_HELP as SOURCE_URIS
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "streams.md").read_text()
     table_rows = [line for line in docs.splitlines() if line.startswith("| `")]

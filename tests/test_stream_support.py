@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgepix.benchmarks.stream_bound import LiveServer, free_port  # noqa: F401 - free_port: for the other tests
-from edgepix.runtime.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
-from edgepix.runtime.synthetic import MovingScene, SceneConfig
+from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, default_palette
 
 RGB_CLASSES = ("red", "green", "blue")
 RED, GREEN, BLUE = (0, 0, 255), (0, 255, 0), (255, 0, 0)  # BGR

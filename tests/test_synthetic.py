@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgepix.runtime.errors import DataError
-from edgepix.runtime.synthetic import (
+from edgepix.runtime.core.errors import DataError
+from edgepix.runtime.data.synthetic import (
     CLASS_NAMES,
     MovingScene,
     SceneConfig,

@@ -19,8 +19,15 @@ import pytest
 from conftest import REPO, run_edgepix
 
 from edgepix.export.tensorrt import BatchRange, SizeRange, default_engine_path, derive_profiles
-from edgepix.runtime.cudart import CudaRuntime, pinned_array
-from edgepix.runtime.engine_manifest import (
+from edgepix.runtime.backends.tensorrt.build import (
+    EngineBuildOptions,
+    Heartbeat,
+    Int8Mode,
+    format_parser_error,
+    plan_precision,
+)
+from edgepix.runtime.backends.tensorrt.cudart import CudaRuntime, pinned_array
+from edgepix.runtime.backends.tensorrt.manifest import (
     DeviceFacts,
     EngineManifest,
     ProfileShapes,
@@ -35,16 +42,9 @@ from edgepix.runtime.engine_manifest import (
     select_profile,
     write_manifest,
 )
-from edgepix.runtime.errors import BackendError, EdgepixError, ExportError, ModelFormatError
-from edgepix.runtime.spec import Layout, ModelSpec, Precision
-from edgepix.runtime.synthetic import CLASS_NAMES
-from edgepix.runtime.trt_build import (
-    EngineBuildOptions,
-    Heartbeat,
-    Int8Mode,
-    format_parser_error,
-    plan_precision,
-)
+from edgepix.runtime.core.errors import BackendError, EdgepixError, ExportError, ModelFormatError
+from edgepix.runtime.data.synthetic import CLASS_NAMES
+from edgepix.runtime.description.spec import Layout, ModelSpec, Precision
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -388,7 +388,7 @@ def test_pinned_views_share_memory_with_the_buffer():
 
 
 def test_backend_refuses_an_engine_from_another_device_in_one_line(tmp_path, monkeypatch):
-    import edgepix.runtime.backends.tensorrt as trt_backend
+    import edgepix.runtime.backends.tensorrt.backend as trt_backend
 
     engine = fake_engine(tmp_path)
     here = DeviceFacts("10.7.0", "12.8", "NVIDIA RTX 6000 Ada Generation", "8.9")
@@ -405,7 +405,7 @@ def test_backend_refuses_an_engine_from_another_device_in_one_line(tmp_path, mon
 
 def test_backend_options_are_typed(tmp_path):
     from edgepix.runtime.backends.base import BackendOptionError
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     with pytest.raises(BackendOptionError, match="unknown option"):
         TensorRTBackend.load(fake_engine(tmp_path), cuda_graphs=True)
@@ -476,7 +476,7 @@ def test_engine_arguments_are_checked_before_anything_runs(tmp_path):
 
 
 def test_gpu_check_script_skips_cleanly_without_a_gpu():
-    from edgepix.runtime.engine_manifest import running_device_facts
+    from edgepix.runtime.backends.tensorrt.manifest import running_device_facts
 
     facts = running_device_facts()
     if facts.gpu and HAS_TRT:
@@ -495,7 +495,7 @@ def trt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'edgepix[gpu]')")
     if importlib.util.find_spec("cuda") is None:
         pytest.skip("cuda-python is not installed (pip install 'edgepix[gpu]')")
-    from edgepix.runtime.engine_manifest import running_device_facts
+    from edgepix.runtime.backends.tensorrt.manifest import running_device_facts
 
     facts = running_device_facts()
     if not facts.gpu:
@@ -912,9 +912,9 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=(), dl
 
 @pytest.fixture
 def simulated(monkeypatch, tmp_path):
-    import edgepix.runtime.backends.tensorrt as backend_mod
-    import edgepix.runtime.cudart as cudart_mod
-    import edgepix.runtime.trt_build as build_mod
+    import edgepix.runtime.backends.tensorrt.backend as backend_mod
+    import edgepix.runtime.backends.tensorrt.build as build_mod
+    import edgepix.runtime.backends.tensorrt.cudart as cudart_mod
 
     cuda = _FakeCuda()
     trt = _fake_tensorrt(cuda)
@@ -932,7 +932,7 @@ def simulated(monkeypatch, tmp_path):
 
 
 def _build(sim, out="model.engine", **kwargs):
-    from edgepix.runtime.trt_build import build_engine_file
+    from edgepix.runtime.backends.tensorrt.build import build_engine_file
 
     options = kwargs.pop("options", EngineBuildOptions(precision=Precision.FP32,
                                                        timing_cache=sim.tmp / "timing.cache"))
@@ -962,7 +962,7 @@ def test_simulated_build_writes_engine_manifest_cache_and_timing_cache(simulated
 
 
 def test_simulated_parser_errors_are_all_shown(simulated, monkeypatch):
-    import edgepix.runtime.trt_build as build_mod
+    import edgepix.runtime.backends.tensorrt.build as build_mod
 
     trt = _fake_tensorrt(simulated.cuda, parse_errors=[(3, "Resize", "up", "cubic mode"), (9, "NonZero", "nz", "x")])
     monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
@@ -974,7 +974,7 @@ def test_simulated_parser_errors_are_all_shown(simulated, monkeypatch):
 
 
 def test_simulated_tensorrt_11_refuses_weak_typing(simulated, monkeypatch):
-    import edgepix.runtime.trt_build as build_mod
+    import edgepix.runtime.backends.tensorrt.build as build_mod
 
     monkeypatch.setattr(build_mod, "import_tensorrt", lambda: _fake_tensorrt(simulated.cuda, version="11.4.0.106"))
     monkeypatch.setattr(build_mod, "running_device_facts", lambda device=0: DeviceFacts("11.4.0", None, "G", "9.0"))
@@ -983,7 +983,7 @@ def test_simulated_tensorrt_11_refuses_weak_typing(simulated, monkeypatch):
 
 
 def test_simulated_backend_runs_profiles_pinned_copies_timings_and_cuda_graph(simulated):
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     engine = _build(simulated).path
     x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
@@ -1000,8 +1000,8 @@ def test_simulated_backend_runs_profiles_pinned_copies_timings_and_cuda_graph(si
 
 
 def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
-    from edgepix.runtime.trt_build import build_engine_file
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.build import build_engine_file
 
     profile = (ProfileShapes("images", (2, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64)),)
 
@@ -1018,7 +1018,7 @@ def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
 
 
 def test_simulated_backend_rebuilds_a_mismatched_engine_when_asked(simulated, caplog):
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     engine = _build(simulated).path
     old = read_manifest(engine)
@@ -1067,8 +1067,8 @@ def test_simulated_calibration_needs_a_full_opt_batch(simulated):
 
 
 def test_simulated_stage_times_leave_host_staging_out(simulated, monkeypatch):
-    import edgepix.runtime.backends.tensorrt as backend_mod
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    import edgepix.runtime.backends.tensorrt.backend as backend_mod
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     cuda = simulated.cuda
     real = backend_mod.pinned_array
@@ -1089,7 +1089,7 @@ def test_simulated_stage_times_leave_host_staging_out(simulated, monkeypatch):
 
 
 def test_simulated_rebuild_in_another_working_directory(simulated, monkeypatch, caplog):
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     build_host, device = simulated.tmp / "build-host", simulated.tmp / "device"
     build_host.mkdir()
@@ -1123,7 +1123,7 @@ def test_simulated_rebuild_in_another_working_directory(simulated, monkeypatch, 
 
 
 def test_simulated_rebuild_replays_the_calibration_table_beside_the_engine(simulated, monkeypatch):
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     options = EngineBuildOptions(precision=Precision.INT8, int8_mode=Int8Mode.CALIBRATE)
     images = [np.full((1, 3, 64, 64), i, np.float32) for i in range(4)]
@@ -1144,8 +1144,8 @@ def test_simulated_rebuild_replays_the_calibration_table_beside_the_engine(simul
 
 
 def test_simulated_engine_with_bf16_output_fails_in_one_line(simulated, monkeypatch):
-    import edgepix.runtime.trt_build as build_mod
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    import edgepix.runtime.backends.tensorrt.build as build_mod
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     trt = _fake_tensorrt(simulated.cuda, io_dtypes={"output": "BF16"})
     monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
@@ -1164,8 +1164,8 @@ def test_simulated_build_makes_the_device_current(simulated):
 
 
 def test_simulated_dla_engine_loads_on_its_dla_core(simulated, monkeypatch):
-    import edgepix.runtime.trt_build as build_mod
-    from edgepix.runtime.backends.tensorrt import TensorRTBackend
+    import edgepix.runtime.backends.tensorrt.build as build_mod
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
 
     trt = _fake_tensorrt(simulated.cuda, dla_cores=2)
     monkeypatch.setattr(build_mod, "import_tensorrt", lambda: trt)
@@ -1182,8 +1182,8 @@ def test_simulated_dla_engine_loads_on_its_dla_core(simulated, monkeypatch):
 def test_cache_key_tells_cu12_from_cu13_tensorrt_builds(simulated, monkeypatch):
     import importlib.metadata
 
-    import edgepix.runtime.engine_manifest as manifest_mod
-    import edgepix.runtime.trt_build as build_mod
+    import edgepix.runtime.backends.tensorrt.build as build_mod
+    import edgepix.runtime.backends.tensorrt.manifest as manifest_mod
 
     assert cache_key(**KEY_ARGS, tensorrt_cuda="cu12") != cache_key(**KEY_ARGS, tensorrt_cuda="cu13")
     installed = {"tensorrt": "10.13.0.35", "tensorrt-cu13-bindings": "10.13.0.35"}

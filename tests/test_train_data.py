@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edgepix.runtime.errors import DataError
-from edgepix.runtime.spec import ModelSpec, Task, default_palette
-from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, make_scene, scene_seed, write_dataset
+from edgepix.runtime.core.errors import DataError
+from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE, make_scene, scene_seed, write_dataset
+from edgepix.runtime.description.spec import ModelSpec, Task, default_palette
 
 torch = pytest.importorskip("torch")
 
@@ -45,7 +45,7 @@ def test_folder_source_reads_the_data_synth_layout(synth_folder):
     assert (len(train), len(val)) == (7, 3)
     assert train.classes.names == CLASS_NAMES and train.classes.palette == PALETTE
     image, mask = train.load(0)
-    ref_image, ref_mask = make_scene(scene_seed(3, 0), __import__("edgepix.runtime.synthetic", fromlist=["x"])
+    ref_image, ref_mask = make_scene(scene_seed(3, 0), __import__("edgepix.runtime.data.synthetic", fromlist=["x"])
                                      .SceneConfig(size=(64, 96)))
     assert np.array_equal(image, ref_image) and np.array_equal(mask, ref_mask)
     train.scan()
@@ -221,7 +221,7 @@ def test_synthetic_train_and_val_are_disjoint_and_deterministic():
     for i in range(4):
         assert not np.array_equal(train.load(i)[0], val.load(i)[0])
         assert np.array_equal(train.load(i)[0], make_scene(scene_seed(0, i),
-                                                           __import__("edgepix.runtime.synthetic", fromlist=["x"])
+                                                           __import__("edgepix.runtime.data.synthetic", fromlist=["x"])
                                                            .SceneConfig(size=(64, 64)))[0])
     with pytest.raises(DataError, match="reserved"):
         open_source("synthetic", "train", seed=SYNTHETIC_VAL_SEED)

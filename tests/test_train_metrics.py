@@ -47,7 +47,7 @@ def test_meter_absent_class_is_nan_and_not_averaged():
 
 
 def test_meter_agrees_with_the_runtime_confusion_matrix():
-    from edgepix.runtime.metrics import ConfusionMatrix
+    from edgepix.runtime.data.metrics import ConfusionMatrix
 
     rng = np.random.default_rng(0)
     target = rng.integers(0, 5, (3, 17, 19))

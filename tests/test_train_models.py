@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edgepix.runtime.errors import EdgepixError  # noqa: E402
+from edgepix.runtime.core.errors import EdgepixError  # noqa: E402
 from edgepix.train.registry import create_model, get_entry, list_models  # noqa: E402
 
 SEG_MODELS = list_models(task="segmentation")

@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 
 from conftest import REPO, run_edgepix  # noqa: E402
 
-from edgepix.runtime.errors import EdgepixError  # noqa: E402
-from edgepix.runtime.spec import ModelSpec, Task  # noqa: E402
+from edgepix.runtime.core.errors import EdgepixError  # noqa: E402
+from edgepix.runtime.description.spec import ModelSpec, Task  # noqa: E402
 from edgepix.train.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from edgepix.train.segmentation import (  # noqa: E402
     SegTrainConfig,

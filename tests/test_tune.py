@@ -1,4 +1,4 @@
-"""The backend profile `auto` reads (runtime/profile.py) and `edgepix tune`, which measures and writes it."""
+"""The backend profile `auto` reads (runtime/backends/profile.py) and `edgepix tune`, which measures and writes it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import re
 
 import pytest
 
-from edgepix.runtime import load_backend, profile
+from edgepix.runtime import load_backend
+from edgepix.runtime.backends import profile
 from edgepix.runtime.backends.registry import candidates
-from edgepix.runtime.errors import InputError
+from edgepix.runtime.core.errors import InputError
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from test_runtime_models import channel_model, seg_spec
 
 from edgepix.export.to_onnx import OnnxExportOptions, exported_spec
-from edgepix.runtime.errors import ExportError, ModelFormatError
+from edgepix.runtime.core.errors import ExportError, ModelFormatError
 from edgepix.train.checkpoint import load_checkpoint, wrap_state_dict
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from edgepix.runtime.errors import ModelFormatError, SpecError
-from edgepix.runtime.fileio import atomic_output
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import ModelFormatError, SpecError
+from edgepix.runtime.core.fileio import atomic_output
+from edgepix.runtime.description.spec import ModelSpec
 
 REQUIRED_KEYS = ("arch", "arch_kwargs", "spec", "model")
 
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 def _is_onnx(path: Path) -> bool:
     """Whether `path` parses as an ONNX model (torch.save writes a zip archive or a pickle, never that)."""
-    from edgepix.runtime.onnxproto import read_onnx_header
+    from edgepix.runtime.description.onnxproto import read_onnx_header
 
     try:
         with open(path, "rb") as f:
@@ -180,7 +180,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> torc
 def load_source(path: str | os.PathLike, *, use_ema: bool = True) -> tuple[dict[str, Any], torch.nn.Module]:
     """(checkpoint, model in eval mode) from an edgepix checkpoint file or a Hugging Face `save_pretrained`
     folder: the commands that start from a trained model (export, verify, val, bench --torch) take either."""
-    from edgepix.runtime.hfconfig import is_hf_folder
+    from edgepix.runtime.description.hfconfig import is_hf_folder
 
     if is_hf_folder(path):
         from .models.hf import load_folder
@@ -200,7 +200,7 @@ def prepare_run(cfg, *, resume: bool, exist_ok: bool, overridable: tuple[str, ..
     import dataclasses
     import logging
 
-    from edgepix.runtime.errors import EdgepixError
+    from edgepix.runtime.core.errors import EdgepixError
 
     out = Path(cfg.out)
     last_path = out / "last.pt"

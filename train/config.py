@@ -1,8 +1,9 @@
 """What defines a training run: the segmentation and GAN configurations and the enums of their options.
 
-Plain dataclasses, free of torch: `edgepix train ...` builds its flags from these fields (runtime.configflags), so
-the command line starts without loading PyTorch and an install without it still answers `--help`. A field that is
-a flag declares its help here and nowhere else; the help states the field's default. The trainers
+Plain dataclasses, free of torch: `edgepix train ...` builds its flags from these fields (runtime/core/fields.py
+declares them, runtime/cli/flags.py parses them), so the command line starts without loading PyTorch and an install
+without it still answers `--help`. A field that is a flag declares its help here and nowhere else; the help states
+the field's default. The trainers
 (train/segmentation.py, train/gan_trainer.py) take these configs and save them in every checkpoint as `train_config`.
 """
 
@@ -14,9 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgepix.runtime.configflags import flag
-from edgepix.runtime.errors import EdgepixError
-from edgepix.runtime.synthetic import APPEARANCES
+from edgepix.runtime.core.errors import EdgepixError
+from edgepix.runtime.core.fields import flag
+from edgepix.runtime.data.synthetic import APPEARANCES
 
 from .transforms import AugmentConfig
 

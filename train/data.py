@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset as _TorchDataset
 
-from edgepix.runtime.errors import DataError
-from edgepix.runtime.formats import IMAGE_SUFFIXES, MASK_SUFFIXES
-from edgepix.runtime.spec import default_palette
-from edgepix.runtime.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene, scene_seed
+from edgepix.runtime.core.errors import DataError
+from edgepix.runtime.core.formats import IMAGE_SUFFIXES, MASK_SUFFIXES
+from edgepix.runtime.data.synthetic import CLASS_NAMES, PALETTE, SceneConfig, make_scene, scene_seed
+from edgepix.runtime.description.spec import default_palette
 
 IGNORE_INDEX = 255
 # The held-out synthetic scenes: a seed no training run uses by default, the same for every run so that runs with

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from edgepix.runtime.errors import DataError
-from edgepix.runtime.formats import IMAGE_SUFFIXES
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.core.errors import DataError
+from edgepix.runtime.core.formats import IMAGE_SUFFIXES
+from edgepix.runtime.description.spec import ModelSpec
 
 from .data import (
     SYNTHETIC_VAL_SEED,
@@ -111,7 +111,7 @@ def open_image_source(data: str | os.PathLike, split: str = "train", *, seed: in
                       synthetic_val_n: int = 200, size: tuple[int, int] = (64, 64),
                       appearance: str = "varied") -> ImageSource:
     """`synthetic`, a dataset folder (its images/), or any folder of images (searched recursively).
-    `appearance` picks the synthetic scenes' look (runtime.synthetic); folders ignore it."""
+    `appearance` picks the synthetic scenes' look (runtime.data.synthetic); folders ignore it."""
     if str(data) == "synthetic":
         source = open_source("synthetic", split, seed=seed, synthetic_n=synthetic_n, synthetic_val_n=synthetic_val_n,
                              synthetic_size=size, synthetic_appearance=appearance)
@@ -254,7 +254,7 @@ def open_pair_source(data: str | os.PathLike, split: str = "train", *, seed: int
                      synthetic_val_n: int = 200, size: tuple[int, int] = (256, 256),
                      direction: str = "AtoB", appearance: str = "lit") -> PairSource:
     """Pairs for pix2pix from `synthetic`, a segmentation dataset, A/ + B/ folders or side-by-side AB images.
-    `appearance` picks the synthetic scenes' look (runtime.synthetic); folders ignore it."""
+    `appearance` picks the synthetic scenes' look (runtime.data.synthetic); folders ignore it."""
     if direction not in ("AtoB", "BtoA"):
         raise DataError(f"--direction must be AtoB or BtoA, got {direction!r}")
     if str(data) == "synthetic":

@@ -28,8 +28,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgepix.runtime.errors import DataError, ModelFormatError
-from edgepix.runtime.metrics import ConfusionMatrix, psnr
+from edgepix.runtime.core.errors import DataError, ModelFormatError
+from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -282,7 +282,7 @@ def evaluate_pix2pix(checkpoint: str | Path, data: str, *, seg: str | Path | Non
     """Score a pix2pix checkpoint on `n` validation pairs of `data` (see the module docstring)."""
     import torch
 
-    from edgepix.runtime.progress import progress_bar
+    from edgepix.runtime.core.progress import progress_bar
 
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .gan_data import PairedDataset, open_pair_source

@@ -40,13 +40,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
-from edgepix.runtime.cpuinfo import usable_cores
-from edgepix.runtime.errors import DataError, EdgepixError
-from edgepix.runtime.fileio import atomic_output
-from edgepix.runtime.generator import tile_grid
-from edgepix.runtime.metrics import psnr
-from edgepix.runtime.progress import progress_bar
-from edgepix.runtime.spec import ChannelOrder, ModelSpec, OutputKind, Task
+from edgepix.runtime.core.cpuinfo import usable_cores
+from edgepix.runtime.core.errors import DataError, EdgepixError
+from edgepix.runtime.core.fileio import atomic_output
+from edgepix.runtime.core.progress import progress_bar
+from edgepix.runtime.data.metrics import psnr
+from edgepix.runtime.description.spec import ChannelOrder, ModelSpec, OutputKind, Task
+from edgepix.runtime.tasks.generator import tile_grid
 
 from .checkpoint import prepare_run, save_checkpoint
 from .config import GanKind, GANMode, GanTrainConfig

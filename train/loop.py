@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepix.runtime.cpuinfo import usable_cores
-from edgepix.runtime.errors import EdgepixError
-from edgepix.runtime.fileio import atomic_write_text
+from edgepix.runtime.core.cpuinfo import usable_cores
+from edgepix.runtime.core.errors import EdgepixError
+from edgepix.runtime.core.fileio import atomic_write_text
 
 from .distributed import DistInfo, init_distributed, shutdown_distributed
 

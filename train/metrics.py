@@ -2,7 +2,7 @@
 
 `SegmentationMeter` keeps a num_classes x num_classes confusion matrix (rows: truth, columns: prediction) as an
 int64 tensor; `all_reduce()` sums it over DistributedDataParallel ranks, so every rank ends with the metrics of the
-whole validation set. The arithmetic (IoU, mIoU, pixel accuracy) is `edgepix.runtime.metrics.ConfusionMatrix`'s,
+whole validation set. The arithmetic (IoU, mIoU, pixel accuracy) is `edgepix.runtime.data.metrics.ConfusionMatrix`'s,
 so the trainer, the export gate and the runtime report the same numbers for the same predictions.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgepix.runtime.metrics import ConfusionMatrix
+from edgepix.runtime.data.metrics import ConfusionMatrix
 
 
 @dataclass(frozen=True)

@@ -1,64 +1,22 @@
-"""One model registry for every architecture edgepix trains (segmentation and generation alike).
+"""One model registry for every architecture edgepix trains (segmentation and generation alike): the factory.
 
 Modelled on timm's `_registry.py`/`_factory.py`: `@register_model` on a constructor function, `create_model(name,
 **kwargs)`, `list_models(pattern)`. Unknown names raise with the valid list and close matches; default keyword
-arguments are copied before use so that one caller cannot change them for the next.
+arguments are copied before use so that one caller cannot change them for the next. The table and the decorator
+live in `models/catalog.py`, which the model modules import; this module imports the models to fill it.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from edgepix.runtime.errors import EdgepixError, unknown_name
+from edgepix.runtime.core.errors import EdgepixError, unknown_name
 
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    constructor: Callable[..., nn.Module]
-    task: str  # "segmentation", "generation-noise", "generation-image" or "discriminator"
-    defaults: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    # ModelSpec fields the model brings with it (a pretrained model's class names and normalisation).
-    spec_fields: dict[str, Any] = field(default_factory=dict)
-    # Pretrained models take the dataset's class names and replace their classifier when they differ.
-    takes_class_names: bool = False
-    # False for entries that only rebuild checkpoints (`hf`: a Hugging Face architecture from its saved config),
-    # which list_models leaves out: nobody trains them by that name.
-    listed: bool = True
-
-
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-# Names with a prefix (`hf:PATH`) are resolved by a function of the whole name into an entry made on the spot.
-_PREFIXES: dict[str, Callable[[str], ModelEntry]] = {}
-
-
-def register_model(name: str, *, task: str, description: str = "", listed: bool = True, **defaults: Any):
-    """Decorator: register `fn(**kwargs) -> nn.Module` under `name` with default keyword arguments."""
-
-    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, task, dict(defaults), description or (fn.__doc__ or "").strip(),
-                                     listed=listed)
-        return fn
-
-    return decorate
-
-
-def register_prefix(prefix: str, resolve: Callable[[str], ModelEntry]) -> None:
-    """Names starting with `prefix` are entries made by `resolve(name)` (e.g. `hf:PATH` from a local folder)."""
-    if prefix in _PREFIXES:
-        raise ValueError(f"model prefix {prefix!r} is registered twice")
-    _PREFIXES[prefix] = resolve
+from .models.catalog import _PREFIXES, _REGISTRY, ModelEntry
 
 
 def _ensure_builtin_models() -> None:
@@ -90,22 +48,6 @@ def checkpoint_arch(model: nn.Module, name: str, kwargs: dict[str, Any]) -> tupl
     with."""
     recipe = getattr(model, "checkpoint_arch", None)
     return recipe() if callable(recipe) else (name, dict(kwargs))
-
-
-def measure_output_stride(model: nn.Module, input_size: tuple[int, int]) -> int:
-    """Input pixels per output pixel of a segmentation model (1 for models that upsample their logits to the
-    input; 4 for SegFormer), from one forward pass on zeros in eval mode."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            out = model(torch.zeros(1, 3, *input_size, device=device))
-    finally:
-        model.train(was_training)
-    return max(1, round(input_size[1] / out.shape[-1]))
 
 
 def list_models(pattern: str = "*", *, task: str | None = None) -> list[str]:

@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
-from edgepix.runtime.cpuinfo import usable_cores
-from edgepix.runtime.errors import DataError, EdgepixError, ModelFormatError
-from edgepix.runtime.progress import progress_bar
-from edgepix.runtime.spec import ModelSpec, Task
+from edgepix.runtime.core.cpuinfo import usable_cores
+from edgepix.runtime.core.errors import DataError, EdgepixError, ModelFormatError
+from edgepix.runtime.core.progress import progress_bar
+from edgepix.runtime.description.spec import ModelSpec, Task
 
 from .checkpoint import load_source, prepare_run, save_checkpoint
 from .config import OptimizerKind, Schedule, SegTrainConfig
@@ -55,7 +55,8 @@ from .loop import (
 )
 from .losses import LossKind, SegmentationLoss
 from .metrics import SegmentationMeter, SegmentationMetrics
-from .registry import checkpoint_arch, create_model, get_entry, measure_output_stride
+from .models.catalog import measure_output_stride
+from .registry import checkpoint_arch, create_model, get_entry
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger("edgepix.train")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edgepix.runtime.imageops import Normalizer
-from edgepix.runtime.spec import ModelSpec
+from edgepix.runtime.description.spec import ModelSpec
+from edgepix.runtime.tasks.imageops import Normalizer
 
 
 def normalize(image_bgr: np.ndarray, spec: ModelSpec) -> np.ndarray:

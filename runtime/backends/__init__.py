@@ -4,10 +4,14 @@
     with load_backend("model.onnx", "auto", threads=2) as backend:
         outputs = backend.infer({"images": batch})
 
-The implementations (ONNX Runtime, OpenCV, TensorRT) are imported only when a backend is loaded.
+The implementations (ONNX Runtime, OpenCV, OpenVINO, Triton, TensorRT in its own subpackage) are imported only when
+a backend is loaded; profile holds the per-machine measurements `edgepix tune` records and `auto` follows.
+
+May import: core, description.
 """
 
-from .base import Backend, BackendOptionError, TensorMeta
+from ..description.tensors import TensorMeta
+from .base import Backend, BackendOptionError
 from .registry import (
     AUTO_ORDER_ONNX,
     available_backends,

@@ -1,7 +1,7 @@
 """The `opencv` backend: OpenCV's dnn module (`cv2.dnn.readNetFromONNX`), with a CUDA target when OpenCV has one.
 
 Useful where ONNX Runtime is not installed (OpenCV alone runs the model) and as an independent second opinion on
-ONNX Runtime's numbers. Input names and shapes and the edgepix spec come from `runtime.onnxproto`, which needs
+ONNX Runtime's numbers. Input names and shapes and the edgepix spec come from `description.onnxproto`, which needs
 neither `onnx` nor ONNX Runtime.
 
 OpenCV 5 has two dnn engines: the new one (OpenCV's own default, CPU only) and the classic one (the only one with
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BackendError, ModelFormatError, require
-from ..onnxproto import read_onnx_header
-from .base import Backend, TensorMeta, dtype_from_onnx, normalise_dim
+from ..core.errors import BackendError, ModelFormatError, require
+from ..description.onnxproto import read_onnx_header
+from ..description.tensors import TensorMeta, dtype_from_onnx, normalise_dim
+from .base import Backend
 
 
 class OpenCVTarget(str, enum.Enum):

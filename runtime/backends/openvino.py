@@ -10,7 +10,7 @@ Precision: OpenVINO's CPU plugin runs FP32 models in bfloat16 by default on CPUs
 arithmetic, so this backend asks for f32 unless `inference_precision` says otherwise; INT8 (QDQ) graphs still run
 their quantized layers in int8 either way.
 
-Input and output names, dtypes and the edgepix spec come from `runtime.onnxproto`, as for the opencv backend, so
+Input and output names, dtypes and the edgepix spec come from `description.onnxproto`, as for the opencv backend, so
 what this backend reports matches the file whatever OpenVINO renames internally. `import openvino` happens when a
 backend is created, never when edgepix.runtime is imported.
 """
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BackendError, DependencyError, ModelFormatError
-from ..onnxedit import append_argmax_file
-from ..onnxproto import read_onnx_header
-from .base import Backend, TensorMeta, dtype_from_onnx, normalise_dim
+from ..core.errors import BackendError, DependencyError, ModelFormatError
+from ..description.onnxedit import append_argmax_file
+from ..description.onnxproto import read_onnx_header
+from ..description.tensors import TensorMeta, dtype_from_onnx, normalise_dim
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

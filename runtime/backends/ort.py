@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, ModelFormatError, require
-from ..onnxedit import append_argmax_file
-from ..onnxinfo import check_model_path
-from .base import Backend, TensorMeta, dtype_from_ort, normalise_dim
+from ..core.errors import BackendError, ModelFormatError, require
+from ..description.onnxedit import append_argmax_file
+from ..description.onnxproto import check_model_path
+from ..description.tensors import TensorMeta, dtype_from_ort, normalise_dim
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
 | `ort-cpu`  | ONNX Runtime, CPU execution provider              | .onnx          |
 | `opencv`   | OpenCV dnn (CUDA target when OpenCV has CUDA)     | .onnx          |
 | `openvino` | OpenVINO runtime, CPU device (GPU/NPU unverified) | .onnx          |
-| `tensorrt` | native TensorRT (runtime/backends/tensorrt.py)    | .engine / .plan|
+| `tensorrt` | native TensorRT (runtime/backends/tensorrt/backend.py)    | .engine / .plan|
 | `triton`   | a Triton (KServe v2) server, over HTTP or gRPC    | a model name   |
 
 Backend modules are imported only when a backend is loaded, so `import edgepix.runtime` stays light.
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, ModelFormatError, unknown_name
-from ..formats import ENGINE_SUFFIXES, ONNX_SUFFIXES
+from ..core.errors import BackendError, ModelFormatError, unknown_name
+from ..core.formats import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from .base import Backend, BackendOptionError
 
 log = logging.getLogger("edgepix.runtime.backends")
@@ -87,7 +87,7 @@ def _openvino_check() -> str | None:
     return None
 
 
-TENSORRT_MODULE = "edgepix.runtime.backends.tensorrt"
+TENSORRT_MODULE = "edgepix.runtime.backends.tensorrt.backend"
 
 
 def _tensorrt_check() -> str | None:
@@ -201,7 +201,7 @@ def candidates(name: str, path: str | os.PathLike) -> list[str]:
         raise BackendError("no backend can run ONNX models here: " + "; ".join(
             f"{n}: {status[n]}" for n in AUTO_ORDER_ONNX) + " (install onnxruntime or OpenCV)")
     # A measured choice for this file on this machine (edgepix tune) goes first; the fixed order follows.
-    from ..profile import preferred_backend
+    from .profile import preferred_backend
 
     measured = preferred_backend(path)
     if measured is not None and measured in status and status[measured] is None:

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, ModelFormatError, require
-from ..spec import ONNX_METADATA_KEY
-from .base import Backend, TensorMeta, normalise_dim
+from ..core.errors import BackendError, ModelFormatError, require
+from ..description.spec import ONNX_METADATA_KEY
+from ..description.tensors import TensorMeta, normalise_dim
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

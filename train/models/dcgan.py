@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ..registry import register_model
+from .catalog import register_model
 
 IMAGE_SIZES = (32, 64, 128)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_model
+from .catalog import register_model
 from .layers import ConvBNAct, DSConv, InvertedResidual, init_classifier, init_weights, resize_to
 
 

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgepix.runtime.errors import ModelFormatError, require
-from edgepix.runtime.hfconfig import read_hf_folder, spec_fields
+from edgepix.runtime.core.errors import ModelFormatError, require
+from edgepix.runtime.description.hfconfig import read_hf_folder, spec_fields
 
-from ..registry import ModelEntry, register_model, register_prefix
+from .catalog import ModelEntry, register_model, register_prefix
 
 log = logging.getLogger("edgepix.train")
 
@@ -255,9 +255,9 @@ def replace_classifier(model: HFSegmentation, class_names: Sequence[str]) -> HFS
 def load_folder(path: str | Path) -> tuple[dict[str, Any], HFSegmentation]:
     """A `save_pretrained` folder as (checkpoint, model): what export, `val seg` and `bench --torch` take in place
     of an edgepix checkpoint. The spec comes from the folder; the output stride from one forward pass."""
-    from edgepix.runtime.spec import ModelSpec, Task, default_palette
+    from edgepix.runtime.description.spec import ModelSpec, Task, default_palette
 
-    from ..registry import measure_output_stride
+    from .catalog import measure_output_stride
 
     folder = read_hf_folder(path)
     model = pretrained(folder.path)

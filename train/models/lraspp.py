@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
+from .catalog import register_model
 from .layers import ConvBNAct, InvertedResidual, init_classifier, init_weights, make_divisible, resize_to
 
 # (kernel, expanded channels, out channels, squeeze-excite, activation, stride) of MobileNetV3-Small.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
+from .catalog import register_model
 
 VARIANTS = {"unet_128": 7, "unet_256": 8}
 NORMS = ("batch", "instance")

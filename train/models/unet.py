@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
+from .catalog import register_model
 from .layers import ConvBNAct, init_classifier, init_weights, resize_to
 
 

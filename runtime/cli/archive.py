@@ -1,0 +1,118 @@
+"""`edgepix segment --archive` and `--engine ray`: the flags, the ArchiveJob they make, the closing line.
+The flags are registered without importing the archive machinery, so the command line starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..batch.cluster import DEFAULT_CHUNK, ClusterOptions
+from ..core.errors import InputError
+from ..tasks.render import RenderOptions
+
+log = logging.getLogger("edgepix.archive")
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    """`edgepix segment ... --archive` or `--engine ray`: the flags as an ArchiveJob, a closing line, failures."""
+    for flag, value in (("--realtime", args.realtime), ("--loop", args.loop), ("--duration", args.duration),
+                        ("--max-frames", args.max_frames), ("--then", getattr(args, "then", None))):
+        if value:
+            raise InputError(f"{flag} applies to streams; an archive run (--archive, --engine ray) reads every "
+                             "input to its end")
+    if len(args.sink) != 1:
+        raise InputError(f"an archive run writes into one folder: give one --sink DIR/ (got {len(args.sink)})")
+    if not args.source:
+        raise InputError("an archive run needs --source: files, a folder or a glob such as 'archive/**/*.mp4'")
+    from ..batch.archive import ArchiveJob, run_archive
+
+    job = ArchiveJob(
+        model=args.model, sources=args.source, sink=args.sink[0], backend=args.backend,
+        render=RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
+                             hide=tuple(args.hide), legend=args.legend),
+        batch=args.max_batch or 1, chunk=args.chunk, engine=args.engine, workers=args.workers,
+        threads=args.threads, cluster=cluster_options(args), stats=args.stats, triton_url=args.triton_url,
+        quiet=args.quiet, decoder_logs=args.verbose)
+    with _sigterm_interrupts():
+        summary = run_archive(job)
+    if not args.quiet:
+        print(closing_line(summary), file=sys.stderr)
+    for f in summary["failures"]:
+        print(f"edgepix segment: error: {f['input']}: {f['reason']}", file=sys.stderr)
+    return 1 if summary["failures"] else 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops an archive run as Ctrl-C does: workers abandon their partial files, the summary is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def closing_line(summary: dict) -> str:
+    from ..batch.worker import STATE_FOLDER
+
+    fps = f"{summary['fps']:.1f} frames/s" if summary["fps"] else "no frames"
+    engine = summary["engine"]
+    if engine == "ray" and "actors" in summary:
+        engine += f": {summary['actors']} actors x {summary['cpus_per_actor']:g} CPU"
+    elif "local_workers" in summary:
+        engine += f": {summary['local_workers']} workers x {summary['threads_per_worker'] or 'default'} threads"
+    retried = f", {summary['task_retries']} task(s) retried after a worker died" if summary["task_retries"] else ""
+    return (f"segmented {summary['done']} of {summary['inputs']} inputs ({summary['frames']} frames) in "
+            f"{summary['processing_seconds']:.1f} s after loading: {fps} ({engine}); {summary['skipped']} skipped as "
+            f"complete, {summary['failed']} failed{retried}; {summary['seconds']:.1f} s in all; summary: "
+            f"{Path(summary['sink']) / STATE_FOLDER / 'summary.json'}")
+
+
+def add_engine_flags(group) -> None:
+    """`--engine` and the cluster's flags, shared by `edgepix segment` and `edgepix generate`."""
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process (default); ray: actors on a Ray cluster "
+                            "(pip install 'edgepix[scale]')")
+    group.add_argument("--address", metavar="auto|HOST:PORT",
+                       help="--engine ray: the cluster to join (auto: the one `ray start` runs here; default: "
+                            "RAY_ADDRESS, else a private one-node cluster for this run)")
+    group.add_argument("--actors", type=int, metavar="N",
+                       help="--engine ray: actors, each loading the model once (default: as many as the cluster's "
+                            "CPUs, or GPUs, hold)")
+    group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+                       help="--engine ray: CPUs reserved per actor = its inference threads (default 1)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                       help="--engine ray: GPUs per actor (0.5 lets two actors share one; default 0)")
+
+
+def add_archive_flags(p: argparse.ArgumentParser) -> None:
+    """`edgepix segment`'s archive flags and the engine's (registered here, not in runtime.archive, so that the
+    command line starts without importing OpenCV)."""
+    g = p.add_argument_group("archives (one output per input file) and clusters")
+    g.add_argument("--archive", action="store_true",
+                   help="segment each file of the sources into its own output under the --sink folder (same "
+                        "relative path; videos stay videos, images become PNG), resumable, with a JSON summary in "
+                        "SINK/.edgepix/; implied by --engine ray")
+    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="N",
+                   help=f"archives: images per task (default {DEFAULT_CHUNK}; each video is one task)")
+    add_engine_flags(g)
+
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    if args.engine != "ray":
+        given = [f for f, v in (("--address", args.address), ("--actors", args.actors)) if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to --engine ray")
+    return ClusterOptions(address=args.address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                          gpus_per_actor=args.gpus_per_actor)
