@@ -38,12 +38,19 @@ $(STAMP): pyproject.toml Makefile
 SYSTEM_TOOLS := ffmpeg:ffmpeg chromium:chromium Xvfb:xvfb
 # GLib's key-file parser for the system python3: the DeepStream config tests read the configs with it.
 GLIB_KEYFILE_PACKAGES := python3-gi gir1.2-glib-2.0
-# The GStreamer tests: the system's OpenCV (built with GStreamer), GStreamer's Python bindings, venv, and the
-# elements they use (x264enc: -ugly; rtph264pay, udpsrc: -good; avdec_h264: -libav; gst-launch-1.0: -tools).
-GSTREAMER_PACKAGES := python3-opencv python3-gst-1.0 python3-venv gstreamer1.0-tools gstreamer1.0-plugins-base \
-	gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-libav
+# The GStreamer tests: the system's OpenCV (built with GStreamer), GStreamer's Python bindings, venv, and every
+# element their pipelines use, each checked: GSTREAMER_ELEMENTS is tests/test_gstreamer.py's GST_ELEMENTS (which
+# names each one's package; tests/test_setup.py fails when a pipeline there uses an element missing from either).
+# capsfilter, filesrc: libgstreamer1.0-0; appsrc, appsink, decodebin, videoconvert, videotestsrc: -base;
+# rtph264pay, rtph264depay, udpsrc, udpsink: -good; h264parse: -bad; x264enc: -ugly; avdec_h264: -libav;
+# gst-launch-1.0, gst-inspect-1.0: -tools.
+GSTREAMER_PACKAGES := python3-opencv python3-gst-1.0 python3-venv gstreamer1.0-tools libgstreamer1.0-0 \
+	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
+	gstreamer1.0-libav
+GSTREAMER_ELEMENTS := appsink appsrc avdec_h264 capsfilter decodebin filesrc h264parse rtph264depay rtph264pay \
+	udpsink udpsrc videoconvert videotestsrc x264enc
 GSTREAMER_CHECK := /usr/bin/python3 -c "import cv2, ensurepip, gi; gi.require_version('Gst', '1.0')" && \
-	gst-inspect-1.0 --exists x264enc && gst-inspect-1.0 --exists rtph264pay && gst-inspect-1.0 --exists avdec_h264
+	for e in $(GSTREAMER_ELEMENTS); do gst-inspect-1.0 --exists $$e || exit 1; done
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	/usr/bin/python3 -c "import gi" >/dev/null 2>&1 || missing="$$missing $(GLIB_KEYFILE_PACKAGES)"; \
@@ -76,10 +83,11 @@ system-opencv-env: system-tools
 
 setup: $(STAMP) system-tools system-opencv-env
 
-# The docs build into build/ (ignored); --strict fails on broken links, missing anchors and pages left out of the nav.
+# The docs build into build/ (ignored); --strict fails on broken links, missing anchors and pages left out of the nav
+# (without --quiet, which hides the warnings that --strict counts; tests/test_docs_links.py checks README.md's).
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m mkdocs build --strict --quiet --site-dir build/docs-site
+	$(PY) -m mkdocs build --strict --site-dir build/docs-site
 	$(PY) -m pytest -q
 
 # The main job end to end, small enough for a laptop CPU (a few minutes): data, training, verified export,

@@ -157,7 +157,25 @@ def test_triton_tensorrt_accelerator_block_and_bad_combinations(seg_onnx, tmp_pa
         TritonOptions(kind="cpu", trt_accelerator=TrtAccelerator.INT8)
     with pytest.raises(ExportError, match="--name"):
         TritonOptions(name="../escape")
-    assert model_config_text  # the text builder is public for tools that write their own repositories
+    # The text builder is public for tools that write their own repositories: from the parts Triton reads back out
+    # of this one it gives the config.pbtxt the writer wrote, byte for byte, and a tool's own options come through.
+    from tritonclient.grpc import model_config_pb2
+
+    from edgepix.export.triton import TensorConfig
+
+    def tensors(group) -> list[TensorConfig]:
+        return [TensorConfig(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in group]
+
+    parts = dict(name=config.name, platform=config.platform, spec=spec_parameter(config),
+                 inputs=tensors(config.input), outputs=tensors(config.output))
+    text = model_config_text(**parts, options=TritonOptions(max_batch=0, trt_accelerator=TrtAccelerator.FP16))
+    assert text == (result.model_dir / "config.pbtxt").read_text(encoding="utf-8") == result.config
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "config.pbtxt").write_text(model_config_text(**parts, options=TritonOptions(
+        max_batch=0, instances=3, trt_accelerator=TrtAccelerator.FP16)), encoding="utf-8")
+    own = parse_config(tmp_path / "own")
+    assert instance_groups(own) == [(3, "KIND_GPU")] and instance_groups(config) == [(1, "KIND_GPU")]
+    assert (own.input, own.output, own.optimization) == (config.input, config.output, config.optimization)
 
 
 @needs_tritonclient

@@ -26,6 +26,23 @@ ENV = Path(os.environ.get("EDGEPIX_SYSTEM_OPENCV_ENV", REPO / ".venv-system"))
 ENV_PYTHON = ENV / "bin" / "python"
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTP_CAPS = "application/x-rtp,media=video,encoding-name=H264,payload=96,clock-rate=90000"
+# Every GStreamer element that the pipelines here, gst-launch-1.0's and the runtime's csi:// and rtp:// ones that these
+# tests parse or run use, with the Debian package that has it: the one list. Every test that runs in the system env
+# skips without any of them (sysenv); the Makefile's GSTREAMER_ELEMENTS checks the same names and make setup installs
+# the packages; tests/test_setup.py fails when a pipeline here uses an element missing from this list or the Makefile.
+GST_ELEMENTS = {
+    "capsfilter": "libgstreamer1.0-0", "filesrc": "libgstreamer1.0-0",
+    "appsink": "gstreamer1.0-plugins-base", "appsrc": "gstreamer1.0-plugins-base",
+    "decodebin": "gstreamer1.0-plugins-base", "videoconvert": "gstreamer1.0-plugins-base",
+    "videotestsrc": "gstreamer1.0-plugins-base",
+    "rtph264depay": "gstreamer1.0-plugins-good", "rtph264pay": "gstreamer1.0-plugins-good",
+    "udpsink": "gstreamer1.0-plugins-good", "udpsrc": "gstreamer1.0-plugins-good",
+    "h264parse": "gstreamer1.0-plugins-bad",
+    "x264enc": "gstreamer1.0-plugins-ugly",
+    "avdec_h264": "gstreamer1.0-libav",
+}
+# JetPack's elements, absent here: the csi:// test registers stand-ins for them (_PARSE_CSI) and only parses.
+JETSON_STAND_INS = ("nvarguscamerasrc", "nvvidconv", "nvv4l2h264enc")
 
 _PROBE = """import json, cv2, edgepix.runtime
 from edgepix.runtime.streams.sources import opencv_has_gstreamer
@@ -56,7 +73,20 @@ def system_env() -> dict | str:
         return f"the environment at {ENV} holds another edgepix ({facts['runtime']}); make setup installs this one"
     if not facts["gstreamer"]:
         return f"the system's OpenCV {facts['version']} has no GStreamer"
-    return facts
+    return missing_elements() or facts
+
+
+def missing_elements() -> str | None:
+    """Why the GStreamer tools or an element of GST_ELEMENTS are missing, or None."""
+    inspect = shutil.which("gst-inspect-1.0")
+    if inspect is None or shutil.which("gst-launch-1.0") is None:
+        return "gst-launch-1.0 is not installed (apt-get install gstreamer1.0-tools; make setup does it)"
+    missing = {name: package for name, package in GST_ELEMENTS.items()
+               if subprocess.run([inspect, "--exists", name], capture_output=True).returncode != 0}
+    if missing:
+        return (f"GStreamer elements {', '.join(missing)} are not installed (apt-get install "
+                f"{' '.join(sorted(set(missing.values())))}; make setup installs them)")
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +95,6 @@ def sysenv() -> dict:
     if isinstance(facts, str):
         pytest.skip(facts)
     return facts
-
-
-def need_elements(*names: str) -> None:
-    inspect = shutil.which("gst-inspect-1.0")
-    if inspect is None or shutil.which("gst-launch-1.0") is None:
-        pytest.skip("gst-launch-1.0 is not installed (apt-get install gstreamer1.0-tools; make setup does it)")
-    for name in names:
-        if subprocess.run([inspect, "--exists", name], capture_output=True).returncode != 0:
-            pytest.skip(f"GStreamer element {name} is not installed (gstreamer1.0-plugins-good/-ugly/-libav; "
-                        "make setup installs them)")
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +225,6 @@ def rtp_sender(port: int) -> subprocess.Popen:
 
 
 def test_an_rtp_udp_stream_is_segmented_and_its_sender_restart_is_a_recorded_reconnect(sysenv, model, tmp_path):
-    need_elements("x264enc", "rtph264pay", "rtph264depay", "avdec_h264", "udpsrc", "udpsink")
     port = free_port()
     source = (f'gst://udpsrc port={port} caps="{RTP_CAPS}" ! rtph264depay ! avdec_h264 ! videoconvert ! '
               "appsink")
@@ -355,7 +374,6 @@ SENSOR_MODES = [(3280, 2464, 21), (3280, 1848, 28), (1920, 1080, 30), (1640, 123
 
 
 def test_csi_pipeline_strings_parse_for_every_sensor_mode_and_flip_method(sysenv):
-    need_elements("videoconvert", "appsink", "capsfilter")
     done = env_python(_PARSE_CSI, json.dumps(SENSOR_MODES))
     if done.returncode != 0 and "No module named 'gi'" in done.stderr:
         pytest.skip("GStreamer's Python bindings are not installed (apt-get install python3-gst-1.0)")
@@ -396,7 +414,6 @@ os._exit(0)  # the reading thread blocks in a read that no more packets will end
 
 
 def test_the_rtp_sink_read_back_on_loopback_has_the_size_and_the_frames_sent(sysenv, model, tmp_path):
-    need_elements("x264enc", "rtph264pay", "rtph264depay", "avdec_h264", "udpsrc", "udpsink", "appsrc")
     port = free_port()
     source = f'udpsrc port={port} caps="{RTP_CAPS}" ! rtph264depay ! avdec_h264 ! videoconvert ! appsink'
     receiver = subprocess.Popen([str(ENV_PYTHON), "-c", _RECEIVE, source, "60"], stdout=subprocess.PIPE,
