@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.fileio import fsync_folder, fsync_tree
 from edgepix.runtime.description.spec import ChannelOrder, Layout, ModelSpec, OutputKind, Precision, ResizeMode, Task
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,10 @@ def write_deepstream_from_onnx(onnx_path: Path, out_dir: str | os.PathLike, opti
         }
         for filename, text in files.items():
             (Path(tmp) / filename).write_text(text, encoding="utf-8")
+        fsync_tree(tmp)
         for filename in (adapted.name, *files):
             os.replace(Path(tmp) / filename, out_dir / filename)
+        fsync_folder(out_dir)
     return DeepStreamResult(out_dir, out_dir / adapted.name, out_dir / infer_name, out_dir / app_name, adapted_spec,
                             agreement)
 

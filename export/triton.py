@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepix.runtime.core.errors import ExportError
+from edgepix.runtime.core.fileio import fsync_folder, fsync_tree
 from edgepix.runtime.core.formats import ENGINE_SUFFIXES
 from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
 
@@ -474,5 +475,7 @@ def _publish(repo: Path, name: str, spec: ModelSpec, config: str, write, *, stag
         old = Path(tmp) / "old"
         if target.exists():
             os.replace(target, old)  # removed with the temporary folder
+        fsync_tree(stage)
         os.replace(stage, target)
+        fsync_folder(repo)
     return target

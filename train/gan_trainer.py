@@ -42,7 +42,7 @@ from edgepix import __version__
 from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.core.cpuinfo import usable_cores
 from edgepix.runtime.core.errors import DataError, EdgepixError
-from edgepix.runtime.core.fileio import atomic_output
+from edgepix.runtime.core.fileio import atomic_write_bytes
 from edgepix.runtime.core.progress import progress_bar
 from edgepix.runtime.data.metrics import psnr
 from edgepix.runtime.description.spec import ChannelOrder, ModelSpec, OutputKind, Task
@@ -163,9 +163,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise EdgepixError(f"cannot encode {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        Path(tmp).write_bytes(data.tobytes())
+    atomic_write_bytes(path, data.tobytes())
 
 
 def plot_gan_curves(path: Path, history: list[dict[str, Any]], kind: GanKind) -> bool:

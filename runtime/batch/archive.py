@@ -21,6 +21,11 @@ What it writes, the same whatever the engine (the engines differ only in who run
   pid), so an audit can show that nothing was written twice. A task whose worker died is retried; its inputs whose
   outputs the dead attempt had already committed are not written again.
 - An input that cannot be decoded is reported at the end (file and reason) and does not stop the others.
+- `SINK/.edgepix/settings.json` records what decides the outputs (the model file's sha256 and the drawing
+  options), and every journal line carries the key of those settings. An output counts as complete only if it
+  exists and the journal says it was made with the current settings; a run whose settings differ from the folder's
+  is refused in one line, unless `--overwrite`, which redoes every output made otherwise (and a later rerun
+  finishes what an interrupted `--overwrite` run left).
 - `SINK/.edgepix/summary.json` (and `--stats FILE`) lists every input's outcome: done, skipped (complete before
   the run), failed (with the reason), or interrupted.
 """
@@ -28,6 +33,7 @@ What it writes, the same whatever the engine (the engines differ only in who run
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 import logging
 import os
@@ -40,10 +46,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core.errors import InputError, SinkError
+from ..core.fileio import remove_stale_partials_under
 from ..core.formats import VIDEO_SUFFIXES
 from ..tasks.render import RenderOptions
 from .cluster import DEFAULT_CHUNK, ClusterOptions
-from .worker import STATE_FOLDER, ArchiveWorker, Item, Task, WorkerSettings, remove_stale_partials_under
+from .worker import STATE_FOLDER, ArchiveWorker, Item, Task, WorkerSettings, read_journal
 
 log = logging.getLogger("edgepix.archive")
 
@@ -64,6 +71,7 @@ class ArchiveJob:
     triton_url: str | None = None
     quiet: bool = False
     decoder_logs: bool = False
+    overwrite: bool = False  # redo outputs made with other settings (else a run with other settings is refused)
 
 
 # ---- listing and naming ------------------------------------------------------------------------------------
@@ -272,10 +280,71 @@ def local_plan(job: ArchiveJob, n_tasks: int) -> tuple[int, int | None]:
     return max(1, min(plan.workers, n_tasks)), plan.threads
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_settings(job: ArchiveJob) -> dict:
+    """What decides an archive's outputs: the model (its bytes, not its name) and how frames are drawn. Not the
+    backend, batch or engine: the outputs must not depend on them."""
+    model = Path(job.model)
+    render = job.render
+    return {"model_sha256": file_sha256(model) if model.is_file() else None,
+            "model": str(job.model) if not model.is_file() else model.name,
+            "vis": render.mode.value, "alpha": float(render.alpha),
+            "classes": list(render.show) if render.show is not None else None, "hide": list(render.hide),
+            "legend": render.legend}
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_settings(sink: Path, settings: dict, *, overwrite: bool) -> str:
+    """The settings' key, after refusing (InputError, one line) a folder whose outputs were made with other
+    settings unless `overwrite`; records the settings in the folder."""
+    from ..core.boundedjson import loads
+    path = sink / STATE_FOLDER / SETTINGS_FILE
+    key = settings_key(settings)
+    if path.exists() and not overwrite:
+        recorded = loads(path.read_bytes(), what=str(path), error=InputError,
+                         hint="rerun with --overwrite to redo every output, or give another --sink")
+        if isinstance(recorded, dict) and recorded.get("key") != key:
+            old = recorded.get("settings", {}) if isinstance(recorded.get("settings"), dict) else {}
+            changed = [f"{name} {_short(old.get(name))} -> {_short(value)}" for name, value in settings.items()
+                       if old.get(name) != value]
+            raise InputError(f"--sink {sink}: its outputs were made with other settings ({'; '.join(changed)}); "
+                             "rerun with --overwrite to redo them, or give another --sink")
+    write_state(path, json.dumps({"key": key, "settings": settings}, indent=2) + "\n")
+    return key
+
+
+def write_state(path: Path, text: str) -> None:
+    """The archive's own records (settings, summary, --stats), complete or absent; SinkError in one line."""
+    from ..core.fileio import atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if isinstance(value, str) and len(text) > 16 else text
+
+
 def run_archive(job: ArchiveJob) -> dict:
     """List, skip what is complete, run the rest on the job's engine; returns the summary (also written to
     SINK/.edgepix/summary.json and `job.stats`)."""
-    from ..core.fileio import atomic_write_text, check_writable, check_writable_folder
+    from ..core.fileio import check_writable, check_writable_folder
 
     sink = check_archive_job(job)
     t0 = time.perf_counter()
@@ -283,14 +352,18 @@ def run_archive(job: ArchiveJob) -> dict:
     if job.stats is not None:
         check_writable(job.stats, "--stats", SinkError)
     items = list_inputs(job.sources, sink)
-    remove_stale_partials_under(sink)  # once for the run: the workers' writes need not look for them
-    complete = [i for i in items if (sink / i.output).exists()]
-    todo = [i for i in items if not (sink / i.output).exists()]
+    key = check_settings(sink, output_settings(job), overwrite=job.overwrite)
+    remove_stale_partials_under(sink, skip=(STATE_FOLDER,))  # once: the workers need not look
+    made_with = {e.get("output"): e.get("settings") for e in read_journal(sink)}  # the last entry of each wins
+    complete = [i for i in items if (sink / i.output).exists() and made_with.get(i.output) == key]
+    done_before = {i.output for i in complete}
+    todo = [i for i in items if i.output not in done_before]
     tasks = make_tasks(todo, job.chunk)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     settings = WorkerSettings(model=str(Path(job.model).resolve()) if Path(job.model).exists() else str(job.model),
                               sink=str(sink.resolve()), backend=job.backend, render=job.render, batch=job.batch,
-                              server_url=job.triton_url, run_id=run_id, decoder_logs=job.decoder_logs)
+                              server_url=job.triton_url, run_id=run_id, decoder_logs=job.decoder_logs,
+                              settings_key=key)
     report = RunReport(len(todo), quiet=job.quiet, engine=job.engine)
     stop = threading.Event()
     interrupted = False
@@ -304,9 +377,9 @@ def run_archive(job: ArchiveJob) -> dict:
         report.close()
     summary = _summary(job, sink, run_id, items, complete, report, engine_info, t0, interrupted)
     text = json.dumps(summary, indent=2) + "\n"
-    atomic_write_text(sink / STATE_FOLDER / "summary.json", text)
+    write_state(sink / STATE_FOLDER / "summary.json", text)
     if job.stats is not None:
-        atomic_write_text(job.stats, text)
+        write_state(Path(job.stats), text)
     if interrupted:
         raise KeyboardInterrupt
     return summary

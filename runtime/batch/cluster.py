@@ -202,8 +202,7 @@ class GenerateActor:
     def run(self, span: tuple[int, int], attempt: int) -> dict:
         """Images span[0] .. span[1]-1 in batches of `step` from span[0] (spans are multiples of it, so every
         batch is the one the local run makes), each written atomically."""
-        from ..core.fileio import write_image
-        from .worker import remove_stale_partials_under
+        from ..core.fileio import remove_stale_partials_under, write_image
 
         if attempt > 1:  # the partial files of the attempt whose actor died (files being written are locked)
             remove_stale_partials_under(self.out)

@@ -4,13 +4,13 @@ file and renamed into place when complete; each commit adds a line to the sink's
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import json
 import logging
 import os
 import queue
-import re
 import socket
 import threading
 import time
@@ -57,6 +57,7 @@ class WorkerSettings:
     batch: int = 1  # frames per inference call (the same for every engine: results cannot depend on it)
     server_url: str | None = None  # --backend triton
     run_id: str = ""
+    settings_key: str = ""  # what the outputs are made with (batch.archive.output_settings): every journal line has it
     decoder_logs: bool = False  # False: FFmpeg's and OpenCV's own messages about damaged files are silenced
 
 
@@ -118,15 +119,17 @@ class ArchiveWorker:
                   decode_error: type[Exception]) -> dict:
         if stop is not None and stop.is_set():
             return self._outcome(item, "interrupted", attempt=attempt)
-        if (self.sink / item.output).exists():  # committed by an attempt whose worker died (journaled if it lived)
-            frames = next((e["frames"] for e in read_journal(self.sink, self.settings.run_id)
-                           if e["output"] == item.output), None)
-            return self._outcome(item, "done", attempt=attempt, frames=frames,
-                                 note="committed by an earlier attempt")
-        if attempt > 1:  # what the attempt whose worker died left half-written (its lock died with it)
+        if attempt > 1:
+            # Committed and journaled by this run's attempt whose worker died: not redone. An output that exists
+            # without this run's journal line is older (other settings) or lost its line: made again.
+            entry = next((e for e in read_journal(self.sink, self.settings.run_id) if e["output"] == item.output),
+                         None)
+            if entry is not None and (self.sink / item.output).exists():
+                return self._outcome(item, "done", attempt=attempt, frames=entry["frames"],
+                                     note="committed by an earlier attempt")
             from ..core.fileio import remove_stale_partials
 
-            remove_stale_partials(self.sink / item.output)
+            remove_stale_partials(self.sink / item.output)  # what the dead attempt left half-written
         t0 = time.perf_counter()
         try:
             frames, warning = (self._video if item.kind == "video" else self._image)(item, progress, stop,
@@ -210,28 +213,20 @@ class ArchiveWorker:
         """One line per committed output, appended with O_APPEND in one write (whole lines from concurrent
         writers on a local file system)."""
         entry = {"run": self.settings.run_id, "input": item.shown, "output": item.output, "frames": frames,
-                 "attempt": attempt, "host": self.host, "pid": self.pid, "time": round(time.time(), 3)}
-        fd = os.open(self.sink / STATE_FOLDER / "writes.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                 "attempt": attempt, "settings": self.settings.settings_key, "host": self.host, "pid": self.pid,
+                 "time": round(time.time(), 3)}
+        journal = self.sink / STATE_FOLDER / "writes.jsonl"
         try:
-            os.write(fd, (json.dumps(entry) + "\n").encode())
-        finally:
-            os.close(fd)
-
-
-_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.partial(\.[^.]*)?")
-
-
-def remove_stale_partials_under(folder: Path) -> int:
-    """Remove, in one pass over `folder` and its subfolders, the partial files that killed writers left (files
-    someone is writing are locked and stay); returns how many went."""
-    from ..core.fileio import remove_stale_partials
-
-    removed = 0
-    for p in folder.rglob(".*.partial*"):
-        m = _PARTIAL_NAME.fullmatch(p.name)
-        if m is not None and STATE_FOLDER not in p.relative_to(folder).parts:
-            removed += len(remove_stale_partials(p.with_name(m.group("name"))))
-    return removed
+            fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                line = (json.dumps(entry) + "\n").encode()
+                if os.write(fd, line) != len(line):  # a cut line is skipped by read_journal: the output is redone
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                os.fsync(fd)  # the output is durable already (write_image); its journal line must be too
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SinkError(f"cannot write {journal}: {e.strerror or e}") from None
 
 
 class _WriteBehind:

@@ -36,7 +36,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
                              hide=tuple(args.hide), legend=args.legend),
         batch=args.max_batch or 1, chunk=args.chunk, engine=args.engine, workers=args.workers,
         threads=args.threads, cluster=cluster_options(args), stats=args.stats, triton_url=args.triton_url,
-        quiet=args.quiet, decoder_logs=args.verbose)
+        quiet=args.quiet, decoder_logs=args.verbose, overwrite=args.overwrite)
     with _sigterm_interrupts():
         summary = run_archive(job)
     if not args.quiet:
@@ -97,7 +97,7 @@ def add_engine_flags(group) -> None:
 
 
 def add_archive_flags(p: argparse.ArgumentParser) -> None:
-    """`edgepix segment`'s archive flags and the engine's (registered here, not in runtime.archive, so that the
+    """`edgepix segment`'s archive flags and the engine's (registered without importing batch.archive, so that the
     command line starts without importing OpenCV)."""
     g = p.add_argument_group("archives (one output per input file) and clusters")
     g.add_argument("--archive", action="store_true",
@@ -106,6 +106,9 @@ def add_archive_flags(p: argparse.ArgumentParser) -> None:
                         "SINK/.edgepix/; implied by --engine ray")
     g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="N",
                    help=f"archives: images per task (default {DEFAULT_CHUNK}; each video is one task)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="archives: redo the outputs that were made with another model or other --vis/--alpha/"
+                        "--classes/--hide/--legend (without it such a run is refused)")
     add_engine_flags(g)
 
 

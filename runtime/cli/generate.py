@@ -126,7 +126,7 @@ def _closing_line(what: str, n: int, seconds: float, batch_ms: list[float], back
 def _generate_noise(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..batch.worker import remove_stale_partials_under
+    from ..core.fileio import remove_stale_partials_under
     from ..core.progress import progress_bar
     from ..tasks.generator import NoiseGenerator, tile_grid
 
@@ -244,7 +244,7 @@ def generate_on_ray(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise InputError("--engine ray writes the images into --out DIR (a --grid alone runs with --engine local)")
-    from ..batch.worker import remove_stale_partials_under
+    from ..core.fileio import remove_stale_partials_under
 
     ray = import_ray()
     options = cluster_options(args)

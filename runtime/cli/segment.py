@@ -147,6 +147,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from .archive import cmd_archive
 
         return cmd_archive(args)
+    if args.overwrite:
+        from ..core.errors import InputError
+
+        raise InputError("--overwrite applies to archive runs (--archive): a stream's outputs are always new")
     from ..tasks.render import RenderOptions
 
     job = stream_job(args, sources=args.source or ["synthetic://"], sinks=args.sink, then=args.then,

@@ -1,4 +1,10 @@
-"""Atomic file writes: an artifact is either complete at its path or absent, never half-written.
+"""The one file writer: an artifact is either complete at its path or absent, never half-written, even after a
+power cut.
+
+Every file edgepix writes takes the same way: a temporary file beside the target, the write checked (a short write
+or a full disk is an OSError, never a truncated file), fsync of the file, rename over the target, fsync of the
+folder (so that the rename itself survives a power cut). Without the two fsyncs a crash shortly after the rename can
+leave an empty or truncated file at the final name, which a resumable run would then count as complete.
 
 A file being written lives beside its target under a hidden partial name, `.NAME.XXXXXXXX.partial.EXT` (the real
 extension last, so that encoders which choose a format by extension still do), and is renamed over the target
@@ -17,6 +23,7 @@ import errno
 import glob as globlib
 import logging
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -65,8 +72,22 @@ class PartialFile:
             self.discard()
             raise
 
+    def write(self, data: bytes | memoryview) -> None:
+        """Write all of `data` to the partial file; an OSError (ENOSPC, EIO, ...) when it cannot."""
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self.fd, view)
+            if written <= 0:  # os.write raises on errors; a zero-byte write would loop forever
+                raise OSError(errno.EIO, "the write made no progress")
+            view = view[written:]
+
     def commit(self) -> None:
+        """Make the partial file durable and rename it over the target. The fsync covers whatever was written to
+        the file, by this object or through its path (an encoder that opens the path itself writes to the same
+        inode); a delayed write error (a full disk on a file system that allocates late) surfaces here."""
+        os.fsync(self.fd)
         os.replace(self.path, self.target)
+        fsync_folder(self.target.parent)
         self._unlock()
 
     def discard(self) -> None:
@@ -80,6 +101,37 @@ class PartialFile:
         if self.fd >= 0:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = -1
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename, a new file) to disk. File systems that cannot fsync a folder are
+    accepted as they are."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # Windows opens no folders; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder` (a staged folder about to be renamed into place)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_folder(path)
+    fsync_folder(folder)
 
 
 def remove_stale_partials(target: str | os.PathLike) -> list[Path]:
@@ -120,6 +172,22 @@ def remove_stale_partials(target: str | os.PathLike) -> list[Path]:
     if removed:
         log.warning("removed %d partial file(s) left by an interrupted run writing %s: %s", len(removed), target,
                     ", ".join(p.name for p in removed))
+    return removed
+
+
+_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.partial(\.[^.]*)?")
+
+
+def remove_stale_partials_under(folder: str | os.PathLike, *, skip: tuple[str, ...] = ()) -> int:
+    """Remove, in one pass over `folder` and its subfolders (except those named in `skip`), the partial files that
+    killed writers left (files someone is writing are locked and stay); returns how many went. A run writing many
+    files calls this once at its start instead of letting every write scan the folder."""
+    folder = Path(folder)
+    removed = 0
+    for p in folder.rglob(".*.partial*"):
+        m = _PARTIAL_NAME.fullmatch(p.name)
+        if m is not None and not set(skip) & set(p.relative_to(folder).parts):
+            removed += len(remove_stale_partials(p.with_name(m.group("name"))))
     return removed
 
 
@@ -179,8 +247,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    part = PartialFile(path)
+    try:
+        part.write(data)
+        part.commit()
+    finally:
+        part.discard()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -188,19 +263,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_image(path: Path, image) -> None:
-    """An image that appears complete or not at all: encoded into a locked partial file beside `path` (whose
-    suffix it keeps, for the encoder) and renamed over it. Unlike fileio.atomic_output it does not look for stale
+    """An image that appears complete or not at all: encoded in memory (the format from `path`'s suffix), written
+    to a locked partial file beside `path` with every byte checked, made durable and renamed over it. SinkError in
+    one line when it cannot (the partial file is removed). Unlike atomic_output it does not look for stale
     partial files of `path` (a scan of the whole folder per image, quadratic in a folder of thousands): a run
-    removes them once, with remove_stale_partials_under."""
+    removes them once (remove_stale_partials_under)."""
     import cv2
 
     from .errors import SinkError
 
+    ok, encoded = cv2.imencode(Path(path).suffix or ".png", image)
+    if not ok:
+        raise SinkError(f"cannot encode an image for {path} (suffix {Path(path).suffix!r})")
     try:
         part = PartialFile(path)
         try:
-            if not cv2.imwrite(str(part.path), image):
-                raise SinkError(f"cannot write {path} (disk full or not writable?)")
+            part.write(encoded)
             part.commit()
         finally:
             part.discard()

@@ -31,8 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..core.errors import DataError
-from ..core.fileio import atomic_write_text
+from ..core.errors import DataError, SinkError
+from ..core.fileio import atomic_write_text, write_image
 from ..description.spec import default_palette
 
 CLASS_NAMES: tuple[str, ...] = ("background", "ellipse", "rectangle", "triangle", "star", "cross")
@@ -339,8 +339,11 @@ def write_dataset(
     for i in range(n):
         image, mask = make_scene(scene_seed(seed, i), config)
         stem = f"{i:05d}"
-        if not (cv2.imwrite(str(images / f"{stem}.png"), image) and cv2.imwrite(str(masks / f"{stem}.png"), mask)):
-            raise DataError(f"cannot write scene {stem} into {out}")
+        try:
+            write_image(images / f"{stem}.png", image)
+            write_image(masks / f"{stem}.png", mask)
+        except SinkError as e:
+            raise DataError(f"cannot write scene {stem} into {out}: {e}") from None
         stems.append(stem)
         if progress is not None:
             progress(1)

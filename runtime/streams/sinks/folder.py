@@ -6,10 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-import cv2
-
 from ...core.errors import SinkError
-from ...core.fileio import check_writable_folder
+from ...core.fileio import check_writable_folder, remove_stale_partials_under, write_image
 from ...core.formats import IMAGE_WRITE_SUFFIXES
 from .base import Output, Sink, SinkContext
 
@@ -44,6 +42,7 @@ class ImageFolderSink(Sink):
 
     def preflight(self) -> None:
         check_writable_folder(self.folder, "image folder", SinkError)
+        remove_stale_partials_under(self.folder)  # once: each frame's write does not scan the folder
 
     def open(self, ctx: SinkContext) -> None:
         super().open(ctx)
@@ -53,8 +52,6 @@ class ImageFolderSink(Sink):
         folder = self.folder / str(out.stream_id) if self.multi() else self.folder
         if self.multi():
             folder.mkdir(exist_ok=True)
-        path = folder / (self.pattern % out.index)
-        if not cv2.imwrite(str(path), out.image):
-            raise SinkError(f"cannot write image {path} (disk full or not writable?)")
+        write_image(folder / (self.pattern % out.index), out.image)  # complete or absent, never truncated
         self.frames_written += 1
 

@@ -119,11 +119,16 @@ class VideoFileWriter:
             with _quiet_stderr(not last and fourcc not in _CODEC_WORKS):
                 writer = cv2.VideoWriter(str(self.part.path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc),
                                          self.fps, self.size)
-            _CODEC_WORKS[fourcc] = writer.isOpened()
             if writer.isOpened():
+                _CODEC_WORKS[fourcc] = True
                 self.writer, self.fourcc = writer, fourcc
                 return
             writer.release()
+            full = _disk_full(self.path.parent)
+            if full:  # FFmpeg could not even write the header: no verdict on the codec (the next run retries it)
+                self.part.discard()
+                raise SinkError(f"cannot write video {self.path}: {full}")
+            _CODEC_WORKS[fourcc] = False
         self.part.discard()
         raise SinkError(f"cannot write video {self.path}: OpenCV's FFmpeg has none of the codecs "
                         f"{', '.join(self.codecs)} for {self.path.suffix} (try .avi, which uses MJPG)")
