@@ -1,0 +1,142 @@
+"""Stable masks on video: the flicker, lag and accuracy measures, and the temporal stabilizer, on the synthetic
+moving scenes with label noise injected at the model's output (a controlled source of flicker)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edgepix.runtime.core.errors import InputError
+from edgepix.runtime.data.flicker import FlickerMeter, LagMeter, TemporalScore
+from edgepix.runtime.data.synthetic import CLASS_NAMES, MovingScene, SceneConfig
+from edgepix.runtime.tasks.temporal import Stabilizer, TemporalMode, TemporalOptions, TemporalState
+
+C = len(CLASS_NAMES)
+FRAME = (240, 320)
+MODEL = (128, 128)
+
+
+def noisy_scores(truth: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """What a model that knows the truth but hesitates would output: one-hot logits of the true class (x2) plus
+    Gaussian noise, at the model's resolution."""
+    small = cv2.resize(truth, MODEL[::-1], interpolation=cv2.INTER_NEAREST)
+    scores = np.eye(C, dtype=np.float32)[small].transpose(2, 0, 1) * 2.0
+    return scores + rng.normal(0, noise, size=scores.shape).astype(np.float32)
+
+
+def score_stream(mode: str, noise: float, *, frames: int = 60, seed: int = 1) -> dict:
+    scene = MovingScene(seed=seed, config=SceneConfig(size=FRAME))
+    state = TemporalState(TemporalOptions(mode=mode))
+    score = TemporalScore(C)
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        frame, truth = scene.next()
+        classes = state.update(noisy_scores(truth, noise, rng), frame).argmax(0).astype(np.uint8)
+        score.update(classes, truth)
+    return score.summary()
+
+
+def test_flicker_rises_with_the_injected_noise():
+    flicker = [score_stream("off", noise)["flicker"] for noise in (0.0, 0.4, 0.8, 1.2)]
+    # Without noise only the model-size grid flickers: boundary pixels of an object that moved less than a model
+    # pixel take the class of the nearest model pixel, which may change.
+    assert flicker[0] < 0.02
+    assert flicker[0] < flicker[1] < flicker[2] < flicker[3], flicker
+    assert flicker[3] > 0.1
+
+
+@pytest.mark.parametrize("mode", ["ema", "flow"])
+def test_the_stabilizer_removes_most_flicker_without_lag_or_loss_of_accuracy(mode):
+    before, after = score_stream("off", 0.8), score_stream(mode, 0.8)
+    assert after["flicker"] <= 0.5 * before["flicker"], (before, after)
+    assert after["lag_frames"] <= 1 and before["lag_frames"] == 0
+    assert after["miou"] >= before["miou"] - 0.005, (before, after)
+
+
+def test_a_plain_average_lags_behind_moving_objects_and_the_gate_does_not():
+    """Without the motion gate (threshold 255: nothing counts as motion) the EMA trails the objects."""
+    scene = MovingScene(seed=4, config=SceneConfig(size=FRAME), max_speed=8.0)
+    gated = TemporalState(TemporalOptions(mode="ema", alpha=0.2))
+    plain = TemporalState(TemporalOptions(mode="ema", alpha=0.2, motion_threshold=255.0))
+    lags = {"gated": LagMeter(), "plain": LagMeter()}
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        frame, truth = scene.next()
+        scores = noisy_scores(truth, 0.0, rng)
+        for name, state in (("gated", gated), ("plain", plain)):
+            classes = state.update(scores, frame).argmax(0).astype(np.uint8)
+            lags[name].update(cv2.resize(classes, FRAME[::-1], interpolation=cv2.INTER_NEAREST), truth)
+    assert lags["gated"].lag == 0 and lags["plain"].lag >= 1, (lags["gated"].agreement(), lags["plain"].agreement())
+
+
+def test_a_scene_cut_resets_the_state():
+    state = TemporalState(TemporalOptions(mode="ema"))
+    rng = np.random.default_rng(0)
+    a, b = MovingScene(seed=1, config=SceneConfig(size=FRAME)), MovingScene(seed=2, config=SceneConfig(size=FRAME))
+    for _ in range(5):
+        frame, truth = a.next()
+        state.update(noisy_scores(truth, 0.5, rng), frame)
+    frame, truth = b.next()
+    cut = np.zeros_like(frame)  # a black frame: the mean change exceeds any threshold
+    scores = noisy_scores(truth, 0.5, rng)
+    out = state.update(scores, cut)
+    assert state.resets == 1 and np.array_equal(out, scores)  # nothing of the old scene mixed in
+
+
+def test_two_streams_do_not_share_state():
+    stabilizer = Stabilizer(TemporalOptions(mode="ema"))
+    rng = np.random.default_rng(0)
+    scenes = {i: MovingScene(seed=i + 1, config=SceneConfig(size=FRAME)) for i in (0, 1)}
+    alone = TemporalState(TemporalOptions(mode="ema"))
+    for _ in range(6):
+        for stream, scene in scenes.items():
+            frame, truth = scene.next()
+            scores = noisy_scores(truth, 0.6, rng)
+            out = stabilizer.state(stream).update(scores, frame)
+            if stream == 1:
+                expected = alone.update(scores, frame)
+                assert np.array_equal(out, expected)  # stream 0's frames changed nothing of stream 1's
+    assert stabilizer.state(0) is not stabilizer.state(1)
+    stabilizer.reset(0)
+    assert stabilizer.state(0).scores is None and stabilizer.state(1).scores is not None
+
+
+def test_hysteresis_steadies_class_maps_of_models_without_scores():
+    scene = MovingScene(seed=1, config=SceneConfig(size=FRAME))
+    state = TemporalState(TemporalOptions(mode="hysteresis"))
+    off, steady = TemporalScore(C), TemporalScore(C)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        frame, truth = scene.next()
+        classes = noisy_scores(truth, 0.8, rng).argmax(0).astype(np.uint8)
+        off.update(classes, truth)
+        steady.update(state.update(classes, frame), truth)
+    assert steady.summary()["flicker"] <= 0.6 * off.summary()["flicker"]
+
+
+def test_flicker_on_real_video_follows_the_flow():
+    """A panning camera over a textured picture whose mask pans with it: no flicker; the same with a tenth of the
+    pixels relabelled at random in each frame: about a tenth."""
+    rng = np.random.default_rng(3)
+    world = cv2.GaussianBlur((rng.random((300, 500, 3)) * 255).astype(np.uint8), (0, 0), 3)
+    labels = (cv2.GaussianBlur(rng.random((300, 500)), (0, 0), 12) > 0.5).astype(np.uint8)
+    steady, noisy = FlickerMeter(), FlickerMeter()
+    for t in range(12):
+        x = 40 + 3 * t  # the camera pans 3 pixels a frame
+        frame, mask = world[40:240, x:x + 320], labels[40:240, x:x + 320]
+        steady.update(frame, mask)
+        flipped = mask.copy()
+        hit = rng.random(mask.shape) < 0.1
+        flipped[hit] = 1 - flipped[hit]
+        noisy.update(frame, flipped)
+    assert steady.flicker < 0.01, steady.flicker
+    assert 0.12 < noisy.flicker < 0.25, noisy.flicker  # 1 - (0.9^2 + 0.1^2) = 0.18 of the pixels change
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(InputError, match="unknown temporal mode 'smooth'"):
+        TemporalOptions(mode="smooth")
+    with pytest.raises(InputError, match="alpha"):
+        TemporalOptions(mode="ema", alpha=0)
+    assert TemporalOptions().mode is TemporalMode.OFF
