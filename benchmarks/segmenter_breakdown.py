@@ -31,9 +31,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEPIX_CACHE", Path.home() / ".cache" / "edgepix")) / "bench"
 
 
-def ensure_default_model(path: Path | None = None) -> Path:
-    """The default model as an ONNX file (fastscnn, 6 classes, 512x512 FP32, static batch 1), exported on first use."""
-    path = path or cache_dir() / f"fastscnn-{DEFAULT_CLASSES}c-{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}-fp32.onnx"
+def ensure_default_model(path: Path | None = None, *, size: tuple[int, int] = DEFAULT_SIZE) -> Path:
+    """The default model as an ONNX file (fastscnn, 6 classes, FP32, static batch 1; input `size` (H, W), 512x512
+    unless told), exported on first use."""
+    path = path or cache_dir() / f"fastscnn-{DEFAULT_CLASSES}c-{size[0]}x{size[1]}-fp32.onnx"
     if path.exists():
         return path
     import torch
@@ -45,10 +46,10 @@ def ensure_default_model(path: Path | None = None) -> Path:
 
     torch.manual_seed(0)
     model = create_model("fastscnn", num_classes=DEFAULT_CLASSES).eval()
-    spec = ModelSpec(task="segmentation", model_name="fastscnn", input_size=DEFAULT_SIZE, class_names=CLASS_NAMES,
+    spec = ModelSpec(task="segmentation", model_name="fastscnn", input_size=size, class_names=CLASS_NAMES,
                      palette=PALETTE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, spec, path, OnnxExportOptions(imgsz=DEFAULT_SIZE))
+    export_onnx(model, spec, path, OnnxExportOptions(imgsz=size))
     return path
 
 
