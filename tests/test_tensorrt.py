@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -566,7 +567,10 @@ def test_engine_runs_with_stage_times_and_cuda_graph(trt_gpu, fp16_onnx, tmp_pat
 #   inside an event window shows up in the measured stage;
 # - trt.nptype raises TypeError for BF16/FP8/INT4/FP4, as the real one does;
 # - a DLA engine is refused while IRuntime.DLA_core is at its default -1 (the documented range is 0..N-1);
-# - the builder records the CUDA device current when it is created (TensorRT builds on that device).
+# - the builder records the CUDA device current when it is created (TensorRT builds on that device);
+# - the current device is per thread, as CUDA's is: a thread that never called cudaSetDevice has none (None here,
+#   device 0 on a real GPU), and every set device and every execute_async_v3 is logged with its thread;
+# - stream capture records its mode (CUDA's cudaStreamCaptureMode values).
 
 
 class _FakeCuda:
@@ -575,15 +579,17 @@ class _FakeCuda:
     class cudaMemcpyKind:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
 
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeGlobal = 0
+    class cudaStreamCaptureMode:  # the values of CUDA's enum
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
 
     # Simulated costs in milliseconds: what the GPU spends on each stream operation, and the host on an enqueue.
     H2D_MS, D2H_MS, COMPUTE_MS, ENQUEUE_MS = 1.0, 1.0, 2.0, 0.5
 
     def __init__(self):
         self.blocks, self.capturing, self.freed = {}, {}, 0
-        self.device = None  # the current device (cudaSetDevice); None: never set
+        self._current = threading.local()  # the calling thread's device (cudaSetDevice)
+        self.log = []  # (thread name, "set_device" | "execute", device current in that thread)
+        self.capture_modes = []
         self.host_ms = 0.0  # the host's clock, advanced by simulated host work
         self.gpu_free_ms = 0.0  # when the stream has finished everything enqueued so far
 
@@ -612,8 +618,14 @@ class _FakeCuda:
         block = self.blocks.get(ptr)
         return ctypes.sizeof(block) if block is not None else 0
 
+    @property
+    def device(self):
+        """The calling thread's current device; None: this thread never set one."""
+        return getattr(self._current, "device", None)
+
     def cudaSetDevice(self, d):
-        self.device = d
+        self._current.device = d
+        self.log.append((threading.current_thread().name, "set_device", d))
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
@@ -650,6 +662,7 @@ class _FakeCuda:
 
     def cudaStreamBeginCapture(self, s, mode):
         self.capturing[s] = []
+        self.capture_modes.append(mode)
         return (0,)
 
     def cudaStreamEndCapture(self, s):
@@ -848,6 +861,8 @@ def _fake_tensorrt(cuda: _FakeCuda, *, version="10.16.1.11", parse_errors=(), dl
             self.addresses[name] = ptr
 
         def execute_async_v3(self, stream):
+            cuda.log.append((threading.current_thread().name, "execute", cuda.device))
+
             def run():
                 n = int(np.prod(self.shape))
                 x = np.frombuffer((ctypes.c_float * n).from_address(self.addresses["images"]), np.float32)
@@ -1015,6 +1030,42 @@ def test_simulated_cuda_graph_is_captured_once_for_fixed_shapes(simulated):
             assert np.array_equal(b.infer(x * i)["output"][:, 3:], 2 * x * i)
         assert b.cuda_graph_active and "CUDA graph" in b.description
         assert b.engine.runs == 2  # one plain run, one captured; the other calls replayed the graph
+    # thread-local capture: another thread's engine may call cudaMalloc meanwhile without breaking this capture
+    assert simulated.cuda.capture_modes == [_FakeCuda.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal]
+
+
+def test_simulated_pipeline_workers_each_run_their_own_engine_on_its_device(simulated):
+    """Two inference workers on an engine loaded for device 1: one engine instance each (an execution context is
+    not thread-safe), and each worker thread makes device 1 current before its first call (a new thread starts on
+    device 0). Stand-ins only: this checks the calls edgepix makes, not a GPU."""
+    from edgepix.runtime.backends.tensorrt.backend import TensorRTBackend
+    from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions
+    from edgepix.runtime.tasks.segmenter import Segmenter
+
+    engine = _build(simulated).path
+    loaded = []
+
+    def load():
+        seg = Segmenter.load(TensorRTBackend.load(engine, device_id=1))
+        loaded.append(seg.backend)
+        return seg
+
+    cuda = simulated.cuda
+    with load() as seg:
+        cuda.log.clear()
+        pipeline = Pipeline(seg, ["synthetic://?size=64x64&fps=0&frames=40"], ["null://"], PipelineOptions(workers=2),
+                            processor_factory=load)
+        assert "one model instance each (tensorrt is not thread-safe; 2x the model's memory)" in \
+            pipeline.plan.describe()
+        stats = pipeline.run()
+    assert stats["frames"] == 40 and (stats["config"]["workers"], stats["config"]["model_instances"]) == (2, 2)
+    assert len(loaded) == 2 and loaded[0] is not loaded[1] and all(b.closed for b in loaded)
+    for worker in ("infer-0", "infer-1"):
+        calls = [(what, device) for thread, what, device in cuda.log if thread == worker]
+        assert calls[0] == ("set_device", 1), calls[:3]  # before its first call
+        assert {device for what, device in calls if what == "execute"} == {1}  # every call on the engine's device
+        assert any(what == "execute" for what, _ in calls)
+    assert cuda.blocks == {}  # both engines' buffers freed
 
 
 def test_simulated_backend_rebuilds_a_mismatched_engine_when_asked(simulated, caplog):

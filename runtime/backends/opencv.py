@@ -70,6 +70,7 @@ class OpenCVBackend(Backend):
 
     name = "opencv"
     options_type = OpenCVOptions
+    thread_safe = False  # a cv2.dnn.Net holds its input blobs and layer buffers: setInput + forward is one state
 
     def __init__(self, path: str | os.PathLike, *, options: OpenCVOptions | None = None) -> None:
         super().__init__(path)

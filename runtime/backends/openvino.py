@@ -102,6 +102,9 @@ class OpenVINOBackend(Backend):
     name = "openvino"
     options_type = OpenVINOOptions
     supports_fused_argmax = True
+    # One InferRequest per backend: a request holds its own input and output tensors and runs one inference at a
+    # time (OpenVINO shares the CompiledModel between threads, each with a request of its own).
+    thread_safe = False
 
     def __init__(self, path: str | os.PathLike, *, options: OpenVINOOptions | None = None,
                  fuse_argmax: str | None = None) -> None:

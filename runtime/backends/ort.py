@@ -1,6 +1,11 @@
 """ONNX Runtime backends: `ort-cpu`, `ort-cuda` (CUDA execution provider, IOBinding) and `ort-trt` (TensorRT
 execution provider with an engine cache).
 
+Threads: `InferenceSession.run` may be called from several threads at once (ONNX Runtime documents it), so a
+backend that runs through it is thread-safe; one that runs through an IOBinding (`io_binding=True`, the default of
+`ort-cuda` and `ort-trt`) is not: the binding's buffers are shared state, and two threads calling one binding
+crash the process (a segmentation fault, seen on the CPU provider too). `thread_safe` says which.
+
 Like Polygraphy's ONNX Runtime runner, a backend builds its `InferenceSession` when it is created and drops it on
 `close()`. ONNX Runtime quietly falls back to the CPU when an execution provider cannot start (missing CUDA or
 TensorRT libraries); these backends check the providers the session really got and raise BackendError instead, so
@@ -65,6 +70,10 @@ class OrtOptions:
     memory_pattern: bool = True
     log_severity: int = 3  # ONNX Runtime's own log: 0 verbose .. 4 fatal; 3 shows errors only
     optimized_model_path: Path | None = None  # write the optimized graph here (inspect it with Netron)
+    # Run through an IOBinding with a persistent input buffer (IoBindingRunner) instead of InferenceSession.run: on
+    # a GPU the input stays on the device between calls; on the CPU it is the same code path. An IOBinding is not
+    # thread-safe, so the backend is not either (thread_safe).
+    io_binding: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threads", "inter_op_threads"):
@@ -198,6 +207,10 @@ class OrtBackend(Backend):
                                    f"offset {e.start}); copy or export it again") from None
         self._output_names = [t.name for t in self.outputs]
         self._run_options = run_options(self.options)
+        device_type, device_id = self.binding_device()
+        self._runner = (IoBindingRunner(self.session, device_type=device_type, device_id=device_id,
+                                        output_names=self._output_names, path=self.path,
+                                        run_options=self._run_options) if self.options.io_binding else None)
 
     def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]]):
         try:
@@ -215,14 +228,25 @@ class OrtBackend(Backend):
         """(provider name, provider options) in priority order, as ONNX Runtime takes them."""
         return [(CPU_EP, {})]
 
+    def binding_device(self) -> tuple[str, int]:
+        """(ONNX Runtime device type, device id) of the IOBinding's buffers."""
+        return "cpu", 0
+
+    @property
+    def thread_safe(self) -> bool:  # type: ignore[override]  (the options decide, see the module docstring)
+        return not self.options.io_binding
+
     @property
     def description(self) -> str:
         threads = self.options.threads or "default"
         fused = ", argmax fused into the graph" if self.fused_argmax else ""
+        binding = ", IOBinding" if self.options.io_binding else ""
         return (f"{self.name} ({' > '.join(self.active_providers)}, {threads} threads, "
-                f"graph optimization {self.options.graph_optimization.value}{fused})")
+                f"graph optimization {self.options.graph_optimization.value}{fused}{binding})")
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._runner is not None:
+            return self._runner.run(feed)
         try:
             outputs = self.session.run(self._output_names, dict(feed), self._run_options)
         except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own error types are translated
@@ -233,6 +257,7 @@ class OrtBackend(Backend):
         return dict(zip(self._output_names, outputs))
 
     def close_impl(self) -> None:
+        self._runner = None
         self.session = None
 
 
@@ -270,7 +295,8 @@ class IoBindingRunner:
 
     The input is copied host -> device into a buffer that lives as long as its shape does (no allocation per
     frame), outputs are allocated by ONNX Runtime on the device and copied back once per call. Works for any
-    device type ONNX Runtime knows ("cuda", and "cpu", which the tests use).
+    device type ONNX Runtime knows ("cuda", and "cpu": `ort-cpu` with io_binding=True). One runner must not be
+    called from two threads at once: the binding and the buffers are shared.
     """
 
     def __init__(self, session, *, device_type: str, device_id: int, output_names: list[str],
@@ -322,24 +348,11 @@ class OrtCudaBackend(OrtBackend):
     options_type = OrtCudaOptions
     primary_provider = CUDA_EP
 
-    def __init__(self, path: str | os.PathLike, *, options: OrtCudaOptions | None = None,
-                 fuse_argmax: str | None = None) -> None:
-        super().__init__(path, options=options, fuse_argmax=fuse_argmax)
-        self._runner = (IoBindingRunner(self.session, device_type="cuda", device_id=self.options.device_id,
-                                        output_names=self._output_names, path=self.path,
-                                        run_options=self._run_options) if self.options.io_binding else None)
-
     def provider_list(self) -> list[tuple[str, dict[str, str]]]:
         return cuda_providers(self.options)  # type: ignore[arg-type]
 
-    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._runner is None:
-            return super().infer_impl(feed)
-        return self._runner.run(feed)
-
-    def close_impl(self) -> None:
-        self._runner = None
-        super().close_impl()
+    def binding_device(self) -> tuple[str, int]:
+        return "cuda", self.options.device_id  # type: ignore[attr-defined]
 
 
 class OrtTensorrtBackend(OrtCudaBackend):

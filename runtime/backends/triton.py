@@ -125,6 +125,9 @@ class TritonBackend(Backend):
 
     name = "triton"
     options_type = TritonOptions
+    # tritonclient's clients are not thread-safe, but each calling thread gets a client of its own (`_client`), and
+    # the shared counters take a lock: one backend serves every worker.
+    thread_safe = True
 
     def __init__(self, path: str | os.PathLike, *, options: TritonOptions | None = None) -> None:
         super().__init__(path)

@@ -13,7 +13,12 @@ buffers before the first event, and each event is recorded right after the enque
 only its stage's GPU work. Compute is measured on the stream from the end of H2D to the end of the kernels, as
 trtexec's GPU Compute Time is; when the host enqueues more slowly than the GPU runs (`enqueue_ms`, trtexec's
 Enqueue Time, larger than `compute_ms`) the GPU waits on the host inside that window, which a CUDA graph removes.
-With `cuda_graph=True` and fixed shapes the `execute_async_v3` call is captured once into a CUDA graph and replayed.
+With `cuda_graph=True` and fixed shapes the `execute_async_v3` call is captured once into a CUDA graph and replayed;
+the capture uses CUDA's thread-local mode, so engines running in other threads are not disturbed by it.
+
+Threads: an instance is not thread-safe (`thread_safe` is False: one execution context, one stream, one set of
+buffers); the stream pipeline gives each inference worker an instance of its own, and each worker thread calls
+`bind_thread()` first, which makes the engine's device current in that thread.
 "Fixed" comes from the optimization profiles (min == max): TensorRT reports -1 for every dimension that is dynamic
 in the network, whatever the profile, so an engine built from a dynamic-batch ONNX with `--batch 4` is fixed.
 
@@ -131,6 +136,10 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     options_type = TensorRTOptions
+    # One execution context, one stream and one set of device and pinned buffers: TensorRT's documentation says not
+    # to call one IExecutionContext from several threads at once (each concurrent execution needs its own), and
+    # the buffers are rebound per shape.
+    thread_safe = False
 
     def __init__(self, path: str | os.PathLike, *, options: TensorRTOptions | None = None) -> None:
         super().__init__(path)
@@ -314,6 +323,12 @@ class TensorRTBackend(Backend):
 
     # ---- inference -------------------------------------------------------------------------------------
 
+    def bind_thread(self) -> None:
+        """The calling thread's current CUDA device becomes the one this engine was loaded on (a thread starts on
+        device 0, where this engine's context, stream and buffers do not live)."""
+        if self._cuda is not None:
+            self._cuda.set_device(self.options.device_id)
+
     def _select_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
         index = select_profile(self.profiles, shapes)
         if index is None:
@@ -446,6 +461,10 @@ class TensorRTBackend(Backend):
     def close_impl(self) -> None:
         cuda = self._cuda
         if cuda is not None:
+            try:  # closing may happen in another thread than loading: free on the engine's device
+                cuda.set_device(self.options.device_id)
+            except BackendError as e:
+                log.warning("closing %s: %s", self.path.name, e)
             if self._stream is not None:
                 try:
                     cuda.stream_synchronize(self._stream)

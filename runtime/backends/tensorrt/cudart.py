@@ -73,6 +73,8 @@ class CudaRuntime:
     # ---- device ----------------------------------------------------------------------------------------
 
     def set_device(self, device: int) -> None:
+        """Make `device` the calling thread's current device (CUDA's current device is per thread: a new thread
+        starts on device 0, whatever device another thread chose)."""
         self.call("cudaSetDevice", device)
 
     # ---- memory ----------------------------------------------------------------------------------------
@@ -124,7 +126,10 @@ class CudaRuntime:
         return float(self.call("cudaEventElapsedTime", start, end))
 
     def begin_capture(self, stream: Any) -> None:
-        self.call("cudaStreamBeginCapture", stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)
+        """Start capturing `stream` into a graph, in the thread-local mode: only this thread's unsafe CUDA calls
+        (cudaMalloc and the like) are refused while it captures, so other threads running other engines go on
+        (the global mode would make their calls fail, or invalidate this capture)."""
+        self.call("cudaStreamBeginCapture", stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
 
     def end_capture(self, stream: Any) -> Any:
         return self.call("cudaStreamEndCapture", stream)
