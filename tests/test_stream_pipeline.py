@@ -152,7 +152,8 @@ def test_worker_choice_by_backend():
     plan = choose_workers("ort-cpu", cores=2, workers=2)
     assert (plan.workers, plan.threads, plan.backend_options()) == (2, 1, {"threads": 1})
     assert choose_workers("ort-cpu", cores=1).backend_options() == {"threads": 1}
-    assert choose_workers("opencv", cores=8, workers=3).workers == 1
+    # OpenCV: one worker unless asked (then one net per worker: WorkerPlan.for_processor)
+    assert choose_workers("opencv", cores=8).workers == 1 and choose_workers("opencv", workers=3).workers == 3
     assert choose_workers("ort-cuda", cores=6).workers == 2 and choose_workers("ort-cuda").backend_options() == {}
 
 

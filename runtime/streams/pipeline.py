@@ -13,8 +13,12 @@ overlap on a multi-core CPU; on a GPU, inference leaves the cores to the rest.
   one and pushes the batch when it holds one frame of every stream that is up, or when `batch_timeout` has passed
   since its first frame. A stream that is down (reconnecting) or slow never holds up the others for longer than
   the timeout. Workers take frames only when they are free, so a live frame waits at most one frame interval.
-- K inference workers share one model (ONNX Runtime sessions accept concurrent runs): on a CPU, K sessions' worth
-  of single-threaded runs use the cores better than one multi-threaded run plus idle spinning.
+- K inference workers share one model when its backend is thread-safe (ONNX Runtime's `InferenceSession.run`,
+  Triton's per-thread clients): on a CPU, K single-threaded runs use the cores better than one multi-threaded run
+  plus idle spinning. A backend that is not (TensorRT, ONNX Runtime with IOBinding, OpenCV, OpenVINO) gets one
+  instance per worker, loaded by the `processor_factory` the pipeline is given (K instances: K times the weights),
+  or, without one, a single worker (`WorkerPlan.for_processor` decides; the plan's description says which). Each
+  worker calls `bind_thread()` on its backends before its first call (TensorRT: the engine's CUDA device).
 - The post thread restores the order of batches, post-processes, renders and hands each frame to the sinks of its
   stream. Lossless sinks (files, folders) make it wait; the others get the newest frame.
 - Statistics: per-stage latency percentiles (`runtime.core.stats.LatencyStats`) over a rolling window, frames, FPS,
@@ -35,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +60,7 @@ STAGES = ("decode", "frame_age", "preprocess", "infer", "postprocess", "render",
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineOptions:
-    workers: int = 1  # inference workers sharing the model (see choose_workers)
+    workers: int = 1  # inference workers (see choose_workers; WorkerPlan.for_processor may make it 1)
     batch_timeout: float = 0.04  # seconds a partial multi-stream batch waits for the other streams
     max_batch: int | None = None  # frames per inference call; None: one per stream
     max_frames: int | None = None  # stop after this many frames (all streams together)
@@ -83,12 +87,28 @@ class PipelineOptions:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How inference runs: `workers` threads taking batches, each call with `threads` intra-op threads."""
+    """How inference runs: `workers` threads taking batches, each call with `threads` intra-op threads, on
+    `instances` loaded copies of the model (known once it is loaded: `for_processor`)."""
 
     backend: str
     workers: int
     threads: int | None  # None: the backend's default
     spin_wait: bool | None = None  # ONNX Runtime: idle threads spin between ops; None: the backend's default
+    instances: int | None = None  # 1: the workers share one processor; `workers`: one each; None: not known yet
+    not_thread_safe: tuple[str, ...] = ()  # the processor's backends that one instance must not run in two threads
+    requested: int | None = None  # the workers asked for, when for_processor had to run fewer
+
+    def for_processor(self, processor: FrameProcessor, *, can_load_more: bool) -> WorkerPlan:
+        """This plan for a loaded processor. Workers share it when every backend it runs is thread-safe; else
+        each worker gets an instance of its own when more can be loaded (`can_load_more`: the caller has a
+        factory), else one worker runs. N instances hold N copies of the weights and of the backend's buffers
+        (N times the model's memory, on the GPU for TensorRT and ort-cuda)."""
+        unsafe = tuple(dict.fromkeys(b.name for b in processor.backends if not b.thread_safe))
+        if self.workers == 1 or not unsafe:
+            return replace(self, instances=1, not_thread_safe=unsafe)
+        if can_load_more:
+            return replace(self, instances=self.workers, not_thread_safe=unsafe)
+        return replace(self, workers=1, instances=1, not_thread_safe=unsafe, requested=self.workers)
 
     def backend_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -101,7 +121,16 @@ class WorkerPlan:
     def describe(self) -> str:
         threads = self.threads or "default"
         spin = "" if self.spin_wait is None else f", spinning {'on' if self.spin_wait else 'off'}"
-        return f"{self.workers} inference worker(s) x {threads} thread(s){spin}"
+        text = f"{self.workers} inference worker(s) x {threads} thread(s){spin}"
+        unsafe = f"{' and '.join(self.not_thread_safe)} {'is' if len(self.not_thread_safe) == 1 else 'are'}"
+        if self.requested is not None:
+            return (f"{text} (not {self.requested}: {unsafe} not thread-safe and no second instance can be loaded; "
+                    "give the Pipeline a processor_factory for one per worker)")
+        if self.instances is None or self.workers == 1:
+            return text
+        if self.instances == 1:
+            return f"{text}, sharing one model (its backend is thread-safe)"
+        return f"{text}, one model instance each ({unsafe} not thread-safe; {self.instances}x the model's memory)"
 
 
 def choose_workers(backend: str, *, cores: int | None = None, workers: int | None = None,
@@ -112,13 +141,16 @@ def choose_workers(backend: str, *, cores: int | None = None, workers: int | Non
     that decoding, rendering and encoding get the cores back between the parallel sections of the model and the
     frame is done as early as possible (lowest frame age). Two single-threaded workers give a few percent more
     throughput on an idle 2-core CPU but need a second set of activations (about +40 MB at 512x512) and lose
-    more when other processes compete for the cores; `--workers 2 --threads 1` selects them. The OpenCV
-    backend's net is not thread-safe: one worker. GPU backends: two workers, so one copies frames while the other
-    computes.
+    more when other processes compete for the cores; `--workers 2 --threads 1` selects them. OpenCV: one
+    worker. GPU backends: two workers, so one copies frames while the other computes.
+
+    Whether the workers share one model is decided once it is loaded (`WorkerPlan.for_processor`): a backend that
+    is not thread-safe (TensorRT, ort-cuda and ort-trt with their default IOBinding, OpenCV, OpenVINO) gets one
+    instance per worker, which costs one more copy of the weights and buffers per worker.
     """
     cores = cores or usable_cores()
     if backend == "opencv":
-        return WorkerPlan(backend, 1, threads)
+        return WorkerPlan(backend, workers or 1, threads)
     if backend == "triton":  # each worker keeps one request in flight while the others' frames are prepared
         return WorkerPlan(backend, workers or 4, None)
     if backend == "ort-cpu":
@@ -286,16 +318,30 @@ class Pipeline:
         with Pipeline(seg, ["rtsp://cam/stream"], ["http://127.0.0.1:8080", "out.mp4"],
                       PipelineOptions(workers=2)) as p:
             stats = p.run()
+
+    `processor_factory` loads another processor like `processor` (same model, backend and options), for the
+    workers beyond the first when the backend is not thread-safe, e.g. `lambda: Segmenter.load(path, "tensorrt")`.
+    Each such worker loads its own copy when the pipeline starts (N workers: N times the model's memory) and
+    closes it when it ends; `processor` stays the caller's to close. Without a factory such a backend runs one
+    worker (`plan` says which was done).
     """
 
     def __init__(self, processor: FrameProcessor, sources: Sequence[Source | str],
                  sinks: Sequence[Sink | str] = ("null://",), options: PipelineOptions = PipelineOptions(), *,
                  source_options: SourceOptions = SourceOptions(), title: str = "edgepix",
-                 status: Callable[[str], None] | None = None, info: dict | None = None) -> None:
+                 status: Callable[[str], None] | None = None, info: dict | None = None,
+                 processor_factory: Callable[[], FrameProcessor] | None = None) -> None:
         if not sources:
             sources = ["synthetic://"]
         self.processor = processor
         self.options = options
+        self.processor_factory = processor_factory
+        # How many workers run and on how many copies of the model (the threads are the backend's business).
+        self.plan = WorkerPlan(processor.backend.name, options.workers, None).for_processor(
+            processor, can_load_more=processor_factory is not None)
+        if self.plan.requested is not None:
+            log.warning("stream pipeline: %s", self.plan.describe())
+        self._worker_processors: list[FrameProcessor] = []  # per worker; loaded by start()
         given = [s for s in sources if isinstance(s, Source)]
         shared = {id(s.buffer.cond) for s in given}
         # One condition for every stream, so the mux can wait on all of them: the one sources share already
@@ -358,9 +404,34 @@ class Pipeline:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
+    def _load_worker_processors(self) -> list[FrameProcessor]:
+        """The processor of each worker: the one given, shared, or one of its own per worker (see the class
+        docstring). A copy that fails to load closes the copies already loaded."""
+        workers = self.plan.workers
+        if self.plan.instances != workers or workers == 1:
+            return [self.processor] * workers
+        assert self.processor_factory is not None  # for_processor plans one instance per worker only with one
+        log.info("loading %d more instance(s) of the model, one per inference worker (not thread-safe: %s)",
+                 workers - 1, " and ".join(self.plan.not_thread_safe))
+        loaded: list[FrameProcessor] = [self.processor]
+        try:
+            for _ in range(workers - 1):
+                loaded.append(self.processor_factory())
+        except BaseException:
+            for proc in loaded[1:]:
+                proc.close()
+            raise
+        return loaded
+
+    def _close_worker_processors(self) -> None:
+        for proc in self._worker_processors:
+            if proc is not self.processor:
+                proc.close()
+
     def start(self) -> Pipeline:
         if self._started:
             return self
+        self._worker_processors = self._load_worker_processors()
         self._started = True
         opened: list[Sink] = []
         try:
@@ -381,6 +452,7 @@ class Pipeline:
                     sink.close()
                 except EdgepixError:
                     pass
+            self._close_worker_processors()
             raise
         self.t_start = time.monotonic()
         self._runners = [_SinkRunner(sink, i, self) for i, sink in enumerate(self.sinks)]
@@ -388,7 +460,7 @@ class Pipeline:
             r.thread.start()
         self._post_thread = threading.Thread(target=self._post_loop, name="post", daemon=True)
         self._post_thread.start()
-        for k in range(self.options.workers):
+        for k in range(self.plan.workers):
             t = threading.Thread(target=self._worker, args=(k,), name=f"infer-{k}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -583,7 +655,7 @@ class Pipeline:
                             ready.get_nowait()
 
     def _worker(self, k: int) -> None:
-        proc = self.processor
+        proc = self._worker_processors[k]
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=1)
         free: queue.Queue = queue.Queue()
@@ -596,6 +668,8 @@ class Pipeline:
             helper.start()
         buffers: dict = {}
         try:
+            for backend in proc.backends:
+                backend.bind_thread()
             while True:
                 done_with = None  # with prefetch: the buffer set to hand back once this batch is inferred
                 if helper is not None:
@@ -631,6 +705,11 @@ class Pipeline:
                     while ready.get_nowait() is not None:
                         pass
                 helper.join(5)
+            if proc is not self.processor:  # a copy of its own: this worker loaded it (through the pipeline)
+                try:
+                    proc.close()
+                except BaseException as e:  # noqa: BLE001
+                    self._fail(e, f"closing inference worker {k}'s model")
             with self._pending_cond:
                 self._workers_done += 1
                 self._pending_cond.notify_all()
@@ -652,7 +731,7 @@ class Pipeline:
             while True:
                 with self._pending_cond:
                     while self._next_seq not in self._pending:
-                        if self._workers_done >= self.options.workers:
+                        if self._workers_done >= self.plan.workers:
                             break
                         self._pending_cond.wait(0.25)
                     batch = self._pending.pop(self._next_seq, None)
@@ -761,7 +840,8 @@ class Pipeline:
                         "mean_size": (self.frames / self.batches) if self.batches else 0.0},
             "streams": streams,
             "sinks": [r.stats() for r in self._runners],
-            "config": {"workers": self.options.workers, "max_batch": self.max_batch,
+            "config": {"workers": self.plan.workers, "model_instances": self.plan.instances,
+                       "max_batch": self.max_batch,
                        "batch_timeout_s": self.options.batch_timeout,
                        "model": str(getattr(backend, "path", "")), "backend": getattr(backend, "description", ""),
                        "cores": usable_cores(), **self.info},

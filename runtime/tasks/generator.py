@@ -59,6 +59,11 @@ class _Generator:
                 b.close()
             raise
 
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends `run` calls (the FrameProcessor protocol)."""
+        return (self.backend,)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if self.static_batch and n != self.static_batch:
