@@ -6,6 +6,7 @@ from __future__ import annotations
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # TensorRT serialized engines (with their .json manifest)
+TFLITE_SUFFIXES = (".tflite",)  # TFLite / LiteRT flatbuffers (their spec in a NAME.spec.json beside them)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")  # PyTorch checkpoints: training side only
 
 # Images OpenCV reads.
