@@ -3,22 +3,35 @@
 `auto` otherwise tries the backends in a fixed order (GPU ones first, then ort-cpu, then opencv). On a CPU that
 order is not always right: OpenVINO ran a Fast-SCNN file faster than ONNX Runtime on some x86 machines, ONNX
 Runtime faster on others (docs/benchmarks.md). `edgepix tune` times every backend that can run the file, on the same
-input and threads, and records the winner here; `load_backend(path, "auto")` then tries that backend first, on
-this machine only, for this exact file only.
+input and threads, and records the winner here; `load_backend(path, "auto")` then tries that backend first, only
+where the measurement still holds.
 
 The profile is one JSON file (`$EDGEPIX_PROFILE`, else `~/.cache/edgepix/profile.json`; `EDGEPIX_PROFILE=off`
-disables it). An entry is keyed by the model file's sha256 and a fingerprint of the machine (CPU model and
-instruction sets, usable cores, architecture), so a copied profile, a changed model or a new CPU never applies a
-measurement made elsewhere. A damaged profile is ignored with a warning, never fatal.
+disables it), written whole through the one file writer (runtime.core.fileio). Each entry records its key, what
+decides the measurement (`measurement_key`): the model file's sha256; the CPU (architecture, model, instruction sets,
+usable cores); the GPU's name, if any; the versions of the backends' libraries (ONNX Runtime, OpenVINO, TensorRT,
+OpenCV); and the thread count it was measured at. `auto` uses an entry only when its key equals this machine's now,
+at the threads asked for (`threads=`, `--threads`; else the usable cores, `tune`'s default): a copied profile, a
+changed model, a new CPU or GPU or a library upgrade never applies a measurement made under other conditions. When
+the file has entries for the model but none matches, `auto` keeps its fixed order and says once per model, in one
+line, what changed and to run `edgepix tune` again.
+
+Bounded: at most MAX_ENTRIES entries, kept in the file oldest first; recording a new one drops the oldest beyond
+the cap (re-measuring under the same key replaces the entry and makes it the newest). A damaged profile, or one an
+older edgepix wrote, is ignored with a warning, never fatal, and the next `tune` rewrites it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +44,20 @@ from ..core.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 PROFILE_ENV = "EDGEPIX_PROFILE"
-FORMAT = 1
+FORMAT = 2  # 1: keyed on the CPU only (no GPU, library versions or threads)
+MAX_ENTRIES = 256  # a few hundred model x machine x threads measurements; the oldest go first
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hash each file once
+_STALE_SAID: set[str] = set()  # model digests whose stale entries were reported (once per process)
+
+#: the libraries the backends run on: (name in the key, import name, the distributions that install it)
+BACKEND_LIBRARIES = (
+    ("onnxruntime", "onnxruntime", ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino",
+                                    "onnxruntime-directml")),
+    ("openvino", "openvino", ("openvino",)),
+    ("tensorrt", "tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu11")),
+    ("opencv", "cv2", ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                       "opencv-contrib-python-headless")),
+)
 
 
 def profile_path() -> Path | None:
@@ -43,12 +68,43 @@ def profile_path() -> Path | None:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "edgepix" / "profile.json"
 
 
-def machine_fingerprint() -> str:
-    """What a measurement depends on besides the model: the CPU and what this process may use of it."""
-    cpu = cpu_features()
-    features = ",".join(f"{label}={present}" for label, present in cpu.features())
-    text = f"{platform.machine()}|{cpu.model}|{features}|cores={usable_cores()}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def library_version(module: str, distributions: tuple[str, ...]) -> str | None:
+    """The installed version of a backend library, None when it is not installed. From the package metadata (no
+    import); a system package without pip metadata (Debian's python3-opencv) by its `__version__` when it is
+    already imported, else "unknown"."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return str(getattr(loaded, "__version__", "unknown"))
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return "unknown" if found else None
+
+
+def library_versions() -> dict[str, str | None]:
+    return {name: library_version(module, dists) for name, module, dists in BACKEND_LIBRARIES}
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_name() -> str | None:
+    """The first GPU's name (nvidia-smi; a Jetson's board model, which has no nvidia-smi details), else None.
+    Read once per process."""
+    from .tensorrt.manifest import gpu_facts_from_smi
+
+    facts = gpu_facts_from_smi()
+    if facts is not None:
+        return facts[0]
+    try:
+        board = Path("/proc/device-tree/model").read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return None
+    return board if "jetson" in board.lower() or "nvidia" in board.lower() else None
 
 
 def model_digest(path: str | os.PathLike) -> str:
@@ -64,17 +120,28 @@ def model_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
-def entry_key(model: str | os.PathLike) -> str:
-    return f"{model_digest(model)}@{machine_fingerprint()}"
+def measurement_key(model: str | os.PathLike, *, threads: int) -> dict[str, Any]:
+    """What decides a measurement of `model` at `threads` threads on this machine now (see the module docstring)."""
+    cpu = cpu_features()
+    return {"model_sha256": model_digest(model), "arch": platform.machine(), "cpu": cpu.model,
+            "cpu_features": [label for label, present in cpu.features() if present], "cores": usable_cores(),
+            "gpu": gpu_name(), "libraries": library_versions(), "threads": threads}
+
+
+def entry_id(key: dict[str, Any]) -> str:
+    """The entry's name in the file: a digest of its whole key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def read_profile(path: Path | None = None) -> dict[str, Any]:
-    """The profile's entries ({} when there is none, it is disabled, or it cannot be read)."""
+    """The profile's entries, oldest first ({} when there is none, it is disabled, or it cannot be read)."""
     path = path or profile_path()
     if path is None or not path.is_file():
         return {}
     try:
         data = loads(path.read_bytes(), what=f"profile {path}", error=SpecError)
+        if isinstance(data, dict) and data.get("format") == 1:
+            raise SpecError(f"profile {path} was written by an older edgepix (format 1, keyed on the CPU only)")
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
             raise SpecError(f"profile {path}: expected {{'format': {FORMAT}, 'entries': {{...}}}}")
         return data["entries"]
@@ -83,29 +150,75 @@ def read_profile(path: Path | None = None) -> dict[str, Any]:
         return {}
 
 
-def preferred_backend(model: str | os.PathLike) -> str | None:
-    """The backend `edgepix tune` measured fastest for this file on this machine, or None."""
+def _entry_key(entry: Any) -> dict[str, Any] | None:
+    key = entry.get("key") if isinstance(entry, dict) else None
+    return key if isinstance(key, dict) else None
+
+
+def preferred_backend(model: str | os.PathLike, *, threads: int | None = None) -> str | None:
+    """The backend `edgepix tune` measured fastest for this file on this machine as it is now, at `threads`
+    threads (None: the usable cores), or None."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        return None  # not a thread count: the backend's options check says so when it loads
     entries = read_profile()
     if not entries:
         return None
     try:
-        entry = entries.get(entry_key(model))
+        digest = model_digest(model)
     except OSError:
         return None
-    backend = entry.get("backend") if isinstance(entry, dict) else None
-    return backend if isinstance(backend, str) else None
+    mine = [e for e in entries.values() if (_entry_key(e) or {}).get("model_sha256") == digest]
+    if not mine:
+        return None
+    now = measurement_key(model, threads=threads or usable_cores())
+    for entry in reversed(mine):  # newest first
+        if entry["key"] == now:
+            backend = entry.get("backend")
+            return backend if isinstance(backend, str) else None
+    if digest not in _STALE_SAID:
+        _STALE_SAID.add(digest)
+        closest = min(mine, key=lambda e: len(_differences(e["key"], now)))
+        log.warning("backend profile: %s was measured by `edgepix tune` with %s; auto keeps its default order: run "
+                    "`edgepix tune %s%s` again", Path(model).name, "; ".join(_differences(closest["key"], now)),
+                    Path(model).name, f" --threads {now['threads']}" if closest["key"].get("threads") !=
+                    now["threads"] else "")
+    return None
 
 
-def record(model: str | os.PathLike, backend: str, measurements: dict[str, Any], *,
+def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between an entry's key and this machine's, e.g. 'onnxruntime 1.31.0 (now 1.32.0)'."""
+    out = []
+    for field in ("arch", "cpu", "cpu_features", "cores", "gpu", "threads"):
+        if then.get(field) != now[field]:
+            out.append(f"{field} {_show(then.get(field))} (now {_show(now[field])})")
+    libraries = then.get("libraries") if isinstance(then.get("libraries"), dict) else {}
+    for name, version in now["libraries"].items():
+        if libraries.get(name) != version:
+            out.append(f"{name} {_show(libraries.get(name))} (now {_show(version)})")
+    return out or ["another key"]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def record(model: str | os.PathLike, backend: str, measurements: dict[str, Any], *, threads: int | None = None,
            path: Path | None = None) -> Path:
-    """Store `backend` as the choice for `model` on this machine (with what was measured); returns the file."""
+    """Store `backend` as the choice for `model` at `threads` threads (None: the usable cores, `tune`'s default) on
+    this machine as it is now (with what was measured), keeping the newest MAX_ENTRIES entries; returns the file."""
     path = path or profile_path()
     if path is None:
         raise InputError(f"{PROFILE_ENV}=off: the backend profile is disabled; unset it to record a choice")
-    entries = read_profile(path)
-    entries[entry_key(model)] = {"backend": backend, "model": str(model), "machine": machine_fingerprint(),
-                                 "cpu": cpu_features().model, "cores": usable_cores(),
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "measurements": measurements}
+    key = measurement_key(model, threads=threads or usable_cores())
+    name = entry_id(key)
+    entries = {k: e for k, e in read_profile(path).items() if _entry_key(e) is not None and k != name}
+    entries[name] = {"backend": backend, "model": str(model), "key": key,
+                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "measurements": measurements}
+    for old in list(entries)[:max(0, len(entries) - MAX_ENTRIES)]:
+        del entries[old]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"format": FORMAT, "entries": entries}, indent=2) + "\n")
+    _STALE_SAID.discard(key["model_sha256"])
     return path
