@@ -3,6 +3,8 @@ moving scenes with label noise injected at the model's output (a controlled sour
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -140,3 +142,57 @@ def test_bad_options_are_one_line_errors():
     with pytest.raises(InputError, match="alpha"):
         TemporalOptions(mode="ema", alpha=0)
     assert TemporalOptions().mode is TemporalMode.OFF
+
+
+# ---- in the pipeline and on the command line ---------------------------------------------------------------------
+
+
+def test_segment_with_temporal_ema_writes_the_flicker_figure(seg_onnx, tmp_path):
+    from conftest import run_edgepix
+    from test_stream_support import write_scene_video
+
+    video = write_scene_video(tmp_path / "scene.mp4", n=30, size=(160, 120))
+    figures = {}
+    for mode in ("off", "ema"):
+        stats = tmp_path / f"{mode}.json"
+        r = run_edgepix("--quiet", "segment", str(seg_onnx), "--source", str(video), "--sink", "null://",
+                        "--temporal", mode, "--stats", str(stats))
+        assert r.returncode == 0, r.stderr
+        figures[mode] = json.loads(stats.read_text())["temporal"]
+    assert figures["off"]["mode"] == "off" and figures["ema"]["mode"] == "ema"
+    assert 0.0 <= figures["ema"]["flicker"] <= figures["off"]["flicker"] < 1.0, figures
+    assert figures["ema"]["flicker_per_stream"] == [figures["ema"]["flicker"]]
+
+
+def test_pipeline_streams_keep_their_own_temporal_state_and_a_reconnect_resets_it(seg_onnx):
+    from edgepix.runtime import Pipeline, PipelineOptions, Segmenter
+
+    seg = Segmenter.load(seg_onnx, "ort-cpu", fuse_argmax=False)
+    options = PipelineOptions(max_frames=20, temporal=TemporalOptions(mode="ema"), measure_flicker=True)
+    pipeline = Pipeline(seg, ["synthetic://?size=160x120&seed=1", "synthetic://?size=160x120&seed=2"], ["null://"],
+                        options)
+    stats = pipeline.run()
+    states = pipeline.stabilizer.states
+    assert sorted(states) == [0, 1] and states[0] is not states[1]
+    assert states[0].frame is not None and states[1].frame is not None
+    assert not np.array_equal(states[0].scores, states[1].scores)
+    assert len(stats["temporal"]["flicker_per_stream"]) == 2
+    pipeline.sources[1].reconnects += 1  # what a reconnect does to the source's count
+    state = pipeline._temporal_state(1)
+    assert state.scores is None and state.resets == 1 and pipeline.stabilizer.state(0).scores is not None
+    seg.close()
+
+
+def test_ema_on_a_class_map_model_is_one_line(seg_onnx):
+    from edgepix.runtime import Segmenter
+
+    # decided at the model's size, the argmax is fused into the graph: a class map comes out
+    with Segmenter.load(seg_onnx, "ort-cpu", upsample="classes") as seg:
+        assert seg.fused_argmax
+        prepared = seg.preprocess([np.zeros((64, 64, 3), np.uint8)])
+        raw = seg.run(prepared.tensor)
+        with pytest.raises(InputError, match="smooths scores, but the argmax was fused"):
+            seg.stabilize(raw, [(TemporalState(TemporalOptions(mode="ema")), np.zeros((64, 64, 3), np.uint8))])
+        held = seg.stabilize(raw, [(TemporalState(TemporalOptions(mode="hysteresis")),
+                                    np.zeros((64, 64, 3), np.uint8))])
+        assert np.array_equal(held, raw)  # the first frame passes through

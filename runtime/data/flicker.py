@@ -2,7 +2,10 @@
 
 - Flicker: the share of pixels whose class changes between consecutive frames where the scene did not change
   there. With exact masks (the synthetic moving scenes) "did not change" is where the true class is the same in
-  both frames. On real video it is where the previous frame, moved along the optical flow (OpenCV's DIS) onto
+  both frames (`flicker`), or, stricter about what counts as still, where no true class changed within
+  `edge_px` pixels (`flicker_static`): a model's edge is only as sharp as its output grid, so the pixels just
+  beside a moving edge change with the edge, which is motion, not flicker. On real video "did not change" is where
+  the previous frame, moved along the optical flow (OpenCV's DIS) onto
   this one, matches this frame within `tolerance` grey levels; the previous class map is moved along the same flow
   before the comparison, so a moving camera or object is not counted as flicker.
 - Lag: how many frames a moving object's mask trails behind the object. On the pixels where the truth changed
@@ -42,11 +45,10 @@ class FlickerMeter:
         """A scene cut or a reconnect: the next frame is compared with nothing."""
         self._previous = None
 
-    def update_with_truth(self, classes: np.ndarray, truth: np.ndarray, previous_classes: np.ndarray,
-                          previous_truth: np.ndarray) -> None:
-        stable = previous_truth == truth
-        self.stable += int(stable.sum())
-        self.changed += int((stable & (classes != previous_classes)).sum())
+    def count(self, classes: np.ndarray, previous_classes: np.ndarray, still: np.ndarray) -> None:
+        """Add one frame pair: `still` is where the scene did not change."""
+        self.stable += int(still.sum())
+        self.changed += int((still & (classes != previous_classes)).sum())
 
     def update(self, frame: np.ndarray, classes: np.ndarray) -> None:
         """A frame (BGR or grey) and its class map (any size: it is brought to the frame's measuring size)."""
@@ -67,9 +69,7 @@ class FlickerMeter:
             mx, my = xs + flow[..., 0], ys + flow[..., 1]
             warped = cv2.remap(previous_grey, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             warped_classes = cv2.remap(previous_classes, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
-            stable = cv2.absdiff(warped, grey) <= self.tolerance
-            self.stable += int(stable.sum())
-            self.changed += int((stable & (warped_classes != classes)).sum())
+            self.count(classes, warped_classes, cv2.absdiff(warped, grey) <= self.tolerance)
         self._previous = (grey, classes.astype(np.uint8, copy=False))
 
 
@@ -109,8 +109,10 @@ class LagMeter:
 class TemporalScore:
     """Flicker, lag and mIoU of one stream against exact masks (the synthetic moving scenes)."""
 
-    def __init__(self, num_classes: int, *, max_lag: int = 3) -> None:
+    def __init__(self, num_classes: int, *, max_lag: int = 3, edge_px: int = 4) -> None:
         self.flicker = FlickerMeter()
+        self.static = FlickerMeter()
+        self.edge = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * edge_px + 1, 2 * edge_px + 1))
         self.lag = LagMeter(max_lag)
         self.confusion = ConfusionMatrix(num_classes, ignore_index=None)
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
@@ -119,11 +121,15 @@ class TemporalScore:
         if classes.shape != truth.shape:
             classes = cv2.resize(classes.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
         if self._previous is not None:
-            self.flicker.update_with_truth(classes, truth, *self._previous)
+            previous_classes, previous_truth = self._previous
+            changed = (previous_truth != truth).astype(np.uint8)
+            self.flicker.count(classes, previous_classes, changed == 0)
+            self.static.count(classes, previous_classes, cv2.dilate(changed, self.edge) == 0)
         self.lag.update(classes, truth)
         self.confusion.update(classes, truth)
         self._previous = (classes, truth)
 
     def summary(self) -> dict:
-        return {"flicker": self.flicker.flicker, "lag_frames": self.lag.lag, "miou": self.confusion.miou(),
+        return {"flicker": self.flicker.flicker, "flicker_static": self.static.flicker, "lag_frames": self.lag.lag,
+                "miou": self.confusion.miou(),
                 "lag_agreement": self.lag.agreement()}

@@ -47,7 +47,9 @@ import numpy as np
 from ..core.cpuinfo import usable_cores
 from ..core.errors import EdgepixError, InputError
 from ..core.stats import LatencyStats
+from ..data.flicker import FlickerMeter
 from ..tasks.processor import FrameProcessor
+from ..tasks.temporal import Stabilizer, TemporalOptions
 from .sinks import Output, Sink, SinkContext, StreamInfo, make_sink
 from .sources import Frame, Source, SourceOptions, SourceState, open_source
 
@@ -69,6 +71,8 @@ class PipelineOptions:
     prefetch: bool = True  # each worker pre-processes the next batch (in a thread of its own) while one runs
     status_interval: float = 0.0  # seconds between status lines on stderr; 0: none
     stats_window: int = 4096  # latency samples kept per stage (a rolling window for runs of days)
+    temporal: TemporalOptions = TemporalOptions()  # segmenters: a temporal stabilizer per stream (tasks.temporal)
+    measure_flicker: bool = False  # segmenters: measure flicker per stream (optical flow; costs ~1 ms a frame)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -371,6 +375,13 @@ class Pipeline:
         self.status_fn = status
         self.info = dict(info or {})
         self.recorder = Recorder(options.stats_window)
+        # Temporal state and flicker meters, one per stream, touched only by the post thread (frames in order).
+        self.stabilizer = Stabilizer(options.temporal)
+        if self.stabilizer.active and not hasattr(processor, "stabilize"):
+            raise InputError(f"--temporal {options.temporal.mode.value} applies to segmenters; "
+                             f"{type(processor).__name__} has no class scores to stabilize")
+        self.flicker = [FlickerMeter() for _ in sources] if options.measure_flicker else []
+        self._reconnects_seen = [0] * len(sources)
         self._stop = threading.Event()
         self._stopped_sources = False
         self._mux_lock = threading.Lock()
@@ -755,8 +766,14 @@ class Pipeline:
 
     def _post(self, proc: FrameProcessor, batch: _Batch) -> None:
         frames = iter(batch.frames)
+        done = 0
         for raw, prepared in batch.chunks:
             t0 = time.perf_counter()
+            if self.stabilizer.active:
+                chunk = batch.frames[done:done + prepared.n]
+                raw = proc.stabilize(raw, [(self._temporal_state(f.stream_id), f.image)  # type: ignore[attr-defined]
+                                           for f in chunk])
+            done += prepared.n
             results = proc.postprocess(raw, prepared)
             post_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(results))
             for result in results:
@@ -765,6 +782,8 @@ class Pipeline:
                 t1 = time.perf_counter()
                 image = proc.render(frame.image, result)
                 self.recorder.add("render", (time.perf_counter() - t1) * 1e3)
+                if self.flicker and hasattr(result, "class_map"):
+                    self._measure_flicker(frame, result.class_map)
                 out = Output(image, frame.stream_id, frame.index, frame.timestamp)
                 for r in self._runners:
                     if r.sink.accepts(frame.stream_id):
@@ -781,6 +800,34 @@ class Pipeline:
         self.batches += 1
         n = len(batch.frames)
         self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
+
+    def _temporal_state(self, stream_id: int):
+        """The stream's temporal state, afresh after the stream reconnected (its old frames say nothing of the new)."""
+        source = self.sources[stream_id]
+        if source.reconnects != self._reconnects_seen[stream_id]:
+            self._reconnects_seen[stream_id] = source.reconnects
+            self.stabilizer.reset(stream_id)
+            if self.flicker:
+                self.flicker[stream_id].reset()
+        return self.stabilizer.state(stream_id)
+
+    def _measure_flicker(self, frame: Frame, class_map: np.ndarray) -> None:
+        if not self.stabilizer.active:  # the reconnect check otherwise done by _temporal_state
+            self._temporal_state(frame.stream_id)
+        t0 = time.perf_counter()
+        self.flicker[frame.stream_id].update(frame.image, class_map)
+        self.recorder.add("flicker", (time.perf_counter() - t0) * 1e3)
+
+    def temporal_stats(self) -> dict:
+        """The stabilizer's mode and resets, and (when measured) the flicker per stream and overall."""
+        out: dict[str, Any] = {"mode": self.options.temporal.mode.value}
+        if self.stabilizer.active:
+            out.update(alpha=self.options.temporal.alpha, resets=self.stabilizer.resets())
+        if self.flicker:
+            changed, stable = sum(m.changed for m in self.flicker), sum(m.stable for m in self.flicker)
+            out["flicker"] = changed / stable if stable else None
+            out["flicker_per_stream"] = [m.flicker if m.stable else None for m in self.flicker]
+        return out
 
     # ---- statistics ----------------------------------------------------------------------------------------------
 
@@ -839,6 +886,7 @@ class Pipeline:
             "batches": {"count": self.batches, "sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                         "mean_size": (self.frames / self.batches) if self.batches else 0.0},
             "streams": streams,
+            "temporal": self.temporal_stats(),
             "sinks": [r.stats() for r in self._runners],
             "config": {"workers": self.plan.workers, "model_instances": self.plan.instances,
                        "max_batch": self.max_batch,

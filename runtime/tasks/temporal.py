@@ -8,7 +8,8 @@ did not change:
 - `ema`: an exponential moving average of the class scores (logits or probabilities, at the model's resolution,
   before the decision), `s = alpha * new + (1 - alpha) * s_prev`, except where the frame changed since the previous
   one (the motion gate: the absolute difference of the two frames, blurred and dilated so that an object's edge
-  counts as changed): there the state takes the new scores at once. Static regions are smoothed, moving objects
+  counts as changed; colour, not only brightness, since an object and its background can be equally bright): there
+  the state takes the new scores at once. Static regions are smoothed, moving objects
   follow without lag.
 - `flow`: the same, with the previous scores first moved along the optical flow (OpenCV's DIS) from the previous
   frame to this one, and the gate taken on what the flow could not explain (the warped previous frame against this
@@ -38,10 +39,13 @@ class TemporalMode(str, enum.Enum):
     HYSTERESIS = "hysteresis"
 
 
+SCORE_MODES = (TemporalMode.EMA, TemporalMode.FLOW)  # the modes that need scores, not a class map
+
+
 @dataclass(frozen=True, kw_only=True)
 class TemporalOptions:
     mode: TemporalMode = TemporalMode.OFF
-    alpha: float = 0.4  # weight of the new frame's scores where nothing moved (lower: smoother, slower to settle)
+    alpha: float = 0.3  # weight of the new frame's scores where nothing moved (lower: smoother, slower to settle)
     motion_threshold: float = 10.0  # grey levels (0..255) of frame change that count as motion
     motion_dilate: int = 2  # pixels (at the model's resolution) by which the motion mask is grown
     cut_threshold: float = 40.0  # mean grey-level change of the whole frame that counts as a scene cut
@@ -62,15 +66,16 @@ class TemporalOptions:
                              f"{self.hold}")
 
 
-def grey_at(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The frame as uint8 grey levels at (H, W) `size`, lightly blurred (sensor noise is not motion): what the
-    motion gate and the flow compare."""
-    if frame.ndim == 3 and frame.shape[:2] != size:  # shrink first: the colour conversion then costs less
+def small_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The frame at (H, W) `size`, lightly blurred (sensor noise is not motion): what the motion gate compares.
+    Colour is kept: two colours of equal brightness (an object on a background) differ in colour only."""
+    if frame.shape[:2] != size:
         frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-    if grey.shape != size:
-        grey = cv2.resize(grey, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return cv2.blur(grey, (3, 3))
+    return cv2.blur(frame, (3, 3))
+
+
+def _grey(frame: np.ndarray) -> np.ndarray:
+    return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
 class TemporalState:
@@ -81,7 +86,7 @@ class TemporalState:
     def __init__(self, options: TemporalOptions) -> None:
         self.options = options
         self.scores: np.ndarray | None = None
-        self.grey: np.ndarray | None = None
+        self.frame: np.ndarray | None = None
         self.candidate: np.ndarray | None = None  # hysteresis: the class waiting to take over, and for how long
         self.count: np.ndarray | None = None
         self.resets = 0
@@ -89,7 +94,7 @@ class TemporalState:
         self._grid: np.ndarray | None = None
 
     def reset(self) -> None:
-        self.scores = self.grey = self.candidate = self.count = None
+        self.scores = self.frame = self.candidate = self.count = None
         self.resets += 1
 
     def _kernel(self) -> np.ndarray | None:
@@ -97,17 +102,20 @@ class TemporalState:
         return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * d + 1, 2 * d + 1)) if d else None
 
     def _moved(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Where two grey frames differ by more than the motion threshold, grown by `motion_dilate`."""
-        _, moved = cv2.threshold(cv2.absdiff(a, b), self.options.motion_threshold, 1, cv2.THRESH_BINARY)
+        """Where two frames differ by more than the motion threshold in any channel, grown by `motion_dilate`."""
+        diff = cv2.absdiff(a, b)
+        if diff.ndim == 3:  # the largest change of any channel, per pixel
+            diff = cv2.reduce(diff.reshape(-1, diff.shape[2]), 1, cv2.REDUCE_MAX).reshape(diff.shape[:2])
+        _, moved = cv2.threshold(diff, self.options.motion_threshold, 1, cv2.THRESH_BINARY)
         kernel = self._kernel()
         return (cv2.dilate(moved, kernel) if kernel is not None else moved).view(bool)
 
-    def _warp(self, grey: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    def _warp(self, small: np.ndarray, previous: np.ndarray) -> np.ndarray:
         """The flow from this frame back to the previous one, as a remap map (H, W, 2) of (x, y)."""
         if self._flow is None:
             self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
-        flow = self._flow.calc(grey, previous, None)
-        h, w = grey.shape
+        flow = self._flow.calc(_grey(small), _grey(previous), None)
+        h, w = small.shape[:2]
         if self._grid is None or self._grid.shape[:2] != (h, w):
             xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
             self._grid = np.dstack([xs, ys])
@@ -119,29 +127,29 @@ class TemporalState:
         if mode is TemporalMode.OFF:
             return values
         size = values.shape[-2:]
-        grey = grey_at(frame, size)
-        previous = self.grey
-        self.grey = grey
-        if previous is None or previous.shape != grey.shape or \
-                cv2.norm(previous, grey, cv2.NORM_L1) / grey.size > self.options.cut_threshold:
+        small = small_frame(frame, size)
+        previous = self.frame
+        self.frame = small
+        if previous is None or previous.shape != small.shape or \
+                cv2.norm(previous, small, cv2.NORM_L1) / small.size > self.options.cut_threshold:  # per channel
             if previous is not None:
                 self.resets += 1  # a scene cut (or another frame size): nothing of the old state applies
             self.scores, self.candidate, self.count = None, None, None
             return self._first(values)
         if mode is TemporalMode.HYSTERESIS:
-            return self._hysteresis(values, self._moved(previous, grey))
+            return self._hysteresis(values, self._moved(previous, small))
         state = self.scores
         assert state is not None
         if mode is TemporalMode.FLOW:
-            xy = self._warp(grey, previous)
+            xy = self._warp(small, previous)
             moved = self._moved(cv2.remap(previous, xy, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
-                                grey)
+                                small)
             # remap moves every class plane in one call when they are the last axis
             state = np.ascontiguousarray(cv2.remap(np.ascontiguousarray(state.transpose(1, 2, 0)), xy, None,
                                                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
                                          .reshape(*state.shape[1:], -1).transpose(2, 0, 1))
         else:
-            moved = self._moved(previous, grey)
+            moved = self._moved(previous, small)
         blended = np.subtract(values, state, dtype=np.float32)  # state + alpha * (new - state), in place
         blended *= self.options.alpha
         blended += state
