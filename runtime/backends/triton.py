@@ -19,26 +19,43 @@ server spent on requests for this model (its statistics extension: queue, comput
 Server figures are averages over the server's counters since this backend connected, so other clients of the
 same model are included in them.
 
-A server that goes away (refused connection, reset, unavailable) is retried with a doubling backoff, as a dead
-camera is reopened: the frame waits, the run does not crash. `reconnect_attempts` bounds the tries per outage
-(None: keep trying until the backend is closed).
+Failures are told apart by what the client library raises, never by message text:
+
+- the server is not there or not answering: the OS's connection errors (refused, reset, unreachable), a timeout
+  (`timeout_s`: HTTP's connection and network timeouts, gRPC's per-call deadline), an HTTP connection closed
+  before the answer, gRPC status UNAVAILABLE or DEADLINE_EXCEEDED, HTTP 502/503/504 (a proxy in front). These are
+  retried, the frame waiting, as a dead camera is reopened: `reconnect_attempts` retries (6 by default) with waits
+  doubling from 0.25 s to `backoff_max` (4 s), so an outage of about 12 s is waited out; after the last one the
+  call raises a BackendError of one line. None keeps trying until the backend is closed.
+- no such model (gRPC NOT_FOUND, HTTP 404): a ModelFormatError that lists the server's ready models and says why
+  the model asked for is not among them (not in the repository, or in it but not loaded), read from the server's
+  repository index;
+- anything else the server refused (a wrong shape or type: gRPC INVALID_ARGUMENT, HTTP 400; a failing model): a
+  BackendError at once, with the server's status and its one-line reason.
+
+Time spent waiting for a server is counted as outage in `run_stats()` (`reconnects`, `outage_s`), not as round
+trip; the stream pipeline adds those to its statistics, and a live source drops (and counts) the frames that
+arrive meanwhile.
 
 `tritonclient` is imported when a backend is created: pip install 'edgepix[triton]'.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import numpy as np
 
-from ..core.errors import BackendError, ModelFormatError, require
+from ..core.errors import BackendError, ModelFormatError, require, unknown_name
 from ..description.spec import ONNX_METADATA_KEY
 from ..description.tensors import TensorMeta, normalise_dim
 from .base import Backend
@@ -47,7 +64,10 @@ log = logging.getLogger(__name__)
 
 HTTP_PORT, GRPC_PORT = 8000, 8001
 FIRST_BACKOFF_S = 0.25
-LOAD_ATTEMPTS = 3
+RECONNECT_ATTEMPTS = 6  # retries per outage: 0.25 + 0.5 + 1 + 2 + 4 + 4 s of waiting with the default backoff_max
+LOAD_ATTEMPTS = 3  # a server that is not there when the backend is created fails sooner
+#: the `edgepix.io` model parameter of a repository model that takes frames (export.triton, --triton-io frames)
+IO_PARAMETER, FRAMES_IO = "edgepix.io", "frames"
 
 # KServe v2 data types -> numpy
 _V2_TYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -60,9 +80,9 @@ _NUMPY_TO_V2 = {np.dtype(v): k for k, v in _V2_TYPES.items()}
 class TritonOptions:
     url: str = "localhost:8000"  # HOST:PORT (HTTP), or http://HOST:PORT, grpc://HOST:PORT
     model_version: str = ""  # "": the server's version policy (the latest)
-    timeout_s: float = 30.0  # connection and network timeout of one request
-    reconnect_attempts: int | None = None  # tries per outage; None: until closed
-    backoff_max: float = 2.0  # longest wait between tries (doubling from 0.25 s)
+    timeout_s: float = 30.0  # one request's time limit (HTTP: connection and network timeouts; gRPC: deadline)
+    reconnect_attempts: int | None = RECONNECT_ATTEMPTS  # retries per outage; None: until the backend is closed
+    backoff_max: float = 4.0  # longest wait between retries (doubling from 0.25 s)
     ssl: bool = False
 
     def __post_init__(self) -> None:
@@ -92,14 +112,38 @@ def protocol_and_address(url: str) -> tuple[str, str]:
     return protocol, rest
 
 
-def _is_outage(e: BaseException) -> bool:
-    """True for a server that is not there (refused, reset, timed out, unavailable), False for a bad request."""
-    if isinstance(e, OSError):  # refused, reset, timed out (ConnectionError and TimeoutError are OSErrors)
-        return True
-    status = str(getattr(e, "status", lambda: "")() or "")
-    text = str(e).lower()
-    return (status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "503", "502")
-            or "connection" in text or "unavailable" in text or "timed out" in text or "socket" in text)
+class Failure(enum.Enum):
+    """What a failed call means, from the exception's type and status code (see the module docstring)."""
+
+    OUTAGE = "unreachable"  # not there: retried
+    TIMEOUT = "not answering"  # there but silent past timeout_s: retried
+    NO_MODEL = "no such model"
+    REFUSED = "refused"  # a bad request or a failing model: not retried
+
+
+# Status codes as tritonclient's InferenceServerException.status() gives them: str(grpc.StatusCode.X) for gRPC, the
+# HTTP status for HTTP.
+_STATUS_FAILURES = {
+    "StatusCode.UNAVAILABLE": Failure.OUTAGE, "StatusCode.DEADLINE_EXCEEDED": Failure.TIMEOUT,
+    "StatusCode.NOT_FOUND": Failure.NO_MODEL,
+    str(HTTPStatus.BAD_GATEWAY.value): Failure.OUTAGE, str(HTTPStatus.SERVICE_UNAVAILABLE.value): Failure.OUTAGE,
+    str(HTTPStatus.GATEWAY_TIMEOUT.value): Failure.TIMEOUT, str(HTTPStatus.NOT_FOUND.value): Failure.NO_MODEL,
+}
+# OS errors of a network that does not reach the server (ConnectionError and TimeoutError are told by type)
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def classify(e: BaseException, *, closed_types: tuple[type, ...] = ()) -> Failure:
+    """The kind of failure `e` is. `closed_types`: the transport's own "connection closed before the answer"
+    exceptions (geventhttpclient's HTTPConnectionClosed for HTTP), an outage like a reset."""
+    if isinstance(e, TimeoutError):  # socket timeouts (HTTP's connection and network timeouts)
+        return Failure.TIMEOUT
+    if isinstance(e, ConnectionError) or isinstance(e, closed_types):  # refused, reset, aborted, broken pipe
+        return Failure.OUTAGE
+    if isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS:
+        return Failure.OUTAGE
+    status = e.status() if callable(getattr(e, "status", None)) else None
+    return _STATUS_FAILURES.get(str(status), Failure.REFUSED)
 
 
 class _Counter:
@@ -135,6 +179,11 @@ class TritonBackend(Backend):
         self.model_name = str(path)
         self.protocol, self.address = protocol_and_address(self.options.url)
         self._module = require(f"tritonclient.{self.protocol}", extra="triton", purpose="The triton backend")
+        self._closed_types: tuple[type, ...] = ()
+        if self.protocol == "http":  # the HTTP client's transport: an answer cut off by a server that went away
+            from geventhttpclient.response import HTTPConnectionClosed
+
+            self._closed_types = (HTTPConnectionClosed,)
         self._local = threading.local()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
@@ -145,18 +194,28 @@ class TritonBackend(Backend):
         attempts = min(LOAD_ATTEMPTS, self.options.reconnect_attempts if self.options.reconnect_attempts is not None
                        else LOAD_ATTEMPTS)
         config = self._call(self._model_config, what="read the model configuration", attempts=attempts)
-        metadata = self._call(lambda c: self._json(c.get_model_metadata(self.model_name, self.options.model_version)),
+        metadata = self._call(lambda c: self._json(c.get_model_metadata(self.model_name, self.options.model_version,
+                                                                        **self._deadline())),
                               what="read the model metadata", attempts=attempts)
         self.max_batch_size = int(config.get("max_batch_size", 0) or 0)
         self.platform = str(metadata.get("platform", config.get("platform", "")))
         self.inputs = tuple(self._meta(t) for t in metadata.get("inputs", ()))
         self.outputs = tuple(self._meta(t) for t in metadata.get("outputs", ()))
-        spec_text = (config.get("parameters", {}).get(ONNX_METADATA_KEY) or {}).get("string_value")
+        parameters = config.get("parameters", {})
+        if (parameters.get(IO_PARAMETER) or {}).get("string_value") == FRAMES_IO:
+            raise ModelFormatError(f"triton model {self.model_name!r} takes frames ({IO_PARAMETER} = {FRAMES_IO}), "
+                                   "and the triton backend sends tensors: serve an export with --triton-io tensors "
+                                   "for it, or send that model frames with tritonclient")
+        spec_text = (parameters.get(ONNX_METADATA_KEY) or {}).get("string_value")
         self.metadata = {ONNX_METADATA_KEY: spec_text} if spec_text else {}
         self._output_names = [t.name for t in self.outputs]
         self._server_start = self._server_counters()
 
     # ---- connection ------------------------------------------------------------------------------------------
+
+    def _deadline(self) -> dict[str, float]:
+        """gRPC calls take their time limit per call (`client_timeout`); HTTP clients have theirs from creation."""
+        return {"client_timeout": self.options.timeout_s} if self.protocol == "grpc" else {}
 
     def _client(self):
         client = getattr(self._local, "client", None)
@@ -183,8 +242,8 @@ class TritonBackend(Backend):
                 pass
 
     def _call(self, fn, *, what: str, attempts: int | None = None):
-        """fn(client) with reconnects: an outage is retried with a doubling backoff, anything else raised.
-        `attempts`: reconnect tries before giving up (default: the options' reconnect_attempts)."""
+        """fn(client) with reconnects: an outage or a timeout is retried with a doubling backoff, anything else
+        raised. `attempts`: retries before giving up (default: the options' reconnect_attempts)."""
         attempt, wait, outage_start = 0, FIRST_BACKOFF_S, None
         limit = self.options.reconnect_attempts if attempts is None else attempts
         self._local.outage_ns = 0
@@ -193,19 +252,25 @@ class TritonBackend(Backend):
                 raise BackendError(f"backend 'triton' for {self.model_name} is closed")
             try:
                 result = fn(self._client())
-            except Exception as e:  # noqa: BLE001 - tritonclient and the transports raise many types
-                if not _is_outage(e):
-                    raise self._error(e, what) from e
+            except Exception as e:  # noqa: BLE001 - tritonclient and its transports raise many types: classified here
+                failure = classify(e, closed_types=self._closed_types)
+                if failure is Failure.NO_MODEL:
+                    raise self._missing_model_error(e) from e
+                if failure is Failure.REFUSED:
+                    raise BackendError(f"triton server {self.protocol}://{self.address} could not {what} for "
+                                       f"{self.model_name!r}: {_describe(e)}") from e
                 self._drop_client()
                 attempt += 1
                 if outage_start is None:
                     outage_start = time.monotonic()
-                    log.warning("triton server %s: %s failed (%s); reconnecting", self.address, what,
-                                _one_line(e))
+                    log.warning("triton server %s: %s failed (%s: %s); reconnecting", self.address, what,
+                                failure.value, _one_line(e))
                 if limit is not None and attempt > limit:
-                    raise BackendError(f"triton server {self.address} is unreachable ({_one_line(e)}) after "
-                                       f"{limit} reconnect attempt(s); check that it runs and serves "
-                                       f"{self.model_name!r}") from e
+                    raise BackendError(
+                        f"triton server {self.protocol}://{self.address} is {failure.value} ({_describe(e)}) "
+                        f"after {limit} retr{'y' if limit == 1 else 'ies'} over "
+                        f"{time.monotonic() - outage_start:.1f} s; check that it runs and serves {self.model_name!r} "
+                        "(reconnect_attempts and timeout_s set the patience)") from e
                 time.sleep(wait)
                 wait = min(wait * 2, self.options.backoff_max)
                 continue
@@ -218,12 +283,33 @@ class TritonBackend(Backend):
                             time.monotonic() - outage_start)
             return result
 
-    def _error(self, e: Exception, what: str) -> BackendError:
-        text = _one_line(e)
-        if "unknown model" in text.lower() or "not found" in text.lower():
-            return ModelFormatError(f"triton server {self.address} has no ready model {self.model_name!r} ({text}); "
-                                    "check the name and the server's log")
-        return BackendError(f"triton server {self.address}: could not {what} for {self.model_name!r}: {text}")
+    def _missing_model_error(self, e: Exception) -> ModelFormatError:
+        """The server has no ready model of this name: say which it has, and whether this one is in its repository
+        but not loaded (its state and reason from the repository index)."""
+        try:
+            index = self._json_list(self._client().get_model_repository_index(**self._deadline()))
+        except Exception as index_error:  # noqa: BLE001 - the index is an extra; the answer is the NOT_FOUND above
+            log.debug("triton repository index unavailable: %s", _one_line(index_error))
+            index = []
+        ready = sorted({m.get("name", "") for m in index if m.get("state") == "READY"})
+        entry = next((m for m in index if m.get("name") == self.model_name), None)
+        where = f"triton server {self.protocol}://{self.address}"
+        if entry is not None:
+            state = entry.get("state") or "not loaded"
+            reason = f": {str(entry['reason']).strip().splitlines()[0][:300]}" if entry.get("reason") else ""
+            return ModelFormatError(f"{where}: model {self.model_name!r} is in the repository but not ready ({state}"
+                                    f"{reason}); ready models: {', '.join(ready) or 'none'}; load it (the server's "
+                                    "model control) or read the server's log")
+        if ready or index:
+            return ModelFormatError(f"{where}: {unknown_name('model', self.model_name, ready)}")
+        return ModelFormatError(f"{where} has no model {self.model_name!r} ({_describe(e)}); check "
+                                "the name and the server's log")
+
+    def _json_list(self, answer) -> list[dict]:
+        """The repository index: a list over HTTP, a RepositoryIndexResponse over gRPC."""
+        if isinstance(answer, list):
+            return answer
+        return list(self._json(answer).get("models", []))
 
     # ---- description -----------------------------------------------------------------------------------------
 
@@ -236,7 +322,7 @@ class TritonBackend(Backend):
         return MessageToDict(answer, preserving_proto_field_name=True)
 
     def _model_config(self, client) -> dict:
-        config = self._json(client.get_model_config(self.model_name, self.options.model_version))
+        config = self._json(client.get_model_config(self.model_name, self.options.model_version, **self._deadline()))
         return config.get("config", config)  # gRPC wraps it in ModelConfigResponse
 
     def _meta(self, t: Mapping[str, Any]) -> TensorMeta:
@@ -282,7 +368,7 @@ class TritonBackend(Backend):
                    else module.InferRequestedOutput(name) for name in self._output_names]
         t1 = time.perf_counter_ns()
         result = self._call(lambda c: c.infer(self.model_name, inputs, model_version=self.options.model_version,
-                                              outputs=outputs), what="run inference")
+                                              outputs=outputs, **self._deadline()), what="run inference")
         t2 = time.perf_counter_ns()
         arrays = {name: np.array(result.as_numpy(name)) for name in self._output_names}
         t3 = time.perf_counter_ns()
@@ -295,7 +381,8 @@ class TritonBackend(Backend):
     def _server_counters(self) -> dict[str, int] | None:
         """The server's cumulative counters for this model (statistics extension), or None if it has none."""
         try:
-            stats = self._json(self._client().get_inference_statistics(self.model_name, self.options.model_version))
+            stats = self._json(self._client().get_inference_statistics(self.model_name, self.options.model_version,
+                                                                       **self._deadline()))
         except Exception as e:  # noqa: BLE001 - a server without the statistics extension: no server split
             log.debug("triton statistics unavailable: %s", _one_line(e))
             return None
@@ -366,6 +453,13 @@ class TritonBackend(Backend):
                 client.close()
             except Exception:  # noqa: BLE001 - closing a client of a dead server
                 pass
+
+
+def _describe(e: BaseException) -> str:
+    """One line: tritonclient's exceptions read '[status] message' already; a transport's gets its type."""
+    if callable(getattr(e, "status", None)) and e.status():
+        return _one_line(e)
+    return f"{type(e).__name__}: {_one_line(e)}"
 
 
 def _one_line(e: BaseException) -> str:
