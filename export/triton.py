@@ -4,6 +4,13 @@
     REPO/NAME/labels.txt       one class name per line (label_filename of the output)
     REPO/NAME/1/model.onnx     (onnxruntime_onnx) the gated ONNX, spec in its metadata
     REPO/NAME/1/model_smXY.plan (tensorrt_plan) one TensorRT engine per compute capability (cc_model_filenames)
+    REPO/NAME/1/model.py       (backend python) the edgepix runtime inside the server (export/triton_model.py),
+                               beside model.onnx: frames in and class maps or images out, or the ONNX's tensors
+
+Which backend serves the model: `--triton-backend onnxruntime` (the default: the onnxruntime_onnx platform, CPU or
+GPU, with the TensorRT accelerator on GPUs), TensorRT engines as tensorrt_plan, or `--triton-backend python`: the
+edgepix runtime on ONNX Runtime's CPU provider, run by the server's Python, the only one that can take raw frames
+(`--triton-io frames`); `--triton-io tensors` (the default) serves the ONNX's own inputs and outputs.
 
 From a checkpoint the ONNX goes through the parity gate (export.pipeline.run_export) with a dynamic batch when
 `max_batch > 0`; an existing .onnx is copied after its spec is checked against its graph. Triton's `dims` leave
@@ -34,12 +41,19 @@ from pathlib import Path
 from edgepix.runtime.core.errors import ExportError
 from edgepix.runtime.core.fileio import fsync_folder, fsync_tree
 from edgepix.runtime.core.formats import ENGINE_SUFFIXES
-from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Precision, Task
+from edgepix.runtime.description.spec import ONNX_METADATA_KEY, SCORE_KINDS, ModelSpec, OutputKind, Precision, Task
 
 log = logging.getLogger(__name__)
 
 #: the model parameter that carries the ModelSpec JSON (the same key as in the ONNX metadata)
 SPEC_PARAMETER = ONNX_METADATA_KEY
+#: Python-backend models: what a request carries (ServedIO) and ONNX Runtime's threads per instance
+IO_PARAMETER = "edgepix.io"
+THREADS_PARAMETER = "edgepix.threads"
+#: the frames API's tensors
+FRAMES_INPUT, FRAMES_OUTPUT_CLASS_MAP, FRAMES_OUTPUT_IMAGE = "frames", "class_map", "image"
+#: the Python backend's model, copied as REPO/NAME/1/model.py
+PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 LABELS_FILE = "labels.txt"
 
 # numpy dtype names -> Triton's model-configuration data types (model_config.proto DataType)
@@ -55,6 +69,20 @@ class InstanceKind(str, enum.Enum):
     GPU = "gpu"
 
 
+class ServingBackend(str, enum.Enum):
+    """The Triton backend that runs an ONNX model."""
+
+    ONNXRUNTIME = "onnxruntime"  # platform onnxruntime_onnx
+    PYTHON = "python"  # backend python: export/triton_model.py runs the edgepix runtime
+
+
+class ServedIO(str, enum.Enum):
+    """What a request carries."""
+
+    TENSORS = "tensors"  # the ONNX's inputs and outputs
+    FRAMES = "frames"  # BGR uint8 frames in; class maps or images out (the Python backend only)
+
+
 class TrtAccelerator(str, enum.Enum):
     """ONNX Runtime's TensorRT execution provider inside Triton's onnxruntime backend, at this precision."""
 
@@ -67,7 +95,9 @@ class TritonOptions:
     name: str | None = None  # the model's name in the repository; None: from the spec (fastscnn, fastscnn_int8)
     max_batch: int = 8  # max_batch_size; 0: no batching by Triton, dims are the full shapes
     instances: int = 1  # instance_group count
-    kind: InstanceKind = InstanceKind.GPU
+    kind: InstanceKind | None = None  # None: GPU, or CPU for the Python backend (the runtime runs on the CPU there)
+    backend: ServingBackend = ServingBackend.ONNXRUNTIME
+    io: ServedIO = ServedIO.TENSORS
     trt_accelerator: TrtAccelerator | None = None
     argmax: bool = True  # segmentation: serve the uint8 class map rather than the logits
     queue_delay_us: int = 100  # dynamic batching: how long a request may wait for others to fill a batch
@@ -75,7 +105,10 @@ class TritonOptions:
 
     def __post_init__(self) -> None:
         try:
-            object.__setattr__(self, "kind", InstanceKind(self.kind))
+            object.__setattr__(self, "backend", ServingBackend(self.backend))
+            object.__setattr__(self, "io", ServedIO(self.io))
+            default_kind = InstanceKind.CPU if self.backend is ServingBackend.PYTHON else InstanceKind.GPU
+            object.__setattr__(self, "kind", InstanceKind(self.kind if self.kind is not None else default_kind))
             if self.trt_accelerator is not None:
                 object.__setattr__(self, "trt_accelerator", TrtAccelerator(self.trt_accelerator))
         except ValueError as e:
@@ -90,6 +123,15 @@ class TritonOptions:
             raise ExportError(f"--cpu-threads: expected >= 0 (0: ONNX Runtime's choice), got {self.cpu_threads}")
         if self.trt_accelerator is not None and self.kind is InstanceKind.CPU:
             raise ExportError("--trt-accelerator needs GPU instances; drop it or use --kind gpu")
+        if self.backend is ServingBackend.PYTHON and self.kind is InstanceKind.GPU:
+            raise ExportError("--triton-backend python runs the edgepix runtime on ONNX Runtime's CPU provider: use "
+                              "--kind cpu (on GPU servers serve the model with --triton-backend onnxruntime, or an "
+                              "engine)")
+        if self.backend is ServingBackend.PYTHON and self.trt_accelerator is not None:
+            raise ExportError("--trt-accelerator applies to --triton-backend onnxruntime on GPU instances")
+        if self.io is ServedIO.FRAMES and self.backend is not ServingBackend.PYTHON:
+            raise ExportError("--triton-io frames needs --triton-backend python: the pre- and post-processing that "
+                              "turn frames into tensors run in the edgepix runtime inside the server")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ExportError(f"--name {self.name!r}: use letters, digits, '_', '-' and '.' (it is a folder name "
                               "and a URL path segment)")
@@ -129,7 +171,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="max_batch_size; the ONNX is exported with a dynamic batch (default 8; 0: no batching)")
     g.add_argument("--instances", type=int, default=1, metavar="K", help="model instances (instance_group count)")
-    g.add_argument("--kind", choices=[k.value for k in InstanceKind], default="gpu", help="instance kind")
+    g.add_argument("--kind", choices=[k.value for k in InstanceKind],
+                   help="instance kind (default gpu; cpu for --triton-backend python)")
+    g.add_argument("--triton-backend", choices=[b.value for b in ServingBackend], default="onnxruntime",
+                   help="what runs an ONNX model in the server: Triton's onnxruntime backend (default; CPU or GPU) or "
+                        "its python backend running the edgepix runtime (CPU; the one that takes frames)")
+    g.add_argument("--triton-io", choices=[i.value for i in ServedIO], default="tensors",
+                   help="what a request carries: the ONNX's tensors (default; what --backend triton sends), or, "
+                        "with --triton-backend python, BGR uint8 frames in and class maps or images out")
     g.add_argument("--trt-accelerator", choices=[a.value for a in TrtAccelerator],
                    help="GPU instances: run the ONNX through ONNX Runtime's TensorRT provider at this precision "
                         "(int8 exports a symmetric Q/DQ ONNX)")
@@ -143,7 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> TritonOptions:
     return TritonOptions(
-        name=args.name, max_batch=args.max_batch, instances=args.instances, kind=InstanceKind(args.kind),
+        name=args.name, max_batch=args.max_batch, instances=args.instances,
+        kind=InstanceKind(args.kind) if args.kind else None, backend=ServingBackend(args.triton_backend),
+        io=ServedIO(args.triton_io),
         trt_accelerator=TrtAccelerator(args.trt_accelerator) if args.trt_accelerator else None,
         argmax=args.argmax is not False,  # the class map unless --no-argmax
         cpu_threads=args.cpu_threads)
@@ -173,7 +224,8 @@ def cmd_export_triton(args: argparse.Namespace, make_request) -> int:
         result = write_checkpoint_repository(request, args.out, options, precision=Precision(args.precision or "fp32"))
     if result.report is not None and not args.quiet:
         print(result.report.format())
-    print(f"wrote {result.model_dir} ({result.platform}, {result.spec.precision.value}, "
+    io = f", {options.io.value} in and out" if result.platform == "python" else ""
+    print(f"wrote {result.model_dir} ({result.platform}{io}, {result.spec.precision.value}, "
           f"{result.spec.output_kind.value}, max_batch_size {options.max_batch}, {options.instances} "
           f"{options.kind.value} instance(s))")
     return 0
@@ -196,7 +248,7 @@ def write_checkpoint_repository(request, repo: str | os.PathLike, options: Trito
     if options.trt_accelerator is TrtAccelerator.INT8:
         # TensorRT's explicit quantization takes symmetric (S8S8) Q/DQ only.
         fmt, int8 = ExportFormat.ONNX_INT8, replace(int8, target=Int8Target.TENSORRT)
-    argmax = options.argmax and _is_segmentation_checkpoint(request)
+    argmax = _serves_class_map(options) and _is_segmentation_checkpoint(request)
     onnx_options = replace(request.onnx, dynamic_batch=request.onnx.dynamic_batch or options.max_batch > 0,
                            argmax=argmax)
 
@@ -225,7 +277,7 @@ def write_onnx_repository(onnx_path: Path, repo: str | os.PathLike, options: Tri
     def build(stage: Path) -> tuple[ModelSpec, object]:
         target = stage / "1" / "model.onnx"
         target.parent.mkdir(parents=True)
-        if options.argmax and spec.task is Task.SEGMENTATION and spec.output_kind is OutputKind.LOGITS:
+        if _serves_class_map(options) and spec.task is Task.SEGMENTATION and spec.output_kind in SCORE_KINDS:
             return append_argmax_onnx(onnx_path, target, spec), None
         shutil.copyfile(onnx_path, target)
         return spec, None
@@ -239,6 +291,9 @@ def write_plan_repository(engines: Sequence[Path], repo: str | os.PathLike, opti
 
     if options.trt_accelerator is not None:
         raise ExportError("--trt-accelerator applies to ONNX models; an engine is already TensorRT")
+    if options.backend is not ServingBackend.ONNXRUNTIME:
+        raise ExportError(f"TensorRT engines are served by Triton's tensorrt backend; --triton-backend "
+                          f"{options.backend.value} serves an ONNX model (give the .onnx or the checkpoint)")
     if options.kind is InstanceKind.CPU:
         raise ExportError("TensorRT engines run on GPU instances; use --kind gpu")
     manifests = []
@@ -293,6 +348,13 @@ def _io_key(m) -> tuple:
     return tuple((t.name, t.mode, t.dtype, tuple(t.shape)) for t in m.io)
 
 
+def _serves_class_map(options: TritonOptions) -> bool:
+    """Whether a segmentation ONNX gets ArgMax + Cast(uint8) appended: when tensors are served and --argmax holds.
+    A frames model keeps the ONNX as it is: the runtime inside the server decides as the spec says (scores resized
+    first, or classes), exactly as a local Segmenter on the same file."""
+    return options.argmax and options.io is ServedIO.TENSORS
+
+
 def _is_segmentation_checkpoint(request) -> bool:
     from edgepix.train.checkpoint import load_source
 
@@ -323,24 +385,50 @@ def _write_onnx_model(repo: Path, options: TritonOptions, build) -> TritonResult
             raise ExportError(f"the ONNX has a static batch, but --max-batch {options.max_batch} needs a dynamic one; "
                               "re-export with --dynamic-batch or pass --max-batch 0")
         name = options.name or _default_name(spec)
-        inputs = [_tensor_config(v.name, v.dtype or "float32", v.shape, options.max_batch) for v in header.inputs]
-        outputs = [_tensor_config(v.name, v.dtype or "float32", v.shape, options.max_batch) for v in header.outputs]
-        config = model_config_text(name=name, platform="onnxruntime_onnx", spec=spec, inputs=inputs, outputs=outputs,
-                                   options=options)
+        if options.io is ServedIO.FRAMES:
+            inputs, outputs = frames_io(spec, options.max_batch)
+        else:
+            inputs = [_tensor_config(v.name, v.dtype or "float32", v.shape, options.max_batch) for v in header.inputs]
+            outputs = [_tensor_config(v.name, v.dtype or "float32", v.shape, options.max_batch)
+                       for v in header.outputs]
+        if options.backend is ServingBackend.PYTHON:
+            shutil.copyfile(PYTHON_MODEL, stage / "1" / "model.py")
+            platform, config = "python", model_config_text(name=name, backend="python", spec=spec, inputs=inputs,
+                                                           outputs=outputs, options=options)
+        else:
+            platform, config = "onnxruntime_onnx", model_config_text(name=name, platform="onnxruntime_onnx",
+                                                                     spec=spec, inputs=inputs, outputs=outputs,
+                                                                     options=options)
         model_dir = _publish(repo, name, spec, config, None, stage=stage)
-    return TritonResult(model_dir, "onnxruntime_onnx", spec, config, holder["report"])
+    return TritonResult(model_dir, platform, spec, config, holder["report"])
+
+
+def frames_io(spec: ModelSpec, max_batch: int) -> tuple[list[TensorConfig], list[TensorConfig]]:
+    """The frames API: BGR uint8 frames of any size in; class maps (segmenters) or BGR images (image -> image
+    generators) at the frame's size out."""
+    batch = [] if max_batch > 0 else [-1]
+    if spec.task is Task.SEGMENTATION:
+        class_type = "TYPE_UINT8" if spec.num_classes <= 256 else "TYPE_INT32"  # as the Segmenter's class maps
+        output = TensorConfig(FRAMES_OUTPUT_CLASS_MAP, class_type, (*batch, -1, -1))
+    elif spec.task is Task.GENERATION_IMAGE:
+        output = TensorConfig(FRAMES_OUTPUT_IMAGE, "TYPE_UINT8", (*batch, -1, -1, 3))
+    else:
+        raise ExportError(f"--triton-io frames: {spec.model_name} is a {spec.task.value} model, which takes no frames; "
+                          "serve it with --triton-io tensors")
+    return [TensorConfig(FRAMES_INPUT, "TYPE_UINT8", (*batch, -1, -1, 3))], [output]
 
 
 def append_argmax_onnx(src: Path, dst: Path, spec: ModelSpec) -> ModelSpec:
-    """Copy `src` to `dst` with its logits output replaced by ArgMax + Cast(uint8), spec updated to match."""
-    from edgepix.runtime.description.onnxedit import append_argmax_file
+    """Copy `src` to `dst` with its scores output replaced by its uint8 class map (ArgMax over the class axis, or
+    the threshold of a binary output, as the spec describes the output), spec updated to match."""
+    from edgepix.runtime.description.onnxedit import append_argmax_file, fusion_for
 
     from .to_onnx import _require_onnx, set_spec_metadata
 
     onnx = _require_onnx()
     if spec.num_classes > 256:
         raise ExportError(f"a uint8 class map holds 256 classes; the model has {spec.num_classes}: pass --no-argmax")
-    model_bytes, class_map = append_argmax_file(src, spec.output_name)
+    model_bytes, class_map = append_argmax_file(src, fusion_for(spec))
     proto = onnx.load_from_string(model_bytes)
     new_spec = spec.replace(output_name=class_map, output_kind=OutputKind.CLASS_MAP)
     set_spec_metadata(proto, new_spec)
@@ -414,19 +502,24 @@ def _tensor_block(t: TensorConfig, *, labels: bool = False) -> str:
     return "\n".join(lines)
 
 
-def model_config_text(*, name: str, platform: str, spec: ModelSpec, inputs: Sequence[TensorConfig],
-                      outputs: Sequence[TensorConfig], options: TritonOptions,
-                      cc_model_filenames: dict[str, str] | None = None) -> str:
-    """config.pbtxt (Triton's ModelConfig in protobuf text format)."""
+def model_config_text(*, name: str, spec: ModelSpec, inputs: Sequence[TensorConfig],
+                      outputs: Sequence[TensorConfig], options: TritonOptions, platform: str | None = None,
+                      backend: str | None = None, cc_model_filenames: dict[str, str] | None = None) -> str:
+    """config.pbtxt (Triton's ModelConfig in protobuf text format). `platform` (onnxruntime_onnx, tensorrt_plan) or
+    `backend` (python) says what runs the model."""
+    if (platform is None) == (backend is None):
+        raise ExportError("model_config_text: expected a platform or a backend, got both or neither")
     labelled = spec.task is Task.SEGMENTATION and bool(spec.class_names)
-    parts = [f"name: {_quote(name)}", f"platform: {_quote(platform)}", f"max_batch_size: {options.max_batch}"]
+    runner = f"platform: {_quote(platform)}" if platform is not None else f"backend: {_quote(backend)}"
+    parts = [f"name: {_quote(name)}", runner, f"max_batch_size: {options.max_batch}"]
     if cc_model_filenames:
         first = next(iter(cc_model_filenames.values()))
         parts.append(f"default_model_filename: {_quote(first)}")
         for cc, filename in cc_model_filenames.items():
             parts.append(f"cc_model_filenames {{ key: {_quote(cc)} value: {_quote(filename)} }}")
     parts.append("input [\n" + ",\n".join(_tensor_block(t) for t in inputs) + "\n]")
-    parts.append("output [\n" + ",\n".join(_tensor_block(t, labels=labelled and t.name == spec.output_name)
+    labelled_output = FRAMES_OUTPUT_CLASS_MAP if options.io is ServedIO.FRAMES else spec.output_name
+    parts.append("output [\n" + ",\n".join(_tensor_block(t, labels=labelled and t.name == labelled_output)
                                             for t in outputs) + "\n]")
     if options.max_batch > 1:
         parts.append("dynamic_batching {\n"
@@ -448,6 +541,9 @@ def model_config_text(*, name: str, platform: str, spec: ModelSpec, inputs: Sequ
     if options.kind is InstanceKind.CPU and platform == "onnxruntime_onnx":
         parts.append(_parameter("intra_op_thread_count", str(options.cpu_thread_count())))
         parts.append(_parameter("inter_op_thread_count", "1"))
+    if backend == "python":
+        parts.append(_parameter(IO_PARAMETER, options.io.value))
+        parts.append(_parameter(THREADS_PARAMETER, str(options.cpu_thread_count())))
     parts.append(_parameter(SPEC_PARAMETER, spec.to_json()))
     return "\n".join(parts) + "\n"
 

@@ -1,9 +1,11 @@
-"""A STAND-IN for Triton Inference Server: a small loopback HTTP server that speaks the KServe v2 protocol the
-`triton` backend uses, for tests on machines where Triton itself cannot run (it ships as a container for NVIDIA
-GPUs and x86/ARM servers; no Docker daemon, no Triton).
+"""A STAND-IN for Triton Inference Server, kept for the one thing the real server in the tests cannot do: serve the
+onnxruntime_onnx repositories that `edgepix export ... --format triton` writes by default. The tests' real server
+(tests/triton_server.py, from the nvidia-pytriton wheel) has only Triton's Python backend, no onnxruntime backend;
+everything else about the `triton` backend (gRPC, errors, timeouts, outages) is tested against that real server.
 
-It is not Triton. It serves an edgepix model repository (`edgepix export ... --format triton`) with ONNX Runtime on
-the CPU and implements the parts of the protocol tritonclient's HTTP client calls:
+It is not Triton: a small loopback HTTP server that speaks the KServe v2 protocol over HTTP only (no gRPC), serves
+onnxruntime_onnx models with ONNX Runtime on the CPU, always answers in binary, and implements the parts of the
+protocol tritonclient's HTTP client calls:
 
     GET  /v2/health/live, /v2/health/ready, /v2/models/NAME[/versions/V]/ready
     GET  /v2/models/NAME[/versions/V]          model metadata (inputs, outputs, datatypes, shapes)
@@ -12,9 +14,10 @@ the CPU and implements the parts of the protocol tritonclient's HTTP client call
     GET  /v2/models/NAME[/versions/V]/stats    the statistics extension: success, queue, compute_input/infer/output
     POST /v2/models/NAME[/versions/V]/infer    with the binary tensor data extension
 
-Requests are checked against the configuration as Triton checks them (names, datatypes, dims, max_batch_size).
-Each model runs `instance_group.count` requests at once; others wait, and that wait is the reported queue time.
-There is no dynamic batching.
+Requests are checked against the configuration (names, datatypes, dims, max_batch_size) and refused with the HTTP
+status Triton gives (400; 404 for a model it does not have); its error texts are its own. Each model runs
+`instance_group.count` requests at once; others wait, and that wait is the reported queue time. There is no dynamic
+batching and no repository index.
 
     python tests/kserve_standin.py --repository REPO --port 8000
 """
@@ -88,17 +91,16 @@ class StandInModel:
     def check(self, name: str, array: np.ndarray, datatype: str) -> None:
         spec = next((t for t in self.config.input if t.name == name), None)
         if spec is None:
-            raise ValueError(f"unexpected inference input '{name}' for model '{self.name}'")
+            raise ValueError(f"stand-in: {self.name} has no input {name}")
         if datatype != _v2(spec.data_type):
-            raise ValueError(f"inference input '{name}' data-type is '{datatype}', but model '{self.name}' expects "
-                             f"'{_v2(spec.data_type)}'")
+            raise ValueError(f"stand-in: {self.name} input {name}: {datatype} given, {_v2(spec.data_type)} configured")
         expected = self.shape(spec.dims)
         if len(array.shape) != len(expected) or any(e != -1 and e != s for e, s in zip(expected, array.shape)):
-            raise ValueError(f"unexpected shape for input '{name}' for model '{self.name}'. Expected {expected}, "
-                             f"got {list(array.shape)}")
+            raise ValueError(f"stand-in: {self.name} input {name}: shape {list(array.shape)} given, {expected} "
+                             "configured")
         if self.config.max_batch_size > 0 and array.shape[0] > self.config.max_batch_size:
-            raise ValueError(f"inference request batch-size must be <= {self.config.max_batch_size} for "
-                             f"'{self.name}'")
+            raise ValueError(f"stand-in: {self.name}: batch {array.shape[0]} above max_batch_size "
+                             f"{self.config.max_batch_size}")
 
 
 def _v2(data_type: int) -> str:
@@ -143,8 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": f"not found: {self.path}"})
         model, rest = self._model(parts[2:])
         if model is None:
-            return self._json(400, {"error": f"Request for unknown model: '{parts[2] if len(parts) > 2 else ''}' is "
-                                             "not found"})
+            return self._json(404, {"error": f"stand-in: no model {parts[2] if len(parts) > 2 else ''!r}"})
         if not rest:
             return self._json(200, model.metadata())
         if rest == ["ready"]:
@@ -161,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         model, rest = self._model(parts[2:]) if parts[:2] == ["v2", "models"] else (None, [])
         if model is None or rest != ["infer"]:
-            return self._json(400, {"error": f"Request for unknown model or endpoint: {self.path}"})
+            return self._json(404, {"error": f"stand-in: no model or endpoint {self.path}"})
         start = time.perf_counter_ns()
         try:
             header_length = int(self.headers.get("Inference-Header-Content-Length", length))

@@ -1,6 +1,8 @@
-"""Fleet deployment: Triton model repositories (config.pbtxt read by tritonclient's own ModelConfig protobuf), the
-`triton` backend against a loopback KServe v2 stand-in server (tests/kserve_standin.py: not Triton, which needs
-its container), and DeepStream configs (read by GLib's key-file parser) with nvinfer's rules simulated in numpy."""
+"""Fleet deployment: Triton model repositories (config.pbtxt read by tritonclient's own ModelConfig protobuf); the
+`triton` backend against a real Triton Inference Server (tests/triton_server.py: the nvidia-pytriton wheel's
+tritonserver serving Python-backend repositories, over HTTP and gRPC, on a real video), and against a KServe v2
+stand-in (tests/kserve_standin.py) only for the onnxruntime_onnx repositories that server cannot load; DeepStream
+configs (read by GLib's key-file parser) with nvinfer's rules simulated in numpy."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_edgepix
-from kserve_standin import KServeStandInServer  # the stand-in, not Triton
+from kserve_standin import KServeStandInServer  # the stand-in, not Triton: onnxruntime_onnx models only
 
 from edgepix.runtime.core.errors import BackendError, DependencyError, ModelFormatError
 from edgepix.runtime.description.onnxproto import read_onnx_header
@@ -206,7 +208,353 @@ def test_triton_plan_repository_names_engines_by_compute_capability(seg_onnx, tm
         write_plan_repository(engines[:1], tmp_path / "repo2", TritonOptions(max_batch=16))
 
 
-# ---- the triton backend, against the stand-in ------------------------------------------------------------------
+# ---- Python-backend repositories (export/triton_model.py inside the server) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(seg_checkpoint, tmp_path_factory) -> Path:
+    """The checkpoint's FP32 logits ONNX with a dynamic batch (no parity gate: serving is what is tested here)."""
+    from dataclasses import replace
+
+    from edgepix.export.pipeline import ExportRequest, run_export
+
+    request = ExportRequest(seg_checkpoint, out=tmp_path_factory.mktemp("dynamic") / "fastscnn64.onnx", verify=False)
+    return run_export(replace(request, onnx=replace(request.onnx, dynamic_batch=True))).path
+
+
+@pytest.fixture(scope="module")
+def python_repo(dynamic_onnx, tmp_path_factory) -> Path:
+    """A Python-backend repository: the class map and the logits as tensors, the frames API, and a model left
+    unloaded (explicit model control) for the not-loaded error."""
+    from edgepix.export.triton import TritonOptions, write_onnx_repository
+
+    repo = tmp_path_factory.mktemp("triton-python") / "repo"
+    logits = dynamic_onnx
+    for options in (TritonOptions(name="fastscnn", backend="python", max_batch=8),
+                    TritonOptions(name="fastscnn_logits", backend="python", max_batch=4, argmax=False),
+                    TritonOptions(name="fastscnn_frames", backend="python", io="frames", max_batch=8),
+                    TritonOptions(name="fastscnn_spare", backend="python", max_batch=8)):
+        write_onnx_repository(logits, repo, options)
+    return repo
+
+
+SERVED_MODELS = ["fastscnn", "fastscnn_logits", "fastscnn_frames"]  # fastscnn_spare stays unloaded
+
+
+@needs_tritonclient
+def test_python_backend_repository(python_repo, dynamic_onnx):
+    from edgepix.export.triton import PYTHON_MODEL
+
+    config = parse_config(python_repo / "fastscnn")
+    assert (config.backend, config.platform, config.max_batch_size) == ("python", "", 8)
+    check_config_matches_onnx(config, python_repo / "fastscnn" / "1" / "model.onnx")
+    assert config.parameters["edgepix.io"].string_value == "tensors"
+    assert config.parameters["edgepix.threads"].string_value == "0"
+    assert instance_groups(config) == [(1, "KIND_CPU")]  # the runtime runs on ONNX Runtime's CPU provider there
+    assert spec_parameter(config) == ModelSpec.from_onnx(python_repo / "fastscnn" / "1" / "model.onnx")
+    assert (python_repo / "fastscnn" / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
+    # the frames API: uint8 frames of any size in, uint8 class maps at the frame's size out; the ONNX as exported
+    frames = parse_config(python_repo / "fastscnn_frames")
+    assert [(t.name, t.data_type, list(t.dims)) for t in frames.input] == [("frames", 2, [-1, -1, 3])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in frames.output] == [("class_map", 2, [-1, -1])]
+    assert frames.output[0].label_filename == "labels.txt"
+    assert frames.parameters["edgepix.io"].string_value == "frames"
+    assert (python_repo / "fastscnn_frames" / "1" / "model.onnx").read_bytes() == dynamic_onnx.read_bytes()
+    # model.py imports the edgepix runtime, numpy and Triton's utilities: never torch
+    import ast
+
+    tree = ast.parse(PYTHON_MODEL.read_text())
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [n])}
+    assert imported == {"__future__", "json", "pathlib", "numpy", "triton_python_backend_utils", "edgepix"}
+
+
+def test_python_backend_refusals(seg_onnx, tmp_path):
+    from edgepix.export.triton import TritonOptions
+    from edgepix.runtime.core.errors import ExportError
+
+    with pytest.raises(ExportError, match="--triton-io frames needs --triton-backend python"):
+        TritonOptions(io="frames")
+    with pytest.raises(ExportError, match="use --kind cpu"):
+        TritonOptions(backend="python", kind="gpu")
+    assert TritonOptions().kind.value == "gpu" and TritonOptions(backend="python").kind.value == "cpu"
+    r = run_edgepix("export", str(seg_onnx), "--format", "triton", "--out", str(tmp_path / "repo"), "--max-batch", "0",
+                    "--triton-io", "frames")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--triton-backend python" in r.stderr
+    assert not (tmp_path / "repo" / "fastscnn").exists()
+
+
+# ---- the triton backend against a real Triton Inference Server ---------------------------------------------------
+# The nvidia-pytriton wheel's tritonserver (tests/triton_server.py) serving the Python-backend repository. It has no
+# onnxruntime backend: the onnxruntime_onnx repositories are served by the stand-in further down.
+
+REAL_VIDEO = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")  # 768x576 street footage (Debian opencv-doc)
+
+
+def video_frames(n: int) -> list[np.ndarray]:
+    """The first n frames of the real video."""
+    import cv2
+
+    if not REAL_VIDEO.is_file():
+        pytest.skip(f"{REAL_VIDEO} is missing: apt-get install opencv-doc (make system-tools)")
+    capture = cv2.VideoCapture(str(REAL_VIDEO))
+    images = []
+    while len(images) < n:
+        ok, image = capture.read()
+        assert ok, f"{REAL_VIDEO} ended after {len(images)} frames"
+        images.append(image)
+    capture.release()
+    return images
+
+
+@pytest.fixture(scope="module")
+def triton_server(python_repo, tmp_path_factory):
+    """One real server for the module: HTTP and gRPC on free loopback ports."""
+    from triton_server import TritonServer, find_install
+
+    if __import__("importlib").util.find_spec("tritonclient") is None:
+        pytest.skip("tritonclient is not installed (pip install 'edgepix[triton]')")
+    install = find_install()
+    if isinstance(install, str):
+        pytest.skip(install)
+    server = TritonServer(install, python_repo, tmp_path_factory.mktemp("tritonserver"), load_models=SERVED_MODELS)
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+    assert server.process.poll() is not None
+
+
+@pytest.fixture
+def triton(triton_server):
+    """The module's server, started again (same ports) if a test before this one killed it for good."""
+    if triton_server.process.poll() is not None:
+        triton_server.start()
+    return triton_server
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", ["fastscnn", "fastscnn_logits"])
+def test_triton_backend_matches_ort_cpu_on_real_video(triton, python_repo, protocol, model):
+    from edgepix.runtime.tasks.segmenter import Segmenter
+
+    images = video_frames(10)
+    with Segmenter.load(model, "triton", url=triton.url(protocol)) as remote, \
+            Segmenter.load(python_repo / model / "1" / "model.onnx", "ort-cpu") as local:
+        assert remote.spec == local.spec  # read from the server's model configuration
+        assert remote.backend.platform == "python" and remote.backend.protocol == protocol
+        got = [r.class_map for r in remote.segment_batch(images)]  # 10 frames: split to the server's max batch
+        got += [remote.segment(f).class_map for f in images[:2]]
+        want = [r.class_map for r in local.segment_batch(images)] + [local.segment(f).class_map for f in images[:2]]
+        stats = remote.backend.run_stats()
+        max_batch = remote.backend.max_batch_size
+    assert got[0].shape == (576, 768)
+    agreement = np.mean([np.mean(a == b) for a, b in zip(got, want)])
+    assert agreement >= 0.999, agreement
+    assert len(np.unique(np.concatenate([w.ravel() for w in want]))) >= 2  # not a background-only comparison
+    requests = -(-len(images) // max_batch) + 2
+    assert stats["requests"] == requests and stats["server_requests"] >= requests
+    assert stats["reconnects"] == 0 and stats["outage_s"] == 0
+    for key in ("round_trip_ms", "client_ms", "network_ms", "server_ms", "server_queue_ms", "server_compute_ms"):
+        assert stats[key] >= 0.0, key
+    assert stats["server_ms"] <= stats["round_trip_ms"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_frames_api_matches_the_local_segmenter(triton, python_repo, protocol):
+    """Raw video frames in, class maps at the frame's size out: the server runs the whole Segmenter."""
+    import importlib
+
+    from edgepix.runtime.tasks.segmenter import Segmenter
+
+    client_module = importlib.import_module(f"tritonclient.{protocol}")
+    address = triton.url(protocol).split("://")[1]
+    images = np.stack(video_frames(4))
+    client = client_module.InferenceServerClient(address)
+    frames = client_module.InferInput("frames", list(images.shape), "UINT8")
+    frames.set_data_from_numpy(images)
+    served = client.infer("fastscnn_frames", [frames]).as_numpy("class_map")
+    client.close()
+    with Segmenter.load(python_repo / "fastscnn_frames" / "1" / "model.onnx", "ort-cpu") as local:
+        want = np.stack([r.class_map for r in local.segment_batch(list(images))])
+    assert served.shape == want.shape == (4, 576, 768) and served.dtype == np.uint8
+    assert np.mean(served == want) >= 0.999
+    # the triton backend sends tensors: it refuses a frames model in one line
+    from edgepix.runtime.backends.registry import load_backend
+
+    with pytest.raises(ModelFormatError, match="takes frames .* --triton-io tensors"):
+        load_backend("fastscnn_frames", "triton", url=triton.url(protocol))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_backend_errors_come_from_types_and_status_codes(triton, protocol):
+    from edgepix.runtime.backends.registry import load_backend
+    from edgepix.runtime.backends.triton import Failure, classify
+
+    url = triton.url(protocol)
+    with pytest.raises(ModelFormatError, match=r"unknown model 'fastscn'; valid: fastscnn, fastscnn_frames, "
+                                               r"fastscnn_logits\. Did you mean 'fastscnn'"):
+        load_backend("fastscn", "triton", url=url)
+    with pytest.raises(ModelFormatError, match="'fastscnn_spare' is in the repository but not ready"):
+        load_backend("fastscnn_spare", "triton", url=url)
+    with load_backend("fastscnn", "triton", url=url) as b:
+        t0 = time.monotonic()
+        with pytest.raises(BackendError) as refused:  # the server checks the shape: refused at once, not retried
+            b.infer(np.zeros((1, 3, 32, 64), np.float32), check=False)
+        assert time.monotonic() - t0 < 2.0 and b.run_stats()["reconnects"] == 0
+        status = refused.value.__cause__.status()
+        assert status == {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}[protocol]
+        assert classify(refused.value.__cause__) is Failure.REFUSED
+        assert "\n" not in str(refused.value) and "could not run inference for 'fastscnn'" in str(refused.value)
+    # connection refused: the OS's error type (HTTP) or gRPC's UNAVAILABLE; bounded retries, then one line
+    from edgepix.benchmarks.stream_bound import free_port
+
+    closed = f"{protocol}://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=r"is unreachable \(.*\) after 2 retries over") as unreachable:
+        load_backend("fastscnn", "triton", url=closed, reconnect_attempts=2, backoff_max=0.1)
+    assert time.monotonic() - t0 < 5.0 and "\n" not in str(unreachable.value)
+    cause = unreachable.value.__cause__
+    if protocol == "http":
+        assert isinstance(cause, ConnectionRefusedError)
+    else:
+        assert cause.status() == "StatusCode.UNAVAILABLE"
+    assert classify(cause) is Failure.OUTAGE
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_stalled_server_times_out_on_both_protocols(triton, protocol):
+    """SIGSTOP: the server's sockets stay open and nothing answers. timeout_s bounds each try on either protocol
+    (HTTP's network timeout, gRPC's deadline), the retries are bounded, and the run ends in one line."""
+    from edgepix.runtime.backends.registry import load_backend
+    from edgepix.runtime.backends.triton import Failure, classify
+
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    with load_backend("fastscnn", "triton", url=triton.url(protocol), timeout_s=0.5, reconnect_attempts=1,
+                      backoff_max=0.1) as b:
+        want = b.infer(x)["output.class_map"]
+        triton.pause()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BackendError, match=r"is not answering .* after 1 retry") as stalled:
+                b.infer(x)
+            elapsed = time.monotonic() - t0
+        finally:
+            triton.resume()
+        assert 2 * 0.5 <= elapsed < 3.0, elapsed  # two tries of 0.5 s and one wait of 0.25 s
+        assert classify(stalled.value.__cause__) is Failure.TIMEOUT
+        np.testing.assert_array_equal(b.infer(x)["output.class_map"], want)  # a new client once it answers
+
+
+def test_server_killed_and_restarted_mid_stream(triton, tmp_path):
+    """`edgepix segment --backend triton` on the real video read live (--realtime: frames arrive at 10 fps whether or
+    not inference keeps up): the server is killed (the whole process group, as a crash) and restarted on the same
+    ports while the run goes on. The run finishes with exit 0, the outage is in the backend's statistics, and the
+    frames that arrived meanwhile are counted as dropped."""
+    import tritonclient.http as httpclient
+
+    if not REAL_VIDEO.is_file():
+        pytest.skip(f"{REAL_VIDEO} is missing: apt-get install opencv-doc (make system-tools)")
+    stats_path = tmp_path / "stats.json"
+    client = httpclient.InferenceServerClient(triton.http_url.split("://")[1])
+
+    def served() -> int:
+        return int(client.get_inference_statistics("fastscnn")["model_stats"][0]["inference_stats"]["success"]["count"])
+
+    before = served()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "edgepix", "segment", "fastscnn", "--backend", "triton", "--triton-url",
+         triton.grpc_url, "--source", str(REAL_VIDEO), "--realtime", "--sink", "null://", "--duration", "9",
+         "--stats", str(stats_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while served() < before + 5 and time.monotonic() < deadline and run.poll() is None:  # the stream runs
+            time.sleep(0.1)
+        client.close()
+        assert run.poll() is None, f"the run ended before the outage: {run.communicate()[1]}"
+        triton.kill()
+        time.sleep(1.0)
+        triton.start()  # the same ports
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, stderr
+    stats = json.loads(stats_path.read_text())
+    backend = stats["backend_stats"]
+    assert backend["reconnects"] >= 1 and backend["outage_s"] >= 1.0, backend
+    stream = stats["streams"][0]
+    assert stream["dropped"] > 0 and stats["dropped"] == stream["dropped"]  # frames of the outage, counted
+    # every frame read was processed or counted as dropped, but for the newest one, which may still wait in the live
+    # source's one-frame buffer when the duration ends
+    assert 0 <= stream["frames_read"] - stream["frames_processed"] - stream["dropped"] <= 1, stream
+    assert "reconnecting" in stderr and "reconnected after" in stderr
+
+
+def segment_video(model: str, backend: str, out: Path, *extra: str) -> list[np.ndarray]:
+    """`edgepix segment MODEL --backend BACKEND` on the first 12 frames of the real video, masks written as PNGs."""
+    import cv2
+
+    if not REAL_VIDEO.is_file():
+        pytest.skip(f"{REAL_VIDEO} is missing: apt-get install opencv-doc (make system-tools)")
+    r = run_edgepix("segment", model, "--backend", backend, "--source", str(REAL_VIDEO), "--max-frames", "12",
+                    "--sink", str(out / "f_%03d.png"), "--vis", "mask", "--stats", str(out / "stats.json"), *extra)
+    assert r.returncode == 0, r.stderr
+    return [cv2.imread(str(p)) for p in sorted(out.glob("*.png"))]
+
+
+@pytest.fixture(scope="module")
+def ort_cpu_masks(python_repo, tmp_path_factory) -> list[np.ndarray]:
+    return segment_video(str(python_repo / "fastscnn" / "1" / "model.onnx"), "ort-cpu",
+                         tmp_path_factory.mktemp("ort-cpu-masks"))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_segment_cli_through_real_triton_on_video(triton, ort_cpu_masks, tmp_path, protocol):
+    """`edgepix segment NAME --backend triton --triton-url` on the real video, against `--backend ort-cpu` on the
+    same ONNX: the written masks agree."""
+    masks = segment_video("fastscnn", "triton", tmp_path, "--triton-url", triton.url(protocol))
+    assert len(masks) == len(ort_cpu_masks) == 12 and masks[0].shape == (576, 768, 3)
+    agreement = np.mean([np.mean(np.all(a == b, axis=2)) for a, b in zip(masks, ort_cpu_masks)])
+    assert agreement >= 0.999
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    split = stats["backend_stats"]
+    assert split["server"] == triton.url(protocol) and split["requests"] >= 1
+    assert split["server_ms"] is not None and split["network_ms"] is not None
+    assert stats["config"]["workers"] == 4
+
+
+def test_server_that_never_comes_back_ends_the_run_in_one_line(triton):
+    """A pipeline on the triton backend whose server dies for good: the bounded retries, then the run ends with the
+    backend's one-line error. (The server is started again by the next test that needs it.)"""
+    from edgepix.runtime.streams.pipeline import Pipeline
+    from edgepix.runtime.streams.sinks import make_sink
+    from edgepix.runtime.streams.sources import open_source
+    from edgepix.runtime.tasks.segmenter import Segmenter
+
+    seg = Segmenter.load("fastscnn", "triton", url=triton.http_url, reconnect_attempts=2, backoff_max=0.2)
+    source = open_source("synthetic://?size=320x240&fps=0")
+    killer = threading.Timer(1.0, triton.kill)
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BackendError, match=r"is unreachable .* after 2 retries") as ended:
+            Pipeline(seg, [source], [make_sink("null://")]).run()
+        elapsed = time.monotonic() - t0
+    finally:
+        killer.join()
+        seg.close()
+    assert "\n" not in str(ended.value) and elapsed < 15.0
+
+
+# ---- the triton backend against the stand-in: onnxruntime_onnx repositories -------------------------------------
+# The pytriton server has no onnxruntime backend, so the onnxruntime_onnx repositories edgepix writes are served here
+# by tests/kserve_standin.py (a KServe v2 HTTP stand-in with ONNX Runtime behind it, not Triton).
 
 
 @pytest.fixture(scope="module")
@@ -215,78 +563,24 @@ def standin(triton_repo):
         yield server
 
 
+@needs_tritonclient
+def test_onnxruntime_repository_through_the_standin(standin, triton_repo):
+    from edgepix.runtime.tasks.segmenter import Segmenter
+
+    images = frames(6)
+    with Segmenter.load("fastscnn", "triton", url=standin.url) as remote, \
+            Segmenter.load(triton_repo / "fastscnn" / "1" / "model.onnx", "ort-cpu") as local:
+        assert remote.spec == local.spec and remote.backend.platform == "onnxruntime_onnx"
+        got = [r.class_map for r in remote.segment_batch(images)]
+        want = [r.class_map for r in local.segment_batch(images)]
+    assert np.mean([np.mean(a == b) for a, b in zip(got, want)]) >= 0.999
+
+
 def frames(n: int, size=(240, 320)) -> list[np.ndarray]:
     from edgepix.runtime.data.synthetic import MovingScene, SceneConfig
 
     scene = MovingScene(seed=3, config=SceneConfig(size=size))
     return [np.ascontiguousarray(scene.next()[0]) for _ in range(n)]
-
-
-@needs_tritonclient
-@pytest.mark.parametrize("model", ["fastscnn", "fastscnn_logits"])
-def test_triton_backend_matches_ort_cpu(standin, triton_repo, model):
-    from edgepix.runtime.tasks.segmenter import Segmenter
-
-    images = frames(6)
-    with Segmenter.load(model, "triton", url=standin.url) as remote, \
-            Segmenter.load(triton_repo / model / "1" / "model.onnx", "ort-cpu") as local:
-        assert remote.spec == local.spec  # read from the server's model configuration
-        got = [r.class_map for r in remote.segment_batch(images)]  # one request of 6 frames
-        got += [remote.segment(f).class_map for f in images[:2]]
-        want = [r.class_map for r in local.segment_batch(images)] + [local.segment(f).class_map for f in images[:2]]
-        stats = remote.backend.run_stats()
-        requests = -(-len(images) // remote.backend.max_batch_size) + 2  # 6 frames in batches of 8 or 4, then 2
-    agreement = np.mean([np.mean(a == b) for a, b in zip(got, want)])
-    assert agreement >= 0.999
-    assert len(np.unique(np.concatenate([w.ravel() for w in want]))) >= 2  # not a background-only comparison
-    assert stats["requests"] == requests and stats["server_requests"] >= requests
-    for key in ("round_trip_ms", "client_ms", "network_ms", "server_ms", "server_queue_ms", "server_compute_ms"):
-        assert stats[key] >= 0.0, key
-    assert stats["server_ms"] <= stats["round_trip_ms"]
-
-
-@needs_tritonclient
-def test_triton_backend_splits_batches_larger_than_the_server_takes(standin):
-    from edgepix.runtime.backends.registry import load_backend
-
-    with load_backend("fastscnn_logits", "triton", url=f"http://{standin.url}") as b:
-        assert b.max_batch_size == 4 and b.inputs[0].shape == (None, 3, 64, 64)
-        out = b.infer(np.zeros((10, 3, 64, 64), np.float32))["output"]
-        assert out.shape == (10, 6, 64, 64) and b.run_stats()["requests"] == 3
-
-
-@needs_tritonclient
-def test_triton_backend_reconnects_when_the_server_comes_back(triton_repo):
-    from edgepix.runtime.backends.registry import load_backend
-
-    server = KServeStandInServer(triton_repo).start()
-    port = server.port
-    x = np.zeros((1, 3, 64, 64), np.float32)
-    with load_backend("fastscnn", "triton", url=server.url, backoff_max=0.25) as b:
-        first = b.infer(x)["output"]
-        server.stop()  # the server goes away between two frames
-        restarted: list = []
-        timer = threading.Timer(1.0, lambda: restarted.append(KServeStandInServer(triton_repo, port=port).start()))
-        timer.start()
-        t0 = time.monotonic()
-        again = b.infer(x)["output"]  # waits for the server instead of failing
-        assert time.monotonic() - t0 >= 0.9
-        np.testing.assert_array_equal(first, again)
-        stats = b.run_stats()
-        assert stats["reconnects"] == 1 and stats["outage_s"] >= 0.9
-    restarted[0].stop()
-
-
-@needs_tritonclient
-def test_triton_backend_errors_are_one_line(standin):
-    from edgepix.runtime.backends.registry import load_backend
-
-    with pytest.raises(ModelFormatError, match="has no ready model 'nosuch'"):
-        load_backend("nosuch", "triton", url=standin.url)
-    with pytest.raises(BackendError, match="unreachable .* after 1 reconnect attempt"):
-        load_backend("fastscnn", "triton", url="127.0.0.1:9", reconnect_attempts=1, backoff_max=0.05)
-    with pytest.raises(BackendError, match="expected HOST:PORT"):
-        load_backend("fastscnn", "triton", url="http://a b/")
 
 
 def test_triton_backend_without_tritonclient_says_which_extra(monkeypatch):
@@ -308,45 +602,6 @@ def test_triton_worker_plan_keeps_several_requests_in_flight():
     plan = choose_workers("triton", cores=2)
     assert plan.workers == 4 and plan.backend_options() == {}
     assert choose_workers("triton", workers=2, threads=8).workers == 2
-
-
-@needs_tritonclient
-def test_segment_cli_through_triton_matches_ort_cpu(standin, triton_repo, tmp_path):
-    """`edgepix segment NAME --backend triton --triton-url` in a subprocess, against the stand-in in this one."""
-    import cv2
-
-    outputs = {}
-    for backend, model in (("triton", "fastscnn"), ("ort-cpu", str(triton_repo / "fastscnn" / "1" / "model.onnx"))):
-        out = tmp_path / backend
-        args = ["segment", model, "--backend", backend, "--source", "synthetic://?size=320x240&fps=0&frames=12",
-                "--sink", str(out / "f_%03d.png"), "--vis", "mask", "--stats", str(tmp_path / f"{backend}.json")]
-        if backend == "triton":
-            args += ["--triton-url", standin.url]
-        r = run_edgepix(*args)
-        assert r.returncode == 0, r.stderr
-        outputs[backend] = [cv2.imread(str(p)) for p in sorted(out.glob("*.png"))]
-    assert len(outputs["triton"]) == len(outputs["ort-cpu"]) == 12
-    agreement = np.mean([np.mean(np.all(a == b, axis=2)) for a, b in zip(outputs["triton"], outputs["ort-cpu"])])
-    assert agreement >= 0.999
-    stats = json.loads((tmp_path / "triton.json").read_text())
-    split = stats["backend_stats"]
-    assert split["requests"] >= 1 and split["server_ms"] is not None and split["network_ms"] is not None
-    assert stats["config"]["workers"] == 4
-
-
-@pytest.mark.skipif(not os.environ.get("EDGEPIX_TRITON_URL"),
-                    reason="needs a real Triton Inference Server, which runs from NVIDIA's container (no Docker "
-                           "daemon here): start one on a repository from `edgepix export --format triton` and set "
-                           "EDGEPIX_TRITON_URL=HOST:PORT and EDGEPIX_TRITON_MODEL=NAME")
-def test_triton_backend_against_a_real_server():
-    from edgepix.runtime.tasks.segmenter import Segmenter
-
-    with Segmenter.load(os.environ.get("EDGEPIX_TRITON_MODEL", "fastscnn"), "triton",
-                        url=os.environ["EDGEPIX_TRITON_URL"]) as seg:
-        results = seg.segment_batch(frames(4))
-        stats = seg.backend.run_stats()
-    assert all(r.class_map.shape == (240, 320) for r in results)
-    assert stats["server_ms"] is not None  # Triton's statistics extension answered
 
 
 # ---- DeepStream -----------------------------------------------------------------------------------------------
@@ -437,7 +692,7 @@ def test_deepstream_adapted_onnx_under_nvinfer_rules_matches_segmenter(deepstrea
                             rgb=prop["model-color-format"] == "0", size=(h, w), nchw=True)
     session = ort.InferenceSession(str(deepstream_dir / prop["onnx-file"]), providers=["CPUExecutionProvider"])
     images = frames(10, size=(576, 768))
-    with Segmenter.load(original, "ort-cpu") as seg:
+    with Segmenter.load(original, "ort-cpu", upsample="classes") as seg:  # nvinfer decides at the network's size
         results = seg.segment_batch(images)
     probs = session.run([prop["output-blob-names"]], {"images": nvinfer_preprocess(images, pre)})[0]
     maps = nvinfer_class_map(probs, float(prop["segmentation-threshold"]))
