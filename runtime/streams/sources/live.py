@@ -33,6 +33,9 @@ def make_reader(spec: SourceSpec) -> Reader:
 # ---- the threaded source ---------------------------------------------------------------------------------
 
 
+MAX_OUTAGES_KEPT = 64  # outages listed in a source's statistics; older ones are counted and timed only
+
+
 class SourceState(str, enum.Enum):
     STARTING = "starting"
     UP = "up"
@@ -126,7 +129,9 @@ class Source:
         self.frames_read = 0
         self.read_ms: deque[float] = deque(maxlen=4096)  # decode time per frame
         self.read_ms_total = 0.0
-        self.outages: list[Outage] = []
+        self.outages: list[Outage] = []  # the last MAX_OUTAGES_KEPT; older ones only counted (a run of months)
+        self.older_outages = 0
+        self.older_outage_s = 0.0
         self.reconnects = 0
         self.size: tuple[int, int] | None = None  # (W, H) of the last frame
         self.started_at: float | None = None
@@ -163,7 +168,7 @@ class Source:
         return self.state is SourceState.ENDED
 
     def outage_seconds(self) -> float:
-        return sum(o.duration for o in self.outages)
+        return self.older_outage_s + sum(o.duration for o in self.outages)
 
     def describe_state(self) -> str:
         if self.state is SourceState.ENDED and self.warning and not self.error:
@@ -370,6 +375,10 @@ class Source:
             last.reason = reason
             self.reconnects -= 1
         else:
+            if len(self.outages) >= MAX_OUTAGES_KEPT:  # a flaky camera over weeks: memory stays bounded
+                old = self.outages.pop(0)
+                self.older_outages += 1
+                self.older_outage_s += old.duration
             self.outages.append(Outage(now, reason=reason))
 
     def _reconnect(self, generation: int, reader: Reader) -> bool:
@@ -413,6 +422,7 @@ class Source:
             "error": self.error, "fps_nominal": self.fps, "size": list(self.size) if self.size else None,
             "frames_read": self.frames_read, "dropped": self.dropped, "reconnects": self.reconnects,
             "outages": [self._outage_stats(o) for o in self.outages],
+            "outages_total": self.older_outages + len(self.outages),
             "outage_s": round(self.outage_seconds(), 3),
             "warning": self.warning, "frames_promised": self.frames_promised,
         }
