@@ -209,6 +209,7 @@ def parse_source(uri: str | int | os.PathLike | None, options: SourceOptions = S
             raise SourceError(f"{text}: expected gst://<pipeline ending in appsink>")
         return SourceSpec(text, SourceKind.GSTREAMER, rest.strip(), options)
     if scheme in NETWORK_SCHEMES:
+        check_url(text)
         return SourceSpec(text, SourceKind.NETWORK, text, options)  # the URL keeps its own query string
     if scheme == "file":
         text_path = urllib.parse.unquote(rest)
@@ -230,6 +231,15 @@ def parse_source(uri: str | int | os.PathLike | None, options: SourceOptions = S
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return SourceSpec(text, SourceKind.IMAGES, str(path), options)
     return SourceSpec(text, SourceKind.VIDEO, str(path), options)
+
+
+def check_url(text: str) -> None:
+    """A network URL that urllib (and so the readers) can take apart: a bracketed IPv6 host, a numeric port."""
+    try:
+        urllib.parse.urlsplit(text).port  # noqa: B018 - reading .port checks it (ValueError when not 0..65535)
+    except ValueError as e:
+        raise SourceError(f"{short_uri(text)}: not a valid URL ({e}); expected SCHEME://HOST[:PORT]/PATH, an IPv6 "
+                          "host in brackets, e.g. rtsp://[::1]:8554/cam") from None
 
 
 def synthetic_fps(spec: SourceSpec) -> float:
