@@ -10,7 +10,6 @@ import enum
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .generators import generator_input_image, reference_mode
 from .precision import Int8Options, convert_fp16, quantize_int8
 from .to_onnx import OnnxExportOptions, export_onnx
 from .verify import VERIFY_SEED, GateReport, Sample, folder_samples, preprocess, synthetic_samples, verify
+from .workspace import workspace
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run_export(request: ExportRequest) -> ExportResult:
     check_writable(out)
     ckpt, model = load_source(request.checkpoint, use_ema=request.use_ema)
     spec: ModelSpec = ckpt["spec"]
-    with tempfile.TemporaryDirectory(prefix="edgepix-export-") as tmp:
+    with workspace() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         artifact_spec = export_onnx(model, spec, fp32, request.onnx)
         artifact = fp32

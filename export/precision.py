@@ -11,7 +11,6 @@ import contextlib
 import enum
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from edgepix.runtime.core.errors import ExportError, require
 from edgepix.runtime.description.spec import ModelSpec, Precision
 
 from .to_onnx import save_onnx, set_spec_metadata
+from .workspace import workspace
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def quantize_int8(
         CalibrationMethod.ENTROPY: q.CalibrationMethod.Entropy,
         CalibrationMethod.PERCENTILE: q.CalibrationMethod.Percentile,
     }[options.method]
-    with tempfile.TemporaryDirectory(prefix="edgepix-int8-") as tmp:
+    with workspace() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quantized = Path(tmp) / "int8.onnx"
         # The documented pre-processing step: symbolic shape inference and graph optimisation before calibration.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from edgepix.runtime.description.spec import ONNX_METADATA_KEY, ModelSpec, Outpu
 
 from .audit import Severity, audit_model
 from .generators import TransposedConvForm, transposed_conv_graph
+from .workspace import workspace
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, optio
             out_axes.update({1: "height", 2: "width"} if options.argmax else {2: "height", 3: "width"})
         dynamic_axes = {names_in[0]: in_axes, names_out[0]: out_axes}
 
-    with tempfile.TemporaryDirectory(prefix="edgepix-export-") as tmp:
+    with workspace() as tmp:
         raw = Path(tmp) / "raw.onnx"
         _torch_export(wrapped, x, raw, names_in, names_out, dynamic_axes, options)
         proto = onnx.load(str(raw), load_external_data=True)
