@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ log = logging.getLogger("edgepix.cluster")
 MAX_ATTEMPTS = 3  # a task whose actor died this many times is given up (a file that crashes the decoder)
 DEFAULT_CHUNK = 16  # archives: images per task, small enough to balance, large enough to outweigh a task's overhead
 POLL_S = 0.5  # the driver's progress interval
+CONNECT_TIMEOUT_S = 5.0  # a head node on a network answers a TCP connect in milliseconds; 5 s is a lost packet or two
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +76,7 @@ def connected(ray, options: ClusterOptions) -> Iterator[str]:
     if ray.is_initialized():
         yield "the cluster this process joined"
         return
-    address = options.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = check_reachable(options)
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address == "local":
         from ..core.cpuinfo import usable_cores
@@ -95,6 +97,33 @@ def connected(ray, options: ClusterOptions) -> Iterator[str]:
         yield f"Ray {ray.__version__} at {address}"
     finally:
         ray.shutdown()
+
+
+def check_reachable(options: ClusterOptions) -> str:
+    """The cluster's address (--address, else RAY_ADDRESS, else "local": a private cluster), after checking that
+    something answers there (see probe_address)."""
+    address = options.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address not in ("local", "auto"):
+        probe_address(address)
+    return address
+
+
+def probe_address(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, in one line, when nothing answers at a cluster's HOST:PORT (or ray://HOST:PORT). ray.init
+    has no connect timeout among its options: given an address where no head node runs, it retries for minutes.
+    A TCP connect with a timeout tells a wrong address, a stopped head or a firewall apart from a slow start."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--address {address}: expected auto or HOST:PORT (the head node's port, 6379 unless "
+                         "`ray start --head --port` chose another)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise EdgepixError(f"cannot reach the Ray cluster at {address}: {reason} (waited at most {timeout:g} s); "
+                           "check that `ray start --head` runs there and the address, or leave out --address for a "
+                           "one-node cluster") from None
 
 
 def actor_count(ray, options: ClusterOptions, tasks: int) -> int:
