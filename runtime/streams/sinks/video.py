@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -45,6 +46,9 @@ VIDEO_CODECS: dict[str, tuple[str, ...]] = {
 
 
 _CODEC_WORKS: dict[str, bool] = {}  # fourcc -> whether this process's OpenCV could open a writer with it
+# File descriptor 2 is the process's: two threads silencing it at once (archive workers opening their videos) would
+# restore each other's devnull, or let FFmpeg's messages through. Writers open one at a time.
+_OPENING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -111,24 +115,25 @@ class VideoFileWriter:
         except OSError as e:
             raise SinkError(f"cannot write video {self.path}: {e.strerror or e}") from None
         for i, fourcc in enumerate(self.codecs):
-            if _CODEC_WORKS.get(fourcc) is False:
-                continue
-            last = i == len(self.codecs) - 1
-            # FFmpeg prints its own errors for an encoder it lacks (the opencv-python wheel has no H.264
-            # encoder); a fallback follows, so keep the first trial of each codec quiet.
-            with _quiet_stderr(not last and fourcc not in _CODEC_WORKS):
-                writer = cv2.VideoWriter(str(self.part.path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc),
-                                         self.fps, self.size)
-            if writer.isOpened():
-                _CODEC_WORKS[fourcc] = True
-                self.writer, self.fourcc = writer, fourcc
-                return
-            writer.release()
-            full = _disk_full(self.path.parent)
-            if full:  # FFmpeg could not even write the header: no verdict on the codec (the next run retries it)
-                self.part.discard()
-                raise SinkError(f"cannot write video {self.path}: {full}")
-            _CODEC_WORKS[fourcc] = False
+            with _OPENING:  # a codec's verdict is read and recorded by one thread at a time
+                if _CODEC_WORKS.get(fourcc) is False:
+                    continue
+                last = i == len(self.codecs) - 1
+                # FFmpeg prints its own errors for an encoder it lacks (the opencv-python wheel has no H.264
+                # encoder); a fallback follows, so keep the first trial of each codec quiet.
+                with _quiet_stderr(not last and fourcc not in _CODEC_WORKS):
+                    writer = cv2.VideoWriter(str(self.part.path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc),
+                                             self.fps, self.size)
+                if writer.isOpened():
+                    _CODEC_WORKS[fourcc] = True
+                    self.writer, self.fourcc = writer, fourcc
+                    return
+                writer.release()
+                full = _disk_full(self.path.parent)
+                if full:  # FFmpeg could not even write the header: no verdict on the codec (the next run retries it)
+                    self.part.discard()
+                    raise SinkError(f"cannot write video {self.path}: {full}")
+                _CODEC_WORKS[fourcc] = False
         self.part.discard()
         raise SinkError(f"cannot write video {self.path}: OpenCV's FFmpeg has none of the codecs "
                         f"{', '.join(self.codecs)} for {self.path.suffix} (try .avi, which uses MJPG)")
