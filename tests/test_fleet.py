@@ -487,7 +487,8 @@ def test_server_killed_and_restarted_mid_stream(triton, tmp_path):
     assert run.returncode == 0, stderr
     stats = json.loads(stats_path.read_text())
     backend = stats["backend_stats"]
-    assert backend["reconnects"] >= 1 and backend["outage_s"] >= 1.0, backend
+    # one outage, however many of the 4 workers waited it out: down 1 s, then the time the server takes to start
+    assert backend["reconnects"] == 1 and backend["outage_s"] >= 1.5, backend
     stream = stats["streams"][0]
     assert stream["dropped"] > 0 and stats["dropped"] == stream["dropped"]  # frames of the outage, counted
     # every frame read was processed or counted as dropped, but for the newest one, which may still wait in the live

@@ -33,8 +33,9 @@ Failures are told apart by what the client library raises, never by message text
 - anything else the server refused (a wrong shape or type: gRPC INVALID_ARGUMENT, HTTP 400; a failing model): a
   BackendError at once, with the server's status and its one-line reason.
 
-Time spent waiting for a server is counted as outage in `run_stats()` (`reconnects`, `outage_s`), not as round
-trip; the stream pipeline adds those to its statistics, and a live source drops (and counts) the frames that
+Time spent waiting for a server is counted as outage in `run_stats()`, not as round trip: `reconnects` counts the
+outages that ended with the server back, `outage_s` their wall time (one outage, however many workers waited it
+out). The stream pipeline adds those to its statistics, and a live source drops (and counts) the frames that
 arrive meanwhile.
 
 `tritonclient` is imported when a backend is created: pip install 'edgepix[triton]'.
@@ -147,7 +148,9 @@ def classify(e: BaseException, *, closed_types: tuple[type, ...] = ()) -> Failur
 
 
 class _Counter:
-    """Client-side time totals, shared by the worker threads."""
+    """Client-side time totals and outages, shared by the worker threads. An outage lasts from the first thread that
+    finds the server gone to the last one that gets through again (or gives up): several workers waiting out the
+    same outage count it once."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -156,12 +159,33 @@ class _Counter:
         self.client_ns = 0
         self.reconnects = 0
         self.outage_s = 0.0
+        self._waiting = 0  # threads waiting for the server now
+        self._outage_since = 0.0
 
     def add(self, round_trip_ns: int, client_ns: int) -> None:
         with self.lock:
             self.calls += 1
             self.round_trip_ns += round_trip_ns
             self.client_ns += client_ns
+
+    def outage_begins(self) -> bool:
+        """A thread starts waiting; True for the first (a new outage)."""
+        with self.lock:
+            self._waiting += 1
+            if self._waiting == 1:
+                self._outage_since = time.monotonic()
+            return self._waiting == 1
+
+    def outage_ends(self, *, reconnected: bool) -> float | None:
+        """A thread stops waiting; for the last one, the outage's length in seconds (else None)."""
+        with self.lock:
+            self._waiting -= 1
+            if self._waiting:
+                return None
+            length = time.monotonic() - self._outage_since
+            self.outage_s += length
+            self.reconnects += int(reconnected)
+            return length
 
 
 class TritonBackend(Backend):
@@ -249,11 +273,15 @@ class TritonBackend(Backend):
         self._local.outage_ns = 0
         while True:
             if self._closed:
+                if outage_start is not None:
+                    self._counter.outage_ends(reconnected=False)
                 raise BackendError(f"backend 'triton' for {self.model_name} is closed")
             try:
                 result = fn(self._client())
             except Exception as e:  # noqa: BLE001 - tritonclient and its transports raise many types: classified here
                 failure = classify(e, closed_types=self._closed_types)
+                if failure in (Failure.NO_MODEL, Failure.REFUSED) and outage_start is not None:
+                    self._counter.outage_ends(reconnected=True)  # the server answers again, if with a refusal
                 if failure is Failure.NO_MODEL:
                     raise self._missing_model_error(e) from e
                 if failure is Failure.REFUSED:
@@ -263,9 +291,11 @@ class TritonBackend(Backend):
                 attempt += 1
                 if outage_start is None:
                     outage_start = time.monotonic()
-                    log.warning("triton server %s: %s failed (%s: %s); reconnecting", self.address, what,
-                                failure.value, _one_line(e))
+                    if self._counter.outage_begins():
+                        log.warning("triton server %s: %s failed (%s: %s); reconnecting", self.address, what,
+                                    failure.value, _one_line(e))
                 if limit is not None and attempt > limit:
+                    self._counter.outage_ends(reconnected=False)
                     raise BackendError(
                         f"triton server {self.protocol}://{self.address} is {failure.value} ({_describe(e)}) "
                         f"after {limit} retr{'y' if limit == 1 else 'ies'} over "
@@ -276,11 +306,9 @@ class TritonBackend(Backend):
                 continue
             if outage_start is not None:
                 self._local.outage_ns = int((time.monotonic() - outage_start) * 1e9)
-                with self._counter.lock:
-                    self._counter.reconnects += 1
-                    self._counter.outage_s += time.monotonic() - outage_start
-                log.warning("triton server %s: reconnected after %.1f s", self.address,
-                            time.monotonic() - outage_start)
+                length = self._counter.outage_ends(reconnected=True)
+                if length is not None:
+                    log.warning("triton server %s: reconnected after %.1f s", self.address, length)
             return result
 
     def _missing_model_error(self, e: Exception) -> ModelFormatError:
