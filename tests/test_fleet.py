@@ -309,16 +309,25 @@ def video_frames(n: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def triton_server(python_repo, tmp_path_factory):
-    """One real server for the module: HTTP and gRPC on free loopback ports."""
-    from triton_server import TritonServer, find_install
+def triton_install():
+    """The nvidia-pytriton wheel's server and the Python its models run in, or a skip saying why not here."""
+    from triton_server import find_install
 
     if __import__("importlib").util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient is not installed (pip install 'edgepix[triton]')")
     install = find_install()
     if isinstance(install, str):
         pytest.skip(install)
-    server = TritonServer(install, python_repo, tmp_path_factory.mktemp("tritonserver"), load_models=SERVED_MODELS)
+    return install
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_install, python_repo, tmp_path_factory):
+    """One real server for the module: HTTP and gRPC on free loopback ports."""
+    from triton_server import TritonServer
+
+    server = TritonServer(triton_install, python_repo, tmp_path_factory.mktemp("tritonserver"),
+                          load_models=SERVED_MODELS)
     try:
         server.start()
     except RuntimeError as e:
@@ -495,6 +504,20 @@ def test_server_killed_and_restarted_mid_stream(triton, tmp_path):
     # source's one-frame buffer when the duration ends
     assert 0 <= stream["frames_read"] - stream["frames_processed"] - stream["dropped"] <= 1, stream
     assert "reconnecting" in stderr and "reconnected after" in stderr
+
+
+def test_server_that_never_becomes_ready_fails_with_its_log(triton_install, python_repo, tmp_path):
+    """A model that cannot load (its ONNX is not one): the server exits, and the start fails with the lines of its
+    log that say why, the edgepix runtime's one-line error among them."""
+    from triton_server import TritonServer
+
+    shutil.copytree(python_repo / "fastscnn", tmp_path / "repo" / "fastscnn")
+    (tmp_path / "repo" / "fastscnn" / "1" / "model.onnx").write_bytes(b"not an ONNX file")
+    server = TritonServer(triton_install, tmp_path / "repo", tmp_path / "work")
+    with pytest.raises(RuntimeError, match="tritonserver exited with status 1 before it was ready") as failed:
+        server.start()
+    assert server.process.poll() is not None
+    assert "failed to load 'fastscnn'" in str(failed.value) and "model.onnx" in str(failed.value)
 
 
 def segment_video(model: str, backend: str, out: Path, *extra: str) -> list[np.ndarray]:

@@ -268,11 +268,13 @@ class TritonServer:
             return False
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The log's last lines, without the option and status tables Triton prints (which would fill them)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        kept = [line for line in text.splitlines() if line.strip() and not line.startswith(("+", "|"))]
+        return "\n".join(kept[-lines:])
 
     @property
     def pid(self) -> int:
