@@ -223,22 +223,39 @@ def dynamic_onnx(seg_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def python_repo(dynamic_onnx, tmp_path_factory) -> Path:
-    """A Python-backend repository: the class map and the logits as tensors, the frames API, and a model left
-    unloaded (explicit model control) for the not-loaded error."""
+def image_generator_onnx(tmp_path_factory) -> Path:
+    """An image -> image generator that copies its input (a 1x1 convolution, test_runtime_models' ChannelLogits):
+    with mean 0.5, std 0.5 and output range [-1, 1] it gives back the (resized) frame."""
+    import torch
+    from test_runtime_models import ChannelLogits, export
+
+    spec = ModelSpec(task="generation-image", model_name="copy", input_size=(64, 64), output_kind="image",
+                     output_range=(-1.0, 1.0), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return export(ChannelLogits(), tmp_path_factory.mktemp("generator") / "copy.onnx", torch.zeros(1, 3, 64, 64),
+                  spec=spec, dynamic_batch=True)
+
+
+@pytest.fixture(scope="module")
+def python_repo(dynamic_onnx, image_generator_onnx, tmp_path_factory) -> Path:
+    """A Python-backend repository: the class map and the logits as tensors, the frames API of a segmenter and of an
+    image generator, and a model left unloaded (explicit model control) for the not-loaded error."""
     from edgepix.export.triton import TritonOptions, write_onnx_repository
 
     repo = tmp_path_factory.mktemp("triton-python") / "repo"
-    logits = dynamic_onnx
-    for options in (TritonOptions(name="fastscnn", backend="python", max_batch=8),
-                    TritonOptions(name="fastscnn_logits", backend="python", max_batch=4, argmax=False),
-                    TritonOptions(name="fastscnn_frames", backend="python", io="frames", max_batch=8),
-                    TritonOptions(name="fastscnn_spare", backend="python", max_batch=8)):
-        write_onnx_repository(logits, repo, options)
+    for onnx, options in ((dynamic_onnx, TritonOptions(name="fastscnn", backend="python", max_batch=8)),
+                          (dynamic_onnx, TritonOptions(name="fastscnn_logits", backend="python", max_batch=4,
+                                                       argmax=False)),
+                          (dynamic_onnx, TritonOptions(name="fastscnn_frames", backend="python", io="frames",
+                                                       max_batch=8)),
+                          (image_generator_onnx, TritonOptions(name="copy_frames", backend="python", io="frames",
+                                                               max_batch=8)),
+                          (dynamic_onnx, TritonOptions(name="fastscnn_spare", backend="python", max_batch=8))):
+        write_onnx_repository(onnx, repo, options)
     return repo
 
 
-SERVED_MODELS = ["fastscnn", "fastscnn_logits", "fastscnn_frames"]  # fastscnn_spare stays unloaded
+# fastscnn_spare stays unloaded
+SERVED_MODELS = ["fastscnn", "fastscnn_logits", "fastscnn_frames", "copy_frames"]
 
 
 @needs_tritonclient
@@ -398,14 +415,33 @@ def test_frames_api_matches_the_local_segmenter(triton, python_repo, protocol):
         load_backend("fastscnn_frames", "triton", url=triton.url(protocol))
 
 
+def test_frames_api_of_an_image_generator(triton, image_generator_onnx):
+    """Frames in, the generated images at the frame's size out (BGR uint8), as a local ImageGenerator makes them."""
+    import tritonclient.http as httpclient
+
+    from edgepix.runtime.tasks.generator import ImageGenerator
+
+    images = np.stack(video_frames(2))
+    client = httpclient.InferenceServerClient(triton.http_url.split("://")[1])
+    frames = httpclient.InferInput("frames", list(images.shape), "UINT8")
+    frames.set_data_from_numpy(images)
+    served = client.infer("copy_frames", [frames]).as_numpy("image")
+    client.close()
+    with ImageGenerator.load(image_generator_onnx, "ort-cpu", to_frame_size=True) as local:
+        want = np.stack(local.generate_batch(list(images)))
+    assert served.shape == want.shape == (2, 576, 768, 3) and served.dtype == np.uint8
+    assert np.abs(served.astype(int) - want.astype(int)).max() <= 1  # OpenCV 4.6 there, this process's here
+    assert np.abs(served.astype(int) - images.astype(int)).mean() < 20  # a copy, through 64x64 and back
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_triton_backend_errors_come_from_types_and_status_codes(triton, protocol):
     from edgepix.runtime.backends.registry import load_backend
     from edgepix.runtime.backends.triton import Failure, classify
 
     url = triton.url(protocol)
-    with pytest.raises(ModelFormatError, match=r"unknown model 'fastscn'; valid: fastscnn, fastscnn_frames, "
-                                               r"fastscnn_logits\. Did you mean 'fastscnn'"):
+    with pytest.raises(ModelFormatError, match=r"unknown model 'fastscn'; valid: copy_frames, fastscnn, "
+                                               r"fastscnn_frames, fastscnn_logits\. Did you mean 'fastscnn'"):
         load_backend("fastscn", "triton", url=url)
     with pytest.raises(ModelFormatError, match="'fastscnn_spare' is in the repository but not ready"):
         load_backend("fastscnn_spare", "triton", url=url)
