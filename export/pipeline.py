@@ -22,6 +22,7 @@ from edgepix.runtime.description.spec import ModelSpec, Task
 from edgepix.train.checkpoint import load_source
 from edgepix.train.data import read_classes_json
 
+from .gate import VerificationFailed
 from .generators import generator_input_image, reference_mode
 from .precision import Int8Options, convert_fp16, quantize_int8
 from .to_onnx import OnnxExportOptions, export_onnx
@@ -38,14 +39,6 @@ class ExportFormat(str, enum.Enum):
     ONNX_FP16 = "onnx-fp16"
     ONNX_INT8 = "onnx-int8"
     ENGINE = "engine"  # TensorRT: export/tensorrt.py exports the matching ONNX with run_export, then builds
-
-
-class VerificationFailed(ExportError):
-    """The artifact does not compute what PyTorch computed; `report` holds the table."""
-
-    def __init__(self, report: GateReport) -> None:
-        super().__init__(f"the artifact failed the parity gate and was not written:\n{report.format()}")
-        self.report = report
 
 
 @dataclass(frozen=True)
