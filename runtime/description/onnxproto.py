@@ -247,3 +247,62 @@ def read_onnx_header(path: str | os.PathLike) -> OnnxHeader:
         with contextlib.suppress(BufferError):  # a view still alive: the mapping closes when it is freed
             mapped.close()
     raise ModelFormatError(error)
+
+
+# Ops that move, reshape or resize values without changing what they mean: the activation before them is the
+# output's (a sigmoid then a transpose to NHWC still outputs probabilities; bilinear resizing keeps them in 0..1).
+_PASS_THROUGH_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Resize",
+                               "Upsample"})
+
+
+def output_activation(path: str | os.PathLike, output: str) -> str | None:
+    """The op that last changed the values of the graph output `output`, looking back through ops that only move
+    them (Transpose, Reshape, Resize, ...): e.g. 'Sigmoid', 'Softmax', 'Conv'; None when no node produces it.
+    Reads the graph's nodes only (the weights are skipped by their length prefix, as in `read_onnx_header`)."""
+    path = check_model_path(path)
+    try:
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"cannot read model file {path}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        producers = _producers(memoryview(mapped), path)
+    finally:
+        with contextlib.suppress(BufferError):
+            mapped.close()
+    name, seen = output, set()
+    while name in producers and name not in seen:
+        seen.add(name)
+        op_type, first_input = producers[name]
+        if op_type not in _PASS_THROUGH_OPS or not first_input:
+            return op_type
+        name = first_input
+    return None
+
+
+def _producers(buf: memoryview, path: Path) -> dict[str, tuple[str, str]]:
+    """{a node's output name: (its op type, its first input)} for the main graph's nodes."""
+    producers: dict[str, tuple[str, str]] = {}
+    try:
+        for number, wire, value in _fields(buf):
+            if number != 7 or wire != 2:
+                continue
+            for g_number, g_wire, g_value in _fields(value):
+                if g_number != 1 or g_wire != 2:  # GraphProto.node
+                    continue
+                inputs, outputs, op_type = [], [], ""
+                for n_number, n_wire, n_value in _fields(g_value):  # NodeProto: input 1, output 2, op_type 4
+                    if n_wire != 2:
+                        continue
+                    if n_number == 1:
+                        inputs.append(_text(n_value, "a node input"))
+                    elif n_number == 2:
+                        outputs.append(_text(n_value, "a node output"))
+                    elif n_number == 4:
+                        op_type = _text(n_value, "an op type")
+                for out in outputs:
+                    producers[out] = (op_type, inputs[0] if inputs else "")
+    except _ParseError as e:
+        raise ModelFormatError(f"{path} is not an ONNX model (protobuf parse failed: {e}); copy or export it "
+                               "again") from None
+    return producers
