@@ -6,7 +6,8 @@ folder is a folder the user already has.
 
 What comes from where:
 - class names: `id2label` of config.json, in index order (the indices must be 0..N-1);
-- ignore index: `semantic_loss_ignore_index` (255 when absent), dropped when it names a class;
+- ignore index: `semantic_loss_ignore_index` (255 when absent), dropped when it names a class or is negative (a
+  label mask never holds a negative value);
 - scale, mean and std: `do_rescale`/`rescale_factor`, `do_normalize`/`image_mean`/`image_std` of
   preprocessor_config.json (the ImageNet values only when the folder has no preprocessor config);
 - input size: the processor's `size` (`height`/`width`, or `shortest_edge` as a square), or `crop_size` when the
@@ -105,7 +106,7 @@ def spec_fields(folder: HFFolder) -> dict[str, Any]:
     names = folder.class_names
     fields: dict[str, Any] = {"class_names": names, "channel_order": "RGB"}
     ignore = folder.config.get("semantic_loss_ignore_index", 255)
-    fields["ignore_index"] = ignore if isinstance(ignore, int) and not 0 <= ignore < len(names) else None
+    fields["ignore_index"] = ignore if isinstance(ignore, int) and ignore >= len(names) else None
     fields.update(_normalisation(folder))
     size = _input_size(folder)
     if size is not None:
