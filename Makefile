@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 ifeq ($(HAS_NVIDIA),yes)
 TORCH_INDEX ?=
@@ -29,13 +30,21 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,scale,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,scale,litert,tflite-convert,dev]"
+	@# A real Triton Inference Server for tests/test_fleet.py: the tritonserver binary and its Python backend from
+	@# NVIDIA's nvidia-pytriton wheel (x86_64 Linux, glibc >= 2.35), files only: pytriton's own Python dependencies
+	@# pin numpy<2, which this environment does not take (tests/triton_server.py says how the server runs).
+	if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+		$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/pytriton "$(PYTRITON_SPEC)"; fi
 	touch $(STAMP)
 
 # The stream tests serve a real network stream with ffmpeg, screenshot the MJPEG page in headless Chromium and
 # open display:// windows on Xvfb. Installed with apt-get when missing and running as root; otherwise this says
 # how (the tests that need them skip). Entries are command:package.
 SYSTEM_TOOLS := ffmpeg:ffmpeg chromium:chromium Xvfb:xvfb
+# Real street footage for the tests of models as they come (tests/test_foreign_outputs.py, which falls back to the
+# synthetic scenes without it): OpenCV's sample video vtest.avi, from Debian's opencv-doc.
+REAL_VIDEO := /usr/share/doc/opencv-doc/examples/data/vtest.avi
 # GLib's key-file parser for the system python3: the DeepStream config tests read the configs with it.
 GLIB_KEYFILE_PACKAGES := python3-gi gir1.2-glib-2.0
 # The GStreamer tests: the system's OpenCV (built with GStreamer), GStreamer's Python bindings, venv, and every
@@ -54,6 +63,7 @@ GSTREAMER_CHECK := /usr/bin/python3 -c "import cv2, ensurepip, gi; gi.require_ve
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	/usr/bin/python3 -c "import gi" >/dev/null 2>&1 || missing="$$missing $(GLIB_KEYFILE_PACKAGES)"; \
+	[ -f $(REAL_VIDEO) ] || missing="$$missing opencv-doc"; \
 	($(GSTREAMER_CHECK)) >/dev/null 2>&1 || missing="$$missing $(GSTREAMER_PACKAGES)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -67,7 +77,9 @@ system-tools:
 # An environment of the system's Python and OpenCV (python3-opencv, with GStreamer), edgepix installed in it as
 # docs/install.md says for such systems (no opencv-python wheel): tests/test_gstreamer.py runs the CLI there. Made
 # where python3-opencv is installed (the tests skip elsewhere), again when pyproject.toml changes.
-# In the checkout, like .venv: edgepix is installed into it editable from this folder.
+# In the checkout, like .venv: edgepix is installed into it editable from this folder. The real Triton server's
+# Python-backend models run in it too (tests/triton_server.py): the backend stub links against the system's
+# libpython and needs numpy<2.
 SYSTEM_OPENCV_ENV ?= $(CURDIR)/.venv-system
 export EDGEPIX_SYSTEM_OPENCV_ENV := $(abspath $(SYSTEM_OPENCV_ENV))
 system-opencv-env: system-tools

@@ -11,6 +11,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from edgepix.runtime.description.spec import Layout, ModelSpec, Task
+
 
 @dataclass(frozen=True)
 class GraphFlops:
@@ -97,3 +99,18 @@ def flops_per_image(path: str | os.PathLike, image_shape: tuple[int, ...]) -> in
     """FLOPs for one image of shape `image_shape` (without the batch dimension); counted at batch 1, since a
     static-batch graph cannot be re-shaped to another batch."""
     return count_flops(path, (1, *image_shape)).total
+
+
+def input_sample_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """One input sample's shape as the model takes it, without the batch: (3, H, W) for an NCHW image input,
+    (H, W, 3) for NHWC, (L,) for a noise generator's latent. The counter sets the graph's input to exactly this,
+    so an NHWC model counted as NCHW would be counted on a 3-pixel-wide image."""
+    if spec.task is Task.GENERATION_NOISE:
+        return (spec.latent_size,)  # type: ignore[return-value]
+    h, w = spec.input_size
+    return (3, h, w) if spec.input_layout is Layout.NCHW else (h, w, 3)
+
+
+def model_flops(path: str | os.PathLike, spec: ModelSpec) -> int:
+    """FLOPs for one input sample at the spec's input size, in the spec's input layout."""
+    return flops_per_image(path, input_sample_shape(spec))

@@ -233,10 +233,10 @@ def pix2pix_int8(ckpt: Path | None, threads: int, tmp: Path, rounds: int, n_eval
             t = time.perf_counter()
             sess.run(None, {spec.input_name: inputs[0]})
             lat[k].append((time.perf_counter() - t) * 1e3)
-    from edgepix.benchmarks.flops import flops_per_image
+    from edgepix.benchmarks.flops import model_flops
 
     return {"checkpoint": str(ckpt), "trained_weights": trained, "input": list(spec.input_size),
-            "gflops_per_image": flops_per_image(fp32.path, (3, *spec.input_size)) / 1e9,
+            "gflops_per_image": model_flops(fp32.path, spec) / 1e9,
             "fp32_ms_p50": float(np.median(lat["fp32"])), "int8_ms_p50": float(np.median(lat["int8"])),
             "fp32_ms_p90": float(np.percentile(lat["fp32"], 90)), "int8_ms_p90": float(np.percentile(lat["int8"], 90)),
             "int8_psnr_vs_fp32_db": int8_psnr, "fp32_gate": fp32.report.checks[0].measured}

@@ -4,11 +4,15 @@ Every row is measured the same way: load (timed), first inference (timed: it inc
 selection, engine builds), warm-up calls, then timed calls for a count or a duration. Latency is per call (one batch);
 throughput is images per second over the timed calls. Peak RSS is reset before each model (Linux clear_refs) so each
 row reports its own peak. Accuracy sits next to speed: mIoU on labelled synthetic scenes (or a dataset folder) for
-segmentation, PSNR against a reference model for generators. FLOPs come from the ONNX graph.
+segmentation, only for a model whose classes are the data's (a person segmenter scored against the synthetic
+shapes would be a number about nothing: its column shows "-" and a note says why), PSNR against a reference model
+for generators. FLOPs come from the ONNX graph, fed in the model's own input layout. A model without an edgepix spec
+is measured with the spec the runtime would infer for it (description.specfile.read_spec).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.runtime.backends import Backend, load_backend
-from edgepix.runtime.core.errors import EdgepixError
+from edgepix.runtime.core.errors import EdgepixError, InputError
 from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
 from edgepix.runtime.description.spec import ModelSpec, Task
 
@@ -44,16 +48,51 @@ class BenchConfig:
     imgsz: tuple[int, int] | None = None  # model input size for dynamic-size models and the PyTorch baseline
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not self.batches or any(b < 1 for b in self.batches):
-            raise EdgepixError(f"--batch: expected positive integers, got {self.batches}")
+            raise InputError(f"--batch: expected positive integers, got {self.batches}")
         if self.warmup < 0:
-            raise EdgepixError(f"--warmup: expected >= 0, got {self.warmup}")
+            raise InputError(f"--warmup: expected >= 0, got {self.warmup}")
         if (self.runs is None) == (self.duration is None):
-            raise EdgepixError("give either --runs or --duration")
+            raise InputError("give either --runs or --duration")
         if self.runs is not None and self.runs < 1:
-            raise EdgepixError(f"--runs: expected >= 1, got {self.runs}")
+            raise InputError(f"--runs: expected >= 1, got {self.runs}")
         if self.duration is not None and self.duration <= 0:
-            raise EdgepixError(f"--duration: expected > 0 seconds, got {self.duration}")
+            raise InputError(f"--duration: expected > 0 seconds, got {self.duration}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _pair(v: object) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(x) for x in v)
+
+
+# What each BenchConfig field holds, checked before its values are compared (a string batch size would otherwise
+# end in Python's own TypeError): (test, what the message says was expected).
+_BENCH_TYPES = {
+    "batches": (lambda v: isinstance(v, (tuple, list)) and all(_is_int(b) for b in v), "a tuple of integers"),
+    "warmup": (_is_int, "an integer"),
+    "runs": (lambda v: v is None or _is_int(v), "an integer or None"),
+    "duration": (lambda v: v is None or _is_number(v), "a number of seconds or None"),
+    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None"),
+    "data": (lambda v: isinstance(v, str), "'synthetic' or a dataset folder (a string)"),
+    "accuracy_n": (_is_int, "an integer"),
+    "frame_size": (_pair, "(H, W) integers"),
+    "imgsz": (lambda v: v is None or _pair(v), "(H, W) integers or None"),
+}
+
+
+def _check_types(config: BenchConfig) -> None:
+    for name, (ok, expected) in _BENCH_TYPES.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise InputError(f"BenchConfig.{name}: expected {expected}, got {value!r:.80} ({type(value).__name__})")
 
 
 @dataclass
@@ -145,6 +184,21 @@ def accuracy_samples(config: BenchConfig) -> list[tuple[np.ndarray, np.ndarray |
     return samples
 
 
+def data_class_names(config: BenchConfig) -> tuple[str, ...] | None:
+    """The class names of the accuracy data: the synthetic scenes' own, or a dataset folder's classes.json; None
+    when a folder does not say (its masks' numbers then mean nothing to compare with)."""
+    if config.data == "synthetic":
+        from edgepix.runtime.data.synthetic import CLASS_NAMES
+
+        return CLASS_NAMES
+    path = Path(config.data) / "classes.json"
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tuple(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def model_input(spec: ModelSpec, batch: int, size: tuple[int, int], frames: list[np.ndarray]) -> np.ndarray:
     """A realistic input batch: pre-processed frames for image models, seeded noise for noise generators."""
     if spec.task is Task.GENERATION_NOISE:
@@ -202,7 +256,7 @@ def _generator_outputs(backend: Backend, spec: ModelSpec, size, samples) -> np.n
 def bench_backend(backend: Backend, *, label: str, file_mb: float, load_ms: float, config: BenchConfig,
                   spec: ModelSpec, onnx_path: Path | None, samples) -> ModelRun:
     """Measure an already-loaded backend at each batch size of `config`."""
-    from .flops import flops_per_image
+    from .flops import model_flops
 
     size = spec.input_size
     frames = [im for im, _ in samples] or [np.zeros((*config.frame_size, 3), np.uint8)]
@@ -210,8 +264,7 @@ def bench_backend(backend: Backend, *, label: str, file_mb: float, load_ms: floa
     gflops = None
     if onnx_path is not None and onnx_path.suffix == ".onnx":
         try:
-            shape = (spec.latent_size,) if spec.task is Task.GENERATION_NOISE else (3, *size)
-            gflops = flops_per_image(onnx_path, shape) / 1e9
+            gflops = model_flops(onnx_path, spec) / 1e9
         except ImportError:
             log.info("FLOPs need the onnx package (pip install onnx): column left empty")
     run = ModelRun(rows=[])
@@ -238,12 +291,30 @@ def bench_backend(backend: Backend, *, label: str, file_mb: float, load_ms: floa
             achieved_gflops=gflops * throughput if gflops is not None else None))
     if run.rows:
         if spec.task is Task.SEGMENTATION:
-            miou = _segmentation_miou(backend, spec, samples)
+            data_classes = data_class_names(config)
+            miou = None
+            if tuple(spec.class_names) == data_classes:
+                miou = _segmentation_miou(backend, spec, samples)
+            elif samples:
+                run.skipped.append(_no_accuracy_note(label, spec, config, data_classes))
             for row in run.rows:
                 row.accuracy_name, row.accuracy = ("mIoU", miou) if miou is not None else (None, None)
         else:
             run.reference_outputs = _generator_outputs(backend, spec, size, samples)
     return run
+
+
+def _no_accuracy_note(label: str, spec: ModelSpec, config: BenchConfig, data_classes: tuple[str, ...] | None) -> str:
+    def names(classes) -> str:
+        return ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+
+    data = "the synthetic scenes" if config.data == "synthetic" else config.data
+    if data_classes is None:
+        return (f"{label}: no accuracy: {data} has no classes.json naming its classes, so its masks cannot be "
+                f"matched to the model's ({names(spec.class_names)})")
+    return (f"{label}: no accuracy: its classes ({names(spec.class_names)}) are not those of {data} "
+            f"({names(data_classes)}); give --data with a dataset folder of the model's classes (images/, masks/, "
+            "classes.json)")
 
 
 def bench_model(path: str | os.PathLike, backend_name: str, config: BenchConfig, samples) -> ModelRun:
@@ -258,6 +329,11 @@ def bench_model(path: str | os.PathLike, backend_name: str, config: BenchConfig,
     load_ms = (time.perf_counter() - start) * 1e3
     with backend:
         spec = backend.spec
+        inferred = spec is None and path.suffix.lower() == ".onnx"
+        if inferred:  # a model exported elsewhere: what the runtime would run it as
+            from edgepix.runtime.description.specfile import read_spec
+
+            spec = read_spec(path).spec
         if spec is None:
             raise EdgepixError(f"{path.name} carries no edgepix spec; benchmark exported models (edgepix export)")
         if config.imgsz is not None and tuple(config.imgsz) != spec.input_size:
@@ -268,6 +344,9 @@ def bench_model(path: str | os.PathLike, backend_name: str, config: BenchConfig,
             spec = spec.replace(input_size=tuple(config.imgsz))
         run = bench_backend(backend, label=path.name, file_mb=path.stat().st_size / 1e6, load_ms=load_ms,
                             config=config, spec=spec, onnx_path=path, samples=samples)
+        if inferred:
+            run.skipped.append(f"{path.name}: no edgepix spec; measured as the runtime would run it, with the spec "
+                               "inferred from its graph (see `edgepix spec`)")
         peak = peak_rss_mb()
     for row in run.rows:
         row.peak_rss_mb = peak

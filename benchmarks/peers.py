@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepix.runtime.core.errors import EdgepixError
-from edgepix.runtime.description.spec import ModelSpec
+from edgepix.runtime.description.spec import SCORE_KINDS, ModelSpec, Task
 
 from .stats import LatencyStats
 
@@ -174,11 +174,16 @@ def torch_compiled(checkpoint: Path, threads: int):
 # ---- the run -----------------------------------------------------------------------------------------------
 
 
-def _agreement(reference: np.ndarray | None, output: np.ndarray) -> str:
+def _agreement(reference: np.ndarray | None, output: np.ndarray, spec: ModelSpec) -> str:
     if reference is None or output.shape != reference.shape:
         return "-" if reference is None else f"shape {tuple(output.shape)}"
-    if output.ndim == 4 and output.shape[1] > 1:  # segmentation logits: compare the class maps
-        return f"{100 * float((output.argmax(1) == reference.argmax(1)).mean()):.2f}%"
+    if spec.task is Task.SEGMENTATION and spec.output_kind in SCORE_KINDS and output.dtype.kind == "f":
+        # segmentation scores: compare the class maps, decided as the spec says (layout, argmax or threshold)
+        from edgepix.runtime.tasks.decode import OutputDecoder
+
+        decoder = OutputDecoder(spec)
+        same = np.mean([np.mean(decoder.model_map(o) == decoder.model_map(r)) for o, r in zip(output, reference)])
+        return f"{100 * float(same):.2f}%"
     return f"max diff {float(np.abs(output.astype(np.float32) - reference.astype(np.float32)).max()):.2g}"
 
 
@@ -195,9 +200,10 @@ def measure(model: Path, builders: list[tuple[str, Callable]], *, threads: int, 
     """Load each (name, build) runtime, warm each up, then time `rounds` interleaved rounds of one call each, all
     on the same input (one synthetic scene at the model's size). `edgepix tune` uses it for the backends alone."""
     say = progress or (lambda _m: None)
-    x, notes = _bench_input(_model_spec(model), model)
+    spec = _model_spec(model)
+    x, notes = _bench_input(spec, model)
     peers = _load_peers(builders, say)
-    _warm_up(peers, x, warmup, say)
+    _warm_up(peers, x, warmup, say, spec)
     running = [p for p in peers if p.call is not None]
     say(f"[peers] {rounds} interleaved rounds over {len(running)} peers")
     _interleaved_rounds(running, x, rounds)
@@ -268,7 +274,7 @@ def _load_peers(builders: list[tuple[str, Callable]], say: Callable[[str], None]
     return peers
 
 
-def _warm_up(peers: list[Peer], x: np.ndarray, warmup: int, say: Callable[[str], None]) -> None:
+def _warm_up(peers: list[Peer], x: np.ndarray, warmup: int, say: Callable[[str], None], spec: ModelSpec) -> None:
     """Warm-up, and torch.compile's compilation timed apart. A peer that fails here is skipped with its reason;
     each output is compared with ONNX Runtime's (`Peer.agreement`)."""
     outputs: dict[str, np.ndarray] = {}
@@ -289,7 +295,7 @@ def _warm_up(peers: list[Peer], x: np.ndarray, warmup: int, say: Callable[[str],
     reference = outputs.get("ONNX Runtime defaults")
     for peer in peers:
         if peer.name in outputs:
-            peer.agreement = _agreement(reference, outputs[peer.name])
+            peer.agreement = _agreement(reference, outputs[peer.name], spec)
 
 
 def _interleaved_rounds(running: list[Peer], x: np.ndarray, rounds: int) -> None:

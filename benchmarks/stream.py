@@ -19,13 +19,14 @@ import csv
 import io
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgepix.plotting import pyplot, save_figure
-from edgepix.runtime.core.errors import ModelFormatError, SinkError, SourceError
+from edgepix.runtime.core.errors import InputError, ModelFormatError, SinkError, SourceError
 
 from .environment import describe, environment
 from .stream_bound import (
@@ -43,9 +44,9 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("naive", "pipeline")
 RUNTIME_LABELS = {"naive": "naive loop", "pipeline": "pipeline"}
-NAIVE_DESCRIPTION = ("cv2.VideoCapture read, cv2.dnn.blobFromImage pre-processing, ONNX Runtime CPU with default "
-                     "session options, np.argmax, cv2.LUT colouring, cv2.addWeighted, cv2.VideoWriter, one frame "
-                     "after the other")
+NAIVE_DESCRIPTION = ("cv2.VideoCapture read, cv2.dnn.blobFromImage pre-processing (in the model's input layout), "
+                     "ONNX Runtime CPU with default session options, np.argmax or a threshold and cv2.resize as the "
+                     "spec says, cv2.LUT colouring, cv2.addWeighted, cv2.VideoWriter, one frame after the other")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,25 @@ class StreamBenchOptions:
     workers: int | None = None  # the pipeline's inference workers; None: choose_workers decides
     threads: int | None = None  # the pipeline's intra-op threads per worker; None: choose_workers decides
     sink: str | None = None  # None: a temporary .mp4 for both; "null://": no encoding; else a video file path
+
+    def __post_init__(self) -> None:
+        checks = (("frames", self.frames, _positive_int, "a positive integer"),
+                  ("backend", self.backend, lambda v: isinstance(v, str), "a backend name (a string)"),
+                  ("workers", self.workers, _optional_positive_int, "a positive integer or None"),
+                  ("threads", self.threads, _optional_positive_int, "a positive integer or None"),
+                  ("sink", self.sink, lambda v: v is None or isinstance(v, str), "a URI or file (a string) or None"))
+        for name, value, ok, expected in checks:
+            if not ok(value):
+                raise InputError(f"StreamBenchOptions.{name}: expected {expected}, got {value!r:.80} "
+                                 f"({type(value).__name__})")
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _optional_positive_int(v: object) -> bool:
+    return v is None or _positive_int(v)
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,11 @@ class _Runs:
 def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = StreamBenchOptions(), *,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Run the pipeline, then the naive loop, on `source` with `model`; returns the report (JSON-ready)."""
+    if not isinstance(model, (str, os.PathLike)) or not isinstance(source, str):
+        raise InputError(f"run_stream_bench: expected a model path and a source URI (a string), got "
+                         f"{type(model).__name__} and {type(source).__name__}")
+    if not isinstance(options, StreamBenchOptions):
+        raise InputError(f"options: expected StreamBenchOptions, got {type(options).__name__}")
     model = Path(model)
     _check_model(model, options)
     with tempfile.TemporaryDirectory(prefix="edgepix_bench_stream_") as tmp:

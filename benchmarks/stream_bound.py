@@ -4,7 +4,8 @@
 
 1. The strongest simple sequential loop an OpenCV user writes: cv2.VideoCapture read, cv2.dnn.blobFromImage
    pre-processing (resize, RGB swap, mean and per-channel scale in one call), ONNX Runtime with default session
-   options, numpy argmax, nearest resize, colouring with cv2.LUT, cv2.addWeighted overlay, cv2.VideoWriter.
+   options (fed in the model's input layout), numpy argmax or a threshold and cv2.resize as the spec says to read
+   the output, colouring with cv2.LUT, cv2.addWeighted overlay, cv2.VideoWriter.
    (`naive_loop`, reused by `edgepix bench stream`.)
 2. The pipeline (`edgepix.runtime.streams.pipeline`) on the same model file, video and output file type.
 3. The machine's bound for the pipeline's work: cores / (sum over the stages of the CPU time per frame each takes
@@ -94,14 +95,14 @@ class LoopResult:
 
 
 def naive_spec(model: str | os.PathLike):
-    """The ModelSpec the naive loop copies its pre-processing from; ModelFormatError without one, or for a model
-    that does not segment."""
+    """The ModelSpec the naive loop copies its pre-processing and output reading from: the model's own, or for a
+    model exported elsewhere the one the runtime infers (description.specfile.read_spec), as its user would read it
+    from the model's documentation; ModelFormatError for a model that does not segment."""
     from edgepix.runtime.core.errors import ModelFormatError
-    from edgepix.runtime.description.spec import ModelSpec, Task
+    from edgepix.runtime.description.spec import Task
+    from edgepix.runtime.description.specfile import read_spec
 
-    spec = ModelSpec.from_onnx(model)
-    if spec is None:
-        raise ModelFormatError(f"{model}: no edgepix spec in the ONNX metadata (export it with `edgepix export`)")
+    spec = read_spec(model).spec
     if spec.task is not Task.SEGMENTATION:
         raise ModelFormatError(f"{model}: the stream loop needs a segmentation model, got task {spec.task.value!r}")
     return spec
@@ -116,10 +117,11 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.Vi
     on the frame, cv2.LUT instead of palette indexing), so the pipeline's ratio over it is what edgepix adds, not
     what a careful user would have got anyway.
 
-    Reads the model's mean/std/size/palette from its edgepix spec, as a user would copy them from training code.
-    `video`: what cv2.VideoCapture opens (a file, a URL, a camera index) or an opened capture (`label` names it in
-    errors). `out=None` skips writing (and its stage); the writer (FourCC `codec`, the source's frame rate) opens at
-    the first frame, outside the timed stages."""
+    Reads the model's mean/std/size/palette, input layout and how to read its output (layout, kind, threshold,
+    upsampling) from its edgepix spec, as a user would copy them from training code or a model card. `video`: what
+    cv2.VideoCapture opens (a file, a URL, a camera index) or an opened capture (`label` names it in errors).
+    `out=None` skips writing (and its stage); the writer (FourCC `codec`, the source's frame rate) opens at the first
+    frame, outside the timed stages."""
     import onnxruntime as ort
 
     from edgepix.runtime.core.errors import SinkError, SourceError
@@ -134,6 +136,13 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.Vi
     mean_px = tuple(float(m) / spec.scale for m in spec.mean)
     scale = tuple(spec.scale / float(sd) for sd in spec.std)
     blob_params = _blob_params(scale, mean_px, (w_in, h_in), swap_rb)
+    if spec.input_layout.value == "NHWC":  # the model's own layout: the blob is NCHW
+        nchw_blob = blob_params
+
+        def blob_params(frame: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(nchw_blob(frame).transpose(0, 2, 3, 1))
+
+    decode = _naive_decode(spec)
     lut = np.zeros((256, 1, 3), np.uint8)  # class -> BGR colour, for cv2.LUT on a 3-channel class map
     lut[: len(spec.colours()), 0] = np.array([c[::-1] for c in spec.colours()], np.uint8)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -156,10 +165,9 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.Vi
         t1 = time.perf_counter()
         x = blob_params(frame)
         t2 = time.perf_counter()
-        logits = session.run(None, {name: x})[0]
+        output = session.run(None, {name: x})[0]
         t3 = time.perf_counter()
-        mask = np.argmax(logits[0], axis=0).astype(np.uint8)
-        mask = cv2.resize(mask, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
+        mask = decode(output[0], (frame.shape[1], frame.shape[0]))
         t4 = time.perf_counter()
         colours = cv2.LUT(cv2.merge((mask, mask, mask)), lut)
         overlay = cv2.addWeighted(frame, 1 - alpha, colours, alpha, 0)
@@ -184,6 +192,35 @@ def naive_loop(model: str | os.PathLike, video: str | os.PathLike | int | cv2.Vi
     cap.release()
     return LoopResult(n, time.perf_counter() - t_start, {k: v for k, v in stages.items() if v}, frame_ms,
                       codec if out else None)
+
+
+def _naive_decode(spec) -> Callable[[np.ndarray, tuple[int, int]], np.ndarray]:
+    """(one sample of the output, the frame's (W, H)) -> a uint8 class mask at the frame's size, the way the spec
+    says to read it, written as plainly as a user would: numpy's argmax over the class axis (or a threshold), and
+    cv2.resize of the scores (bilinear, then the decision: `upsample` scores) or of the mask (nearest: classes)."""
+    from edgepix.runtime.description.outputs import decision_threshold
+    from edgepix.runtime.description.spec import BINARY_KINDS, OutputKind, Upsample
+
+    kind, nhwc = spec.output_kind, spec.output_layout.value == "NHWC"
+    threshold = decision_threshold(spec) if kind in BINARY_KINDS else None
+
+    def decide(hwc: np.ndarray) -> np.ndarray:  # (h, w, C) scores, or (h, w) for a binary output
+        if threshold is not None:
+            return (hwc > threshold).astype(np.uint8)
+        return np.argmax(hwc, axis=-1).astype(np.uint8)
+
+    def decode(sample: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        if kind is OutputKind.CLASS_MAP:
+            mask = (sample if sample.ndim == 2 else sample[..., 0] if nhwc else sample[0]).astype(np.uint8)
+            return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        hwc = sample if nhwc else sample.transpose(1, 2, 0)
+        if threshold is not None:
+            hwc = hwc[..., 0]
+        if spec.upsample is Upsample.SCORES:
+            return decide(cv2.resize(np.ascontiguousarray(hwc, dtype=np.float32), size, interpolation=cv2.INTER_LINEAR))
+        return cv2.resize(decide(hwc), size, interpolation=cv2.INTER_NEAREST)
+
+    return decode
 
 
 def _blob_params(scale: tuple[float, ...], mean_px: tuple[float, ...], size: tuple[int, int],
@@ -216,11 +253,16 @@ def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | 
     from edgepix.runtime.tasks.segmenter import Segmenter
 
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
-    with Segmenter.load(model, plan.backend, **plan.backend_options()) as seg:
+
+    def load() -> Segmenter:  # one per worker where the backend is not thread-safe
+        return Segmenter.load(model, plan.backend, **plan.backend_options())
+
+    with load() as seg:
+        plan = plan.for_processor(seg, can_load_more=True)
         pipeline = Pipeline(seg, [str(video)], [str(out) if out else "null://"],
                             PipelineOptions(workers=plan.workers, max_frames=max_frames, prefetch=prefetch),
                             source_options=SourceOptions(realtime=realtime),
-                            info={"threads_per_worker": plan.threads, "plan": plan.describe()})
+                            info={"threads_per_worker": plan.threads, "plan": plan.describe()}, processor_factory=load)
         return pipeline.run()
 
 
@@ -428,7 +470,8 @@ def live_check(model: str | os.PathLike, video: str | os.PathLike, *, fps: float
     plan = choose_workers(resolve_backend(model, "auto"))
     server.start()
     seg = Segmenter.load(model, plan.backend, **plan.backend_options())
-    pipeline = Pipeline(seg, [server.url], ["null://"], PipelineOptions(workers=plan.workers))
+    pipeline = Pipeline(seg, [server.url], ["null://"], PipelineOptions(workers=plan.workers),
+                        processor_factory=lambda: Segmenter.load(model, plan.backend, **plan.backend_options()))
     thread = threading.Thread(target=pipeline.run, daemon=True)
     thread.start()
     try:

@@ -43,12 +43,32 @@ def tune(model: Path, *, threads: int, rounds: int, warmup: int, progress=None) 
     return report, fastest.removeprefix("edgepix ")
 
 
+PROFILE_HINT = "set EDGEPIX_PROFILE to a file you can write, or pass --dry-run"
+
+
+def check_profile_writable() -> None:
+    """One line when the backend profile cannot be written: disabled, a folder, in a read-only place."""
+    from edgepix.runtime.backends.profile import PROFILE_ENV, profile_path
+    from edgepix.runtime.core.errors import InputError, SinkError
+    from edgepix.runtime.core.fileio import check_writable
+
+    path = profile_path()
+    if path is None:
+        raise InputError(f"{PROFILE_ENV}=off disables the backend profile, so there is nowhere to record the choice; "
+                        "unset it, or pass --dry-run")
+    try:
+        check_writable(path, f"the backend profile ({PROFILE_ENV})", SinkError)
+    except SinkError as e:
+        raise SinkError(f"{e}; {PROFILE_HINT}") from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tune", help="measure which backend runs a model fastest here and make `auto` pick it",
         description="Time every backend that can run MODEL on this machine (same input, same threads, interleaved "
                     "rounds) and record the fastest in the backend profile that `auto` reads (only for this file, "
-                    "on a machine with this CPU and core count). EDGEPIX_PROFILE=PATH moves the profile, "
+                    "at these threads, on this machine as it is now: CPU, GPU and the backends' library versions; "
+                    "the newest 256 entries are kept). EDGEPIX_PROFILE=PATH moves the profile, "
                     "EDGEPIX_PROFILE=off disables it.")
     p.add_argument("model", type=Path, help="an exported .onnx file")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
@@ -64,7 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from edgepix.runtime.backends.profile import record
     from edgepix.runtime.backends.registry import candidates
     from edgepix.runtime.core.cpuinfo import usable_cores
-    from edgepix.runtime.core.errors import InputError, ModelFormatError
+    from edgepix.runtime.core.errors import InputError, ModelFormatError, SinkError
 
     from .peers import load_average
 
@@ -72,8 +92,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ModelFormatError(f"model file not found: {args.model}")
     if args.rounds < 5 or args.warmup < 0:
         raise InputError(f"--rounds must be at least 5 and --warmup at least 0, got {args.rounds} and {args.warmup}")
+    if not args.dry_run:
+        check_profile_writable()  # before the minutes of measuring, not after
     threads = args.threads or usable_cores()
-    before = candidates("auto", args.model)[0]
+    before = candidates("auto", args.model, threads=threads)[0]
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     report, fastest = tune(args.model, threads=threads, rounds=args.rounds, warmup=args.warmup, progress=say)
     print(f"{args.model.name}, input {'x'.join(map(str, report.input_shape))}, {threads} thread(s), "
@@ -93,6 +115,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     measurements = {"threads": threads, "rounds": args.rounds, "input_shape": list(report.input_shape),
                     "p50_ms": {n.removeprefix("edgepix "): round(s.p50, 3) for n, s in report.stats.items()},
                     "p99_ms": {n.removeprefix("edgepix "): round(s.p99, 3) for n, s in report.stats.items()}}
-    path = record(args.model, fastest, measurements)
-    print(f"recorded in {path}: auto now picks {fastest} for {args.model.name} on this machine")
+    try:
+        path = record(args.model, fastest, measurements, threads=threads)
+    except OSError as e:  # the disk filled up while measuring: the profile keeps what it held
+        raise SinkError(f"cannot write the backend profile: {e.strerror or e}; {PROFILE_HINT}") from None
+    print(f"recorded in {path}: auto now picks {fastest} for {args.model.name} at {threads} thread(s) on this "
+          "machine")
     return 0

@@ -70,9 +70,29 @@ def _onnx_info(path: Path) -> dict:
         "producer": info.producer,
         "inputs": [t.describe() for t in info.inputs],
         "outputs": [t.describe() for t in info.outputs],
+        **_onnx_flops(path, info),
         "spec": info.spec.to_dict() if info.spec else None,
         "metadata": {k: v for k, v in info.metadata.items() if k != "edgepix.spec"},
     }
+
+
+def _onnx_flops(path: Path, info) -> dict:
+    """{"gflops_per_image", "flops_input"}: FLOPs of one input sample in the model's own layout (the spec's size
+    and layout, or a foreign graph's fixed input shape); {} where that input is not known or the `onnx` package
+    that counts them is not installed (a runtime-only install)."""
+    from edgepix.benchmarks.flops import flops_per_image, input_sample_shape
+
+    if info.spec is not None:
+        shape = input_sample_shape(info.spec)
+    elif len(info.inputs) == 1 and all(isinstance(d, int) and d > 0 for d in info.inputs[0].shape):
+        shape = tuple(info.inputs[0].shape[1:])
+    else:
+        return {}
+    try:
+        flops = flops_per_image(path, shape)
+    except ImportError:  # no `onnx` here: the rest of the report does not need it
+        return {}
+    return {"gflops_per_image": flops / 1e9, "flops_input": list(shape)}
 
 
 def _hf_folder_info(path: Path) -> dict:
@@ -134,6 +154,9 @@ def _print_info(info: dict) -> None:
     for key in ("inputs", "outputs"):
         for i, line in enumerate(info.get(key, [])):
             print(f"{key if i == 0 else '':<12}{line}")
+    if "gflops_per_image" in info:
+        shape = "x".join(map(str, info["flops_input"]))
+        print(f"{'flops':<12}{info['gflops_per_image']:.3f} GFLOP per image (input sample {shape}; multiply-add = 2)")
     if info.get("metrics"):
         print(f"{'metrics':<12}" + ", ".join(f"{k}={_fmt(v)}" for k, v in info["metrics"].items()))
     spec = info.get("spec")
@@ -365,10 +388,32 @@ def _doctor_training_side(rows: list[tuple[str, str, str]]) -> None:
         ("tqdm", "progress bars (a plain counter is used)", "train"),
         ("matplotlib", "PNG plots of curves and benchmarks", "plot"),
         ("openvino", "the openvino backend", "openvino"),
+        ("ai_edge_litert", "the litert backend (.tflite models)", "litert"),
     ):
         mod, v = _version(module)
         rows.append((module, "ok", v) if mod else
                     (module, "missing", f"disables {disables}; install: pip install 'edgepix[{extra}]'"))
+    # Versions from the installed metadata: importing TensorFlow takes seconds.
+    for dist, module in (("tf2onnx", "tf2onnx"), ("tensorflow", "tensorflow")):
+        v = _dist_version(dist, module)
+        rows.append((dist, "ok", v) if v else (dist, "missing", "disables export of .tflite models to ONNX; "
+                                                               "install: pip install 'edgepix[tflite-convert]'"))
+
+
+def _dist_version(dist: str, module: str) -> str | None:
+    """The installed version of the distribution that provides `module` (tensorflow comes as tensorflow-cpu too),
+    without importing it; None when the module is not installed."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return None
+    for name in (dist, f"{dist}-cpu"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "installed"
 
 
 def _doctor_tensorrt(rows: list[tuple[str, str, str]]) -> None:

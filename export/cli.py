@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "triton", "deepstream")
@@ -12,7 +14,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8) or TensorRT engine, verified")
     p.add_argument("checkpoint", type=Path,
                    help="an edgepix checkpoint (.pt) or a Hugging Face save_pretrained folder; with --format engine "
-                        "also an .onnx file")
+                        "also an .onnx file; with --format onnx also a .tflite model (converted with tf2onnx and "
+                        "checked against LiteRT)")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
     p.add_argument("--dynamic-batch", action="store_true", help="batch dimension left dynamic")
@@ -44,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--keep-float", nargs="+", default=(), metavar="NODE",
                    help="node names to keep in float; 'first' and 'last' name the first and last Conv")
     p.add_argument("--data", default="synthetic",
-                   help="validation data for the parity gate: a dataset folder or 'synthetic'")
+                   help="validation data for the parity gate: a dataset folder or 'synthetic' (a .tflite is also "
+                        "checked on synthetic scenes; --data adds a folder of your images)")
     p.add_argument("--verify-n", type=int, default=20, help="validation images for the parity gate")
     p.add_argument("--out", type=Path,
                    help="output file (default: beside the checkpoint); triton: the repository folder; deepstream: "
@@ -55,7 +59,7 @@ def register(subparsers) -> None:
 
     triton.add_arguments(p)
     deepstream.add_arguments(p)
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, sigterm_interrupts=True)  # temporary folders are removed on SIGTERM too
 
     p = subparsers.add_parser("verify", help="run the parity gate: does ARTIFACT compute what CKPT computes?")
     p.add_argument("artifact", type=Path, help="an exported .onnx file")
@@ -88,6 +92,12 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from edgepix.runtime.core.formats import TFLITE_SUFFIXES
+
+    if args.checkpoint.suffix.lower() in TFLITE_SUFFIXES:
+        from .tflite import cmd_export_tflite
+
+        return cmd_export_tflite(args)
     if args.format == "engine":
         from .tensorrt import cmd_export_engine
 
@@ -96,11 +106,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "triton":
         from .triton import cmd_export_triton
 
-        return cmd_export_triton(args, export_request)
+        with output_folder(args.out, args.format):
+            return cmd_export_triton(args, export_request)
     if args.format == "deepstream":
         from .deepstream import cmd_export_deepstream
 
-        return cmd_export_deepstream(args, export_request)
+        with output_folder(args.out, args.format):
+            return cmd_export_deepstream(args, export_request)
     from .pipeline import run_export
 
     result = run_export(export_request(args))
@@ -110,6 +122,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({size_mb:.2f} MB, {result.spec.precision.value}, "
           f"{result.spec.output_kind.value}, input {result.spec.input_size[0]}x{result.spec.input_size[1]})")
     return 0
+
+
+@contextlib.contextmanager
+def output_folder(out: Path | None, fmt: str) -> Iterator[None]:
+    """The --out folder of the formats that write one (triton, deepstream): checked before any work, in one line,
+    when it is a file or cannot be written; the folders made for it are removed again when the export fails (the
+    format writes into it only at the end, by rename, so a failed export has put nothing there)."""
+    from edgepix.runtime.core.errors import ExportError
+    from edgepix.runtime.core.fileio import check_writable_folder
+
+    if out is None:  # the format says what --out it needs
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--format {fmt} --out {out}: expected a folder, found a file; give a folder path "
+                          "(created when missing)")
+    first_new = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        first_new = folder
+    check_writable_folder(out, f"--format {fmt} --out folder", ExportError)
+    try:
+        yield
+    except BaseException:
+        if first_new is not None:
+            with contextlib.suppress(OSError):  # only folders that are still empty
+                for folder in (out, *out.parents):
+                    folder.rmdir()
+                    if folder == first_new:
+                        break
+        raise
 
 
 def export_request(args: argparse.Namespace):

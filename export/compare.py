@@ -33,7 +33,8 @@ import numpy as np
 
 from edgepix.runtime.core.errors import DataError, ExportError
 from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
-from edgepix.runtime.description.spec import ModelSpec, Precision
+from edgepix.runtime.description.spec import ModelSpec, OutputKind, Precision
+from edgepix.runtime.tasks.decode import OutputDecoder
 from edgepix.runtime.tasks.imageops import Geometry, map_to_frame
 
 from .gate import Check
@@ -155,7 +156,7 @@ def compare_segmentation(reference: Runner, artifact: Runner, spec: ModelSpec, *
         outputs(x)
     for x, mask in samples:
         ref, out = outputs(x)
-        ref, out = _class_map(ref), _class_map(out)
+        ref, out = _class_map(ref, spec), _class_map(out, spec)
         agree += int((ref == out).sum())
         total += ref.size
         if mask is not None:
@@ -189,9 +190,13 @@ def compare_segmentation(reference: Runner, artifact: Runner, spec: ModelSpec, *
     return GateReport(artifact_name, spec.precision.value, checks, info, per_class, reference=reference_name)
 
 
-def _class_map(y: np.ndarray) -> np.ndarray:
-    """(N, H, W) class indices from logits (N, C, H, W) or from a class map (N, H, W) / (N, 1, H, W)."""
-    return y.argmax(1) if y.dtype.kind == "f" else y.reshape(y.shape[0], *y.shape[-2:])
+def _class_map(y: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """(N, H, W) class indices at the output's size, from scores read as the spec describes them (layout, kind,
+    threshold; runtime.tasks.decode, what the Segmenter decides on) or from a class map of the graph's own."""
+    if y.dtype.kind == "f" and spec.output_kind is OutputKind.CLASS_MAP:
+        spec = spec.replace(output_kind=OutputKind.LOGITS)  # the reference's logits, before the graph's ArgMax
+    decoder = OutputDecoder(spec, graph_class_map=y.dtype.kind != "f")
+    return np.stack([decoder.model_map(sample) for sample in y])
 
 
 def to_uint8_image(y: np.ndarray, spec: ModelSpec) -> np.ndarray:

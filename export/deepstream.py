@@ -40,6 +40,8 @@ from edgepix.runtime.core.errors import ExportError
 from edgepix.runtime.core.fileio import fsync_folder, fsync_tree
 from edgepix.runtime.description.spec import ChannelOrder, Layout, ModelSpec, OutputKind, Precision, ResizeMode, Task
 
+from .workspace import workspace
+
 log = logging.getLogger(__name__)
 
 NETWORK_MODE = {Precision.FP32: 0, Precision.INT8: 1, Precision.FP16: 2}  # nvinfer's network-mode values
@@ -126,7 +128,7 @@ def write_deepstream_from_checkpoint(request, out_dir: str | os.PathLike, option
     if options.precision is Precision.INT8:
         fmt, int8 = ExportFormat.ONNX_INT8, replace(request.int8, target=Int8Target.TENSORRT)
     onnx_options = replace(request.onnx, argmax=False, dynamic_batch=True)  # nvinfer batches up to batch-size
-    with tempfile.TemporaryDirectory(prefix="edgepix-deepstream-") as tmp:
+    with workspace() as tmp:
         exported = run_export(replace(request, format=fmt, int8=int8, onnx=onnx_options,
                                       out=Path(tmp) / "model.onnx"))
         result = write_deepstream_from_onnx(exported.path, out_dir, options)
@@ -145,9 +147,13 @@ def write_deepstream_from_onnx(onnx_path: Path, out_dir: str | os.PathLike, opti
     if spec.task is not Task.SEGMENTATION:
         raise ExportError(f"--format deepstream writes semantic segmentation configs; {onnx_path.name} is a "
                           f"{spec.task.value} model")
-    if spec.output_kind is not OutputKind.LOGITS:
+    if spec.output_kind is OutputKind.CLASS_MAP:
         raise ExportError(f"{onnx_path.name} ends in ArgMax; nvinfer's parser needs per-class scores: export it "
                           "without --argmax")
+    if spec.output_kind is not OutputKind.LOGITS or spec.output_layout is not Layout.NCHW:
+        raise ExportError(f"{onnx_path.name} outputs {spec.output_kind.value} in {spec.output_layout.value}; the "
+                          "config written here feeds nvinfer NCHW logits (one channel per class): export a model "
+                          "that outputs them")
     batch_dim = header.inputs[0].shape[0]
     if options.batch > 1 and isinstance(batch_dim, int) and batch_dim >= 0 and batch_dim != options.batch:
         raise ExportError(f"{onnx_path.name} has a static batch of {batch_dim}, --batch is {options.batch}: "

@@ -40,13 +40,21 @@ def test_a_reduced_precision_winner_is_set_apart():
 
 
 def test_agreement_compares_class_maps_for_logits_and_values_otherwise():
+    from edgepix.runtime.description.spec import ModelSpec
+
+    spec = ModelSpec(task="segmentation", model_name="m", input_size=(2, 2), class_names=("a", "b", "c"))
     logits = np.zeros((1, 3, 2, 2), np.float32)
     logits[0, 1] = 1.0
     other = logits.copy()
     other[0, 2, 0, 0] = 2.0  # one pixel of four changes class
-    assert _agreement(logits, other) == "75.00%"
-    assert _agreement(np.ones((1, 4), np.float32), np.full((1, 4), 1.5, np.float32)) == "max diff 0.5"
-    assert _agreement(None, logits) == "-"
+    assert _agreement(logits, other, spec) == "75.00%"
+    # the same scores channels-last: read in the layout the spec says, not along axis 1
+    nhwc = spec.replace(output_layout="NHWC")
+    assert _agreement(logits.transpose(0, 2, 3, 1), other.transpose(0, 2, 3, 1), nhwc) == "75.00%"
+    generator = ModelSpec(task="generation-noise", model_name="g", input_size=(2, 2), latent_size=4,
+                          output_kind="image", output_range=(-1, 1))
+    assert _agreement(np.ones((1, 4), np.float32), np.full((1, 4), 1.5, np.float32), generator) == "max diff 0.5"
+    assert _agreement(None, logits, spec) == "-"
 
 
 def test_every_peer_runs_the_same_input_and_agrees_with_onnx_runtime(seg_onnx):

@@ -60,7 +60,7 @@ def batch(n=2, seed=0) -> np.ndarray:
 
 def test_every_name_is_registered_and_the_cpu_ones_run_here():
     status = backend_status()
-    assert set(status) == {"ort-trt", "ort-cuda", "ort-cpu", "opencv", "openvino", "tensorrt", "triton"}
+    assert set(status) == {"ort-trt", "ort-cuda", "ort-cpu", "opencv", "openvino", "tensorrt", "triton", "litert"}
     assert status["ort-cpu"] is None and status["opencv"] is None
     assert {"ort-cpu", "opencv"} <= set(available_backends())
 
@@ -94,20 +94,20 @@ def test_auto_skips_a_gpu_backend_that_cannot_start(net, monkeypatch, caplog):
             raise AssertionError
 
     real = registry.backend_class
-    monkeypatch.setattr(registry, "candidates", lambda name, path: ["ort-trt", "ort-cpu"])
+    monkeypatch.setattr(registry, "candidates", lambda name, path, **_: ["ort-trt", "ort-cpu"])
     monkeypatch.setattr(registry, "backend_class", lambda name: Broken if name == "ort-trt" else real(name))
     caplog.set_level(logging.INFO, logger="edgepix.runtime.backends")
     with load_backend(net) as b:
         assert b.name == "ort-cpu"
     assert "ort-trt could not start" in caplog.text and "libnvinfer" in caplog.text
     with pytest.raises(BackendError, match="libnvinfer"):  # asked for by name: no fallback
-        monkeypatch.setattr(registry, "candidates", lambda name, path: ["ort-trt"])
+        monkeypatch.setattr(registry, "candidates", lambda name, path, **_: ["ort-trt"])
         load_backend(net, "ort-trt")
 
 
 def test_unknown_names_list_the_valid_ones_with_close_matches(net):
     with pytest.raises(BackendError,
-                       match=r"unknown backend 'ort-gpu'; valid: auto, opencv, openvino, ort-cpu, ort-cuda, "
+                       match=r"unknown backend 'ort-gpu'; valid: auto, litert, opencv, openvino, ort-cpu, ort-cuda, "
                                            r"ort-trt, tensorrt, triton\. Did you mean 'ort-cpu'"):
         load_backend(net, "ort-gpu")
 

@@ -126,9 +126,10 @@ def test_the_fitted_model_is_decisive_and_input_dependent(fitted):
 def test_segmenter_class_maps_equal_pytorch_argmax(fitted):
     agree_frame = agree_model = total_frame = total_model = 0
     max_logit = max_input = 0.0
-    with Segmenter.load(fitted["onnx"], "ort-cpu") as seg, \
-            Segmenter.load(fitted["onnx"], "ort-cpu", fuse_argmax=False) as plain:
-        assert seg.backend.fused_argmax  # the default path: argmax inside the ONNX Runtime graph
+    # Decided at the model's size as PyTorch's argmax is (upsample classes): the argmax inside the ONNX Runtime graph.
+    with Segmenter.load(fitted["onnx"], "ort-cpu", upsample="classes") as seg, \
+            Segmenter.load(fitted["onnx"], "ort-cpu", fuse_argmax=False, upsample="classes") as plain:
+        assert seg.backend.fused_argmax
         for frame, ref_logits in zip(fitted["frames"], fitted["logits"]):
             r = seg.segment(frame)
             ref_map = ref_logits.argmax(0)
@@ -149,6 +150,21 @@ def test_segmenter_class_maps_equal_pytorch_argmax(fitted):
     assert max_input < 1e-5 and max_logit < 1e-3
 
 
+def test_scores_upsampling_equals_pytorch_logits_interpolated_to_the_frame(fitted):
+    """The default (`upsample` scores): the logits resized bilinearly to the frame, then the argmax, as PyTorch
+    evaluates (F.interpolate, align_corners=False, the same half-pixel grid as OpenCV's INTER_LINEAR)."""
+    agree = total = 0
+    with Segmenter.load(fitted["onnx"], "ort-cpu") as seg:
+        assert seg.spec.upsample.value == "scores" and seg.backend.fused_argmax is None
+        for frame, ref_logits in zip(fitted["frames"], fitted["logits"]):
+            up = F.interpolate(torch.from_numpy(ref_logits)[None], size=FRAME, mode="bilinear", align_corners=False)
+            ref = up[0].argmax(0).numpy()
+            agree += int((seg.segment(frame).class_map == ref).sum())
+            total += ref.size
+    REPORT["Segmenter (upsample scores) vs PyTorch interpolate + argmax"] = agree / total
+    assert agree / total >= 0.999
+
+
 def test_onnx_runtime_and_opencv_agree(fitted):
     agree = total = 0
     with Segmenter.load(fitted["onnx"], "ort-cpu") as a, Segmenter.load(fitted["onnx"], "opencv") as b:
@@ -161,7 +177,8 @@ def test_onnx_runtime_and_opencv_agree(fitted):
 
 
 def test_the_exported_argmax_graph_gives_the_same_maps(fitted):
-    with Segmenter.load(fitted["onnx"]) as a, Segmenter.load(fitted["argmax_onnx"]) as b:
+    # An exported argmax graph decides at the model's size, as the logits model does with upsample classes.
+    with Segmenter.load(fitted["onnx"], upsample="classes") as a, Segmenter.load(fitted["argmax_onnx"]) as b:
         assert b.spec.output_kind.value == "class_map" and b.graph_class_map and not b.fused_argmax
         for frame in fitted["frames"][:5]:
             assert (a.segment(frame).class_map == b.segment(frame).class_map).all()

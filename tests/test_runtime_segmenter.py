@@ -157,9 +157,12 @@ def test_class_maps_are_right_at_the_frame_size(models, kind):
 def test_fusing_the_argmax_into_the_graph_changes_nothing_but_speed(models):
     frames = [cv2.resize(np.random.default_rng(i).integers(0, 256, (9, 13, 3), dtype=np.uint8), (70, 50))
               for i in range(4)]
-    fused = Segmenter.load(models["net"])
-    plain = Segmenter.load(models["net"], fuse_argmax=False)
-    opencv = Segmenter.load(models["net"], "opencv")
+    # Fused where the spec decides at the model's size (upsample classes); scores are upsampled unfused.
+    fused = Segmenter.load(models["net"], upsample="classes")
+    plain = Segmenter.load(models["net"], fuse_argmax=False, upsample="classes")
+    opencv = Segmenter.load(models["net"], "opencv", upsample="classes")
+    with Segmenter.load(models["net"]) as scores:
+        assert scores.spec.upsample.value == "scores" and scores.backend.fused_argmax is None
     assert fused.backend.fused_argmax == "output.class_map" and "argmax fused" in fused.backend.description
     assert plain.backend.fused_argmax is None and opencv.backend.fused_argmax is None
     for f in frames:
@@ -168,7 +171,7 @@ def test_fusing_the_argmax_into_the_graph_changes_nothing_but_speed(models):
         assert (a.class_map == c.class_map).mean() > 0.999
     with pytest.raises(InputError, match="load with confidence=True"):
         fused.segment(frames[0], confidence=True)
-    with Segmenter.load(models["net"], confidence=True) as conf:
+    with Segmenter.load(models["net"], confidence=True, upsample="classes") as conf:
         r = conf.segment(frames[0])
         assert conf.backend.fused_argmax is None
         assert r.confidence.shape == r.class_map.shape and r.confidence.dtype == np.float32
@@ -355,7 +358,7 @@ def test_a_model_without_a_spec_gets_one_from_its_shapes_and_warns_once(models, 
     np.testing.assert_allclose(again.normalizer.a, (1 / 255) / 0.25)
     np.testing.assert_allclose(again.normalizer.b, -2.0)
     assert again.segment(halves_frame()).class_map.max() <= 3
-    with pytest.raises(ModelFormatError, match="3 class names given but the output has 4 channels"):
+    with pytest.raises(ModelFormatError, match="the spec lists 3 classes, the output has 4 channels"):
         Segmenter.load(path, classes=["a", "b", "c"])
 
 

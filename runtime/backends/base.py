@@ -3,16 +3,24 @@
 Modelled on Polygraphy's `BaseRunner`: the public `infer()` checks what enters (names, dtypes, shapes) and times the
 call; subclasses implement only `infer_impl()`. A backend owns its session (ONNX Runtime session, OpenCV net,
 TensorRT context): `close()` or leaving a `with` block frees it, and using a closed backend is an error rather
-than a crash. Instances are not thread-safe (ONNX Runtime sessions are, OpenCV nets and IOBindings are not): give
-each thread its own backend or serialise calls.
+than a crash.
+
+Threads: each backend says whether one instance may be called from two threads at once (`thread_safe`, from what
+its library documents: ONNX Runtime's `InferenceSession.run` is thread-safe, an IOBinding is not; OpenCV dnn nets,
+OpenVINO infer requests and TensorRT execution contexts are not). Where it is not, give each thread its own
+instance (the stream pipeline does: runtime.streams.pipeline) or serialise the calls. A thread that calls a backend
+calls `bind_thread()` once first: the CUDA runtime's current device is per thread (device 0 in a new one).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import os
 import time
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,24 +28,67 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..core.errors import BackendError, InputError, unknown_name
+from ..description.onnxedit import ClassMapFusion, as_fusion
 from ..description.spec import ModelSpec
 from ..description.tensors import Dim, TensorMeta
 
 
-class BackendOptionError(BackendError):
-    """An option given to a backend is unknown or has a bad value."""
+class BackendOptionError(BackendError, InputError):
+    """An option given to a backend is unknown or has a bad value (or type): a caller's mistake, so an InputError
+    too."""
 
 
 def options_from_kwargs(options_type: type, backend: str, kwargs: Mapping[str, Any]):
-    """Build a typed options dataclass from keyword arguments; an unknown keyword names the valid ones."""
+    """Build a typed options dataclass from keyword arguments; an unknown keyword names the valid ones, and a value
+    of the wrong type (a string for a thread count, a number for a switch) is refused in one line before the
+    dataclass sees it."""
     names = [f.name for f in dataclasses.fields(options_type)]
     for key in kwargs:
         if key not in names:
             raise BackendOptionError(unknown_name(f"option for backend {backend!r}:", key, names))
+    hints = typing.get_type_hints(options_type)
+    for key, value in kwargs.items():
+        expected = _accepted_types(hints[key])
+        if expected and not any(_is_a(value, t) for t in expected):
+            raise BackendOptionError(f"backend {backend!r}: option {key}: expected "
+                                     f"{' or '.join(_type_name(t) for t in expected)}, got {value!r:.80} "
+                                     f"({type(value).__name__})")
     try:
         return options_type(**kwargs)
     except BackendError as e:
         raise BackendOptionError(f"backend {backend!r}: {e}") from e
+
+
+def _accepted_types(annotation: Any) -> tuple[Any, ...]:
+    """The types an option's annotation accepts (`int | None` -> (int, NoneType)); () when it cannot say."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+    else:
+        members = (annotation,)
+    known = (bool, int, float, str, Path, type(None))
+    if all(t in known or (isinstance(t, type) and issubclass(t, enum.Enum)) for t in members):
+        return members
+    return ()
+
+
+def _is_a(value: Any, t: Any) -> bool:
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is Path:
+        return isinstance(value, (str, os.PathLike))
+    if isinstance(t, type) and issubclass(t, enum.Enum):
+        return isinstance(value, (str, t))  # the options' own __post_init__ checks the name
+    return isinstance(value, t)
+
+
+def _type_name(t: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path",
+             type(None): "None"}
+    return names.get(t) or f"one of {', '.join(repr(m.value) for m in t)}"
 
 
 class Backend(abc.ABC):
@@ -49,6 +100,10 @@ class Backend(abc.ABC):
     options_type: ClassVar[type | None] = None
     #: whether `load(fuse_argmax=...)` can end the graph in ArgMax + Cast(uint8) (see runtime.description.onnxedit)
     supports_fused_argmax: ClassVar[bool] = False
+    #: whether one instance may be called from two threads at once. A class attribute; a backend whose answer
+    #: depends on its options (ONNX Runtime with or without IOBinding) makes it a property. False unless the
+    #: library documents concurrent calls as safe.
+    thread_safe: bool = False
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -63,13 +118,16 @@ class Backend(abc.ABC):
     # ---- construction --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, fuse_argmax: str | None = None, **options: Any) -> Backend:
+    def load(cls, path: str | os.PathLike, *, fuse_argmax: str | ClassMapFusion | None = None,
+             **options: Any) -> Backend:
         """Load `path` with keyword options that become this backend's typed options dataclass.
 
-        `fuse_argmax`: the name of a logits output (N, C, H, W) to replace by its uint8 class map (N, H, W)
-        inside the backend's graph, where the backend supports it (`supports_fused_argmax`); others ignore it.
-        Check `fused_argmax` on the result: the name of the class-map output, or None if nothing was fused.
+        `fuse_argmax`: what to replace by its uint8 class map inside the backend's graph, where the backend
+        supports it (`supports_fused_argmax`; others ignore it): a ClassMapFusion (description.onnxedit: ArgMax over
+        the class axis, or a threshold for a binary output), or the name of logits (N, C, H, W). Check
+        `fused_argmax` on the result: the name of the class-map output, or None if nothing was fused.
         """
+        fuse_argmax = as_fusion(fuse_argmax)  # InputError for anything else (a bool, a number)
         kwargs: dict[str, Any] = {}
         if fuse_argmax is not None and cls.supports_fused_argmax:
             kwargs["fuse_argmax"] = fuse_argmax
@@ -158,6 +216,11 @@ class Backend(abc.ABC):
                 raise InputError(f"input {meta.name!r}: expected shape {_shape(meta.shape)}, got {tuple(array.shape)}")
             if array.size == 0:
                 raise InputError(f"input {meta.name!r}: expected a non-empty array, got shape {tuple(array.shape)}")
+
+    def bind_thread(self) -> None:  # noqa: B027  (an optional hook: most backends need nothing per thread)
+        """Make the calling thread ready to call `infer`; called once by each thread that will call it, before its
+        first call. The native TensorRT backend makes the device it was created on current: CUDA's current device
+        is per thread, and a new thread starts on device 0 (ONNX Runtime's CUDA provider sets its device itself)."""
 
     # ---- resources -------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import BackendError, DependencyError, ModelFormatError
-from ..description.onnxedit import append_argmax_file
+from ..description.onnxedit import ClassMapFusion, append_argmax_file
 from ..description.onnxproto import read_onnx_header
 from ..description.tensors import TensorMeta, dtype_from_onnx, normalise_dim
 from .base import Backend
@@ -107,7 +107,7 @@ class OpenVINOBackend(Backend):
     thread_safe = False
 
     def __init__(self, path: str | os.PathLike, *, options: OpenVINOOptions | None = None,
-                 fuse_argmax: str | None = None) -> None:
+                 fuse_argmax: ClassMapFusion | None = None) -> None:
         super().__init__(path)
         self.options = options if options is not None else OpenVINOOptions()
         ov = import_openvino()
@@ -139,9 +139,8 @@ class OpenVINOBackend(Backend):
             except RuntimeError as e:
                 raise ModelFormatError(f"{self.path}: OpenVINO cannot read this ONNX model: {_first_line(e)}") from e
         if self.fused_argmax is not None:
-            replaced = fuse_argmax
-            outputs = [TensorMeta(self.fused_argmax, np.dtype(np.uint8), (t.shape[0], *t.shape[2:]))
-                       if t.name == replaced else t for t in outputs]
+            outputs = [TensorMeta(self.fused_argmax, np.dtype(np.uint8), fuse_argmax.class_map_shape(t.shape))
+                       if t.name == fuse_argmax.output else t for t in outputs]
         self.outputs = tuple(outputs)
         try:
             self.compiled = core.compile_model(model, self.options.device, compile_config(self.options))

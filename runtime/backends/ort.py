@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import BackendError, ModelFormatError, require
-from ..description.onnxedit import append_argmax_file
+from ..description.onnxedit import ClassMapFusion, append_argmax_file
 from ..description.onnxproto import check_model_path
 from ..description.tensors import TensorMeta, dtype_from_ort, normalise_dim
 from .base import Backend
@@ -157,7 +157,7 @@ class OrtBackend(Backend):
     supports_fused_argmax = True
 
     def __init__(self, path: str | os.PathLike, *, options: OrtOptions | None = None,
-                 fuse_argmax: str | None = None) -> None:
+                 fuse_argmax: ClassMapFusion | None = None) -> None:
         super().__init__(path)
         self.options = options if options is not None else self.options_type()
         if not isinstance(self.options, self.options_type):

@@ -9,10 +9,12 @@
 | `openvino` | OpenVINO runtime, CPU device (GPU/NPU unverified) | .onnx          |
 | `tensorrt` | native TensorRT (runtime/backends/tensorrt/backend.py)    | .engine / .plan|
 | `triton`   | a Triton (KServe v2) server, over HTTP or gRPC    | a model name   |
+| `litert`   | LiteRT (ai-edge-litert) interpreter, XNNPACK      | .tflite        |
 
 Backend modules are imported only when a backend is loaded, so `import edgepix.runtime` stays light.
 `auto` picks, for an ONNX file, the first available of ort-trt > ort-cuda > ort-cpu > opencv (by what
-`onnxruntime.get_available_providers()` offers) and logs what it chose; for an engine file, `tensorrt`.
+`onnxruntime.get_available_providers()` offers) and logs what it chose; for an engine file, `tensorrt`; for a
+.tflite file, `litert` (the only backend that runs one; it never runs ONNX files).
 `openvino` is never picked by `auto`: it is there to be asked for (and measured with `edgepix bench --peers`).
 A backend that is registered but cannot run here raises BackendError with the reason and the available names.
 
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import BackendError, ModelFormatError, unknown_name
-from ..core.formats import ENGINE_SUFFIXES, ONNX_SUFFIXES
+from ..core.errors import BackendError, InputError, ModelFormatError, unknown_name
+from ..core.formats import ENGINE_SUFFIXES, ONNX_SUFFIXES, TFLITE_SUFFIXES
+from ..description.onnxedit import ClassMapFusion, as_fusion
 from .base import Backend, BackendOptionError
 
 log = logging.getLogger("edgepix.runtime.backends")
@@ -105,6 +108,12 @@ def _triton_check() -> str | None:
     return None
 
 
+def _litert_check() -> str | None:
+    if not _module_exists("ai_edge_litert.interpreter"):
+        return "the Python package 'ai-edge-litert' is not installed (pip install 'edgepix[litert]')"
+    return None
+
+
 def _module_exists(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -140,6 +149,8 @@ for _entry in (
     # Loads a model by its name on the server: no file suffix to check.
     BackendEntry("triton", "edgepix.runtime.backends.triton", "TritonBackend",
                  "a Triton Inference Server model (HTTP or gRPC, url=HOST:PORT)", (), _triton_check),
+    BackendEntry("litert", "edgepix.runtime.backends.litert", "LiteRTBackend",
+                 "LiteRT interpreter (ai-edge-litert), XNNPACK delegate", TFLITE_SUFFIXES, _litert_check),
 ):
     register_backend(_entry)
 
@@ -179,20 +190,24 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(module, entry.class_name)
 
 
-def candidates(name: str, path: str | os.PathLike) -> list[str]:
-    """The backend names to try for `name` ('auto' or a registered name) and the model at `path`."""
+def candidates(name: str, path: str | os.PathLike, *, threads: int | None = None) -> list[str]:
+    """The backend names to try for `name` ('auto' or a registered name) and the model at `path`; `threads`: the
+    intra-op threads the model will run with (None: the backend's default), which a tune measurement must match."""
     suffix = Path(path).suffix.lower()
     if name != "auto":
         entry = get_entry(name)
         if entry.suffixes and suffix and suffix not in entry.suffixes:
             raise BackendError(f"backend {name!r} loads {'/'.join(entry.suffixes)} files, got {Path(path).name}; "
                                + ("use backend 'tensorrt' for engines" if suffix in ENGINE_SUFFIXES else
+                                  "use backend 'litert' for .tflite files" if suffix in TFLITE_SUFFIXES else
                                   "use an ort-*, opencv or openvino backend for .onnx files"))
         return [name]
     if suffix in ENGINE_SUFFIXES:
         return ["tensorrt"]
+    if suffix in TFLITE_SUFFIXES:  # nothing else runs TFLite; its own check says what to install
+        return ["litert"]
     if suffix not in ONNX_SUFFIXES:
-        suffixes = ", ".join(ONNX_SUFFIXES + ENGINE_SUFFIXES)
+        suffixes = ", ".join(ONNX_SUFFIXES + ENGINE_SUFFIXES + TFLITE_SUFFIXES)
         raise ModelFormatError(f"{Path(path).name}: expected a model file ({suffixes})"
                                f", got '{suffix or 'no suffix'}'")
     status = backend_status()
@@ -200,27 +215,35 @@ def candidates(name: str, path: str | os.PathLike) -> list[str]:
     if not chosen:
         raise BackendError("no backend can run ONNX models here: " + "; ".join(
             f"{n}: {status[n]}" for n in AUTO_ORDER_ONNX) + " (install onnxruntime or OpenCV)")
-    # A measured choice for this file on this machine (edgepix tune) goes first; the fixed order follows.
+    # A measured choice for this file on this machine as it is now (edgepix tune) goes first; the fixed order follows.
     from .profile import preferred_backend
 
-    measured = preferred_backend(path)
+    measured = preferred_backend(path, threads=threads)
     if measured is not None and measured in status and status[measured] is None:
         log.info("backend auto: %s measured fastest for %s on this machine (edgepix tune)", measured, Path(path).name)
         return [measured] + [n for n in chosen if n != measured]
     return chosen
 
 
-def load_backend(path: str | os.PathLike, backend: str = "auto", *, fuse_argmax: str | None = None,
+def load_backend(path: str | os.PathLike, backend: str = "auto", *, fuse_argmax: str | ClassMapFusion | None = None,
                  **options: Any) -> Backend:
     """Load `path` with the named backend (or `auto`), passing `options` to its options dataclass.
 
-    `fuse_argmax` names a logits output to turn into a uint8 class map inside the graph where the backend can
-    (see `Backend.load`).
+    `fuse_argmax` says which output to turn into a uint8 class map inside the graph where the backend can, and how
+    (a ClassMapFusion, or a logits output's name; see `Backend.load`). Arguments of the wrong type (a bool for
+    `fuse_argmax`, a number for `backend` or `path`, a string for `threads`) raise InputError in one line.
 
     With `auto`, a GPU backend whose execution provider is listed but fails to start (missing CUDA or TensorRT
     libraries) is skipped with a warning and the next one is tried; the choice is logged at INFO level.
     """
-    names = candidates(backend, path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path: expected a model file's path (str or os.PathLike), got {path!r:.80} "
+                         f"({type(path).__name__})")
+    if not isinstance(backend, str):
+        raise InputError(f"backend: expected a backend name (a string: {', '.join(backend_names())}), got "
+                         f"{backend!r:.80} ({type(backend).__name__})")
+    fuse_argmax = as_fusion(fuse_argmax)
+    names = candidates(backend, path, threads=options.get("threads"))
     errors: list[str] = []
     for i, name in enumerate(names):
         cls = backend_class(name)

@@ -39,6 +39,7 @@ import logging
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ from ..core.errors import InputError, SinkError
 from ..core.fileio import remove_stale_partials_under
 from ..core.formats import VIDEO_SUFFIXES
 from ..tasks.render import RenderOptions
-from .cluster import DEFAULT_CHUNK, ClusterOptions
+from .cluster import DEFAULT_CHUNK, ClusterOptions, check_reachable
 from .worker import STATE_FOLDER, ArchiveWorker, Item, Task, WorkerSettings, read_journal
 
 log = logging.getLogger("edgepix.archive")
@@ -61,6 +62,7 @@ class ArchiveJob:
     sink: str
     backend: str = "auto"
     render: RenderOptions = field(default_factory=RenderOptions)
+    upsample: str | None = None  # "scores" or "classes"; None: the model's spec says
     batch: int = 1
     chunk: int = DEFAULT_CHUNK
     engine: str = "local"  # "local" or "ray"
@@ -193,6 +195,34 @@ class RunReport:
 # ---- the local engine ------------------------------------------------------------------------------------------
 
 
+class _StopOnSignals:
+    """While the local engine runs in the main thread, Ctrl-C and SIGTERM set `stop` (the workers finish their frame
+    and abandon their partial files) instead of raising KeyboardInterrupt wherever the main thread happens to be (an
+    exception raised inside a lock's wait corrupts it); `count` says how many came. Elsewhere it does nothing."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop, self.count, self.previous = stop, 0, {}
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        self.count += 1
+        self.stop.set()
+
+    def __enter__(self) -> _StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class WorkersAbandoned(KeyboardInterrupt):
+    """A second Ctrl-C (or SIGTERM) while the workers were finishing their frame: they are still running (inside ONNX
+    Runtime or OpenCV). The summary is written all the same; a command line should then end the process with
+    os._exit, since the interpreter's normal exit aborts while C++ threads run."""
+
+
 def run_local(tasks: Sequence[Task], settings: WorkerSettings, *, workers: int, report: RunReport,
               stop: threading.Event) -> dict:
     """`workers` threads, each with its own model, take tasks from one queue (ONNX Runtime, OpenCV and numpy
@@ -223,29 +253,36 @@ def run_local(tasks: Sequence[Task], settings: WorkerSettings, *, workers: int, 
             events.put(("exit",))
 
     threads = [threading.Thread(target=work, name=f"archive-{i}", daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
     error: BaseException | None = None
-    try:
-        while any(t.is_alive() for t in threads) or not events.empty():
-            try:
-                event = events.get(timeout=0.5)
-            except queue.Empty:
-                report.tick()
-                continue
-            if event[0] == "ready":
-                report.worker_ready(event[1])
-            elif event[0] == "done":
-                report.task_done(event[1], event[2])
-            elif event[0] == "error" and error is None:
-                error = event[1]
-                stop.set()
-    finally:
-        stop.set()  # Ctrl-C: the workers finish their current frame and abandon their partial files
+    with _StopOnSignals(stop) as signals:
         for t in threads:
-            t.join()
+            t.start()
+        try:
+            # Until every worker has exited: after a stop the outcomes of the tasks they finish still arrive.
+            while any(t.is_alive() for t in threads) or not events.empty():
+                if signals.count > 1:
+                    raise WorkersAbandoned("stopped without waiting for the workers to finish their frame; the "
+                                           "partial files they leave are removed by the next run")
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    report.tick()
+                    continue
+                if event[0] == "ready":
+                    report.worker_ready(event[1])
+                elif event[0] == "done":
+                    report.task_done(event[1], event[2])
+                elif event[0] == "error" and error is None:
+                    error = event[1]
+                    stop.set()
+        finally:
+            stop.set()  # whatever ended the loop: the workers finish their frame and abandon their partial files
+    for t in threads:
+        t.join()  # exited already: their last event was read
     if error is not None:
         raise error
+    if signals.count:
+        raise KeyboardInterrupt
     return {"local_workers": workers, "threads_per_worker": settings.threads}
 
 
@@ -267,6 +304,8 @@ def check_archive_job(job: ArchiveJob) -> Path:
         raise InputError(f"--chunk: expected a positive integer, got {job.chunk}")
     if job.engine not in ("local", "ray"):
         raise InputError(f"--engine: expected local or ray, got {job.engine!r}")
+    if job.engine == "ray":
+        check_reachable(job.cluster)  # before anything is written into the sink
     return Path(spec.target).expanduser()
 
 
@@ -300,7 +339,9 @@ def output_settings(job: ArchiveJob) -> dict:
             "model": str(job.model) if not model.is_file() else model.name,
             "vis": render.mode.value, "alpha": float(render.alpha),
             "classes": list(render.show) if render.show is not None else None, "hide": list(render.hide),
-            "legend": render.legend}
+            "legend": render.legend,
+            # only when given, so that archives made before the choice existed keep their key
+            **({"upsample": job.upsample} if job.upsample is not None else {})}
 
 
 def settings_key(settings: dict) -> str:
@@ -362,26 +403,27 @@ def run_archive(job: ArchiveJob) -> dict:
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     settings = WorkerSettings(model=str(Path(job.model).resolve()) if Path(job.model).exists() else str(job.model),
                               sink=str(sink.resolve()), backend=job.backend, render=job.render, batch=job.batch,
+                              upsample=job.upsample,
                               server_url=job.triton_url, run_id=run_id, decoder_logs=job.decoder_logs,
                               settings_key=key)
     report = RunReport(len(todo), quiet=job.quiet, engine=job.engine)
     stop = threading.Event()
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     engine_info: dict = {}
     try:
         if tasks:
             engine_info = _run_engine(job, tasks, settings, report, stop)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:  # WorkersAbandoned too: the summary is written either way
+        interrupted = e
     finally:
         report.close()
-    summary = _summary(job, sink, run_id, items, complete, report, engine_info, t0, interrupted)
+    summary = _summary(job, sink, run_id, items, complete, report, engine_info, t0, interrupted is not None)
     text = json.dumps(summary, indent=2) + "\n"
     write_state(sink / STATE_FOLDER / "summary.json", text)
     if job.stats is not None:
         write_state(Path(job.stats), text)
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        raise interrupted
     return summary
 
 
@@ -398,13 +440,22 @@ def _run_engine(job: ArchiveJob, tasks: list[Task], settings: WorkerSettings, re
 def _summary(job: ArchiveJob, sink: Path, run_id: str, items: list[Item], complete: list[Item], report: RunReport,
              engine_info: dict, t0: float, interrupted: bool) -> dict:
     complete_names = {i.output for i in complete}
+    # The writes journal is the truth about what this run committed: after an interrupt, outputs renamed into
+    # place by a task whose outcomes never reached the driver (it stopped listening, or a worker was abandoned)
+    # are done, not interrupted.
+    committed = {e.get("output"): e for e in read_journal(sink, run_id)}
     rows = []
     for item in items:
         if item.output in complete_names:
             rows.append({"input": item.shown, "output": item.output, "kind": item.kind, "outcome": "skipped"})
-        else:
-            rows.append(report.outcomes.get(item.output) or {"input": item.shown, "output": item.output,
-                                                              "kind": item.kind, "outcome": "interrupted"})
+            continue
+        row = report.outcomes.get(item.output)
+        entry = committed.get(item.output)
+        if (row is None or row["outcome"] == "interrupted") and entry is not None and (sink / item.output).exists():
+            row = {"input": item.shown, "output": item.output, "kind": item.kind, "outcome": "done",
+                   "frames": entry.get("frames", 0), "attempt": entry.get("attempt", 1),
+                   "note": "committed; its report did not reach the driver before the interrupt"}
+        rows.append(row or {"input": item.shown, "output": item.output, "kind": item.kind, "outcome": "interrupted"})
     counts = {k: sum(r["outcome"] == k for r in rows) for k in ("done", "skipped", "failed", "interrupted")}
     frames = sum(r.get("frames", 0) for r in rows if r["outcome"] == "done")
     processing = report.t_last - report.t_ready if report.t_ready and report.t_last else 0.0

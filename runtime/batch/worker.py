@@ -54,6 +54,7 @@ class WorkerSettings:
     backend: str = "auto"
     threads: int | None = None  # intra-op threads per inference call; None: the backend's default
     render: RenderOptions = field(default_factory=RenderOptions)
+    upsample: str | None = None  # "scores" or "classes"; None: the model's spec says
     batch: int = 1  # frames per inference call (the same for every engine: results cannot depend on it)
     server_url: str | None = None  # --backend triton
     run_id: str = ""
@@ -88,8 +89,9 @@ class ArchiveWorker:
         self.settings = settings
         self.backend = resolve_backend(settings.model, settings.backend)
         server = {"url": settings.server_url} if settings.server_url else {}
+        upsample = {"upsample": settings.upsample} if settings.upsample is not None else {}
         self.seg = Segmenter.load(settings.model, self.backend, render=settings.render, max_batch=settings.batch,
-                                  **backend_options(self.backend, settings.threads), **server)
+                                  **upsample, **backend_options(self.backend, settings.threads), **server)
         self.sink = Path(settings.sink)
         self.host, self.pid = socket.gethostname(), os.getpid()
 

@@ -4,11 +4,9 @@ The flags are registered without importing the archive machinery, so the command
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
+import os
 import sys
-import threading
 from pathlib import Path
 
 from ..batch.cluster import DEFAULT_CHUNK, ClusterOptions
@@ -28,39 +26,32 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise InputError(f"an archive run writes into one folder: give one --sink DIR/ (got {len(args.sink)})")
     if not args.source:
         raise InputError("an archive run needs --source: files, a folder or a glob such as 'archive/**/*.mp4'")
-    from ..batch.archive import ArchiveJob, run_archive
+    from ..batch.archive import ArchiveJob, WorkersAbandoned, run_archive
 
     job = ArchiveJob(
         model=args.model, sources=args.source, sink=args.sink[0], backend=args.backend,
         render=RenderOptions(mode=args.vis, alpha=args.alpha, show=tuple(args.classes) if args.classes else None,
                              hide=tuple(args.hide), legend=args.legend),
-        batch=args.max_batch or 1, chunk=args.chunk, engine=args.engine, workers=args.workers,
+        upsample=args.upsample, batch=args.max_batch or 1, chunk=args.chunk, engine=args.engine, workers=args.workers,
         threads=args.threads, cluster=cluster_options(args), stats=args.stats, triton_url=args.triton_url,
         quiet=args.quiet, decoder_logs=args.verbose, overwrite=args.overwrite)
-    with _sigterm_interrupts():
-        summary = run_archive(job)
+    try:
+        summary = run_archive(job)  # SIGTERM stops it as Ctrl-C does (the verb's sigterm_interrupts)
+    except WorkersAbandoned as e:
+        # Ctrl-C twice: the workers are still inside ONNX Runtime or OpenCV. The interpreter's normal exit would
+        # destroy C++ objects under their running threads and abort ("terminate called without an active
+        # exception"), so the process ends here, right away, after one line. Nothing half-written is at an output
+        # path: outputs appear only by rename when complete.
+        print(f"edgepix segment: interrupted again: {e}", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     if not args.quiet:
         print(closing_line(summary), file=sys.stderr)
     for f in summary["failures"]:
         print(f"edgepix segment: error: {f['input']}: {f['reason']}", file=sys.stderr)
     return 1 if summary["failures"] else 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM stops an archive run as Ctrl-C does: workers abandon their partial files, the summary is written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def closing_line(summary: dict) -> str:

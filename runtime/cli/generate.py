@@ -13,13 +13,26 @@ states images/s and the time per batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 from ..core.fileio import write_image
 from ..core.formats import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from .segment import URI_EPILOG, UriHelpFormatter, add_stream_arguments, run_stream_command, stream_job
+from .segment import URI_EPILOG, UriHelpFormatter, add_stream_arguments, run_stream_command, source_uri, stream_job
+
+MAX_SEED = 2**63 - 1  # numpy seeds the latents with non-negative integers; int64's range is plenty
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text[:40]!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {value}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -34,8 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("model", type=Path, help="an exported generator (.onnx, or a TensorRT .engine)")
     p.add_argument("--num", "-n", type=int, help="noise models: number of images")
     p.add_argument("--batch", "-b", type=int, default=8, help="latents or images per inference call (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="noise models: latent seed (default 0)")
-    p.add_argument("--input", "-i", metavar="PATH|URI",
+    p.add_argument("--seed", type=_seed, default=0, help=f"noise models: latent seed, 0..{MAX_SEED} (default 0)")
+    p.add_argument("--input", "-i", metavar="PATH|URI", type=source_uri,
                    help="image models: a folder of images, an image, a video file or a source URI")
     p.add_argument("--out", "-o", type=Path, help="output folder (or a video file for video input)")
     p.add_argument("--sink", action="append", default=[], metavar="URI",
@@ -50,7 +63,7 @@ def register(subparsers) -> None:
     from .archive import add_engine_flags
 
     add_engine_flags(p.add_argument_group("clusters (noise models)"))
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, sigterm_interrupts=True)
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
@@ -74,10 +87,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError("a noise -> image model needs --num N (N >= 1) images to generate")
         if args.out is None and args.grid is None:
             raise InputError("give --out DIR and/or --grid FILE: nowhere to put the images")
+        out_is_new = args.out is not None and not args.out.exists()
         _check_outputs(args, out_is_video=False)
-        if args.engine == "ray":  # index ranges on a Ray cluster's actors: the same files
-            return generate_on_ray(args)
-        return _generate_noise(args)
+        try:
+            if args.engine == "ray":  # index ranges on a Ray cluster's actors: the same files
+                return generate_on_ray(args)
+            return _generate_noise(args)
+        except BaseException:
+            if out_is_new:  # a run that failed early (no cluster, no model) leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    args.out.rmdir()  # only while empty: complete images stay
+            raise
     if task is Task.GENERATION_IMAGE:
         if args.input is None:
             raise InputError(f"{args.model.name} is an image -> image model: give --input DIR|IMAGE|VIDEO|URI")

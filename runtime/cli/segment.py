@@ -44,6 +44,15 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def source_uri(text: str) -> str:
+    """--source (and generate's --input): an empty value would otherwise read as no source at all, which the
+    runtime takes for the synthetic scenes: a usage error instead."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a source URI (a camera number, a file, a folder, a glob, "
+                                         "rtsp://..., synthetic://), got an empty string")
+    return text
+
+
 def _class_key(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
@@ -116,7 +125,7 @@ def register(subparsers) -> None:
     p.add_argument("model", type=Path,
                    help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
                         "the server")
-    p.add_argument("--source", "-s", action="append", default=[], metavar="URI",
+    p.add_argument("--source", "-s", action="append", default=[], metavar="URI", type=source_uri,
                    help="where frames come from (repeat for several streams, batched together)")
     p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
                    help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
@@ -133,11 +142,15 @@ def register(subparsers) -> None:
                         "pix2pix model trained on masks); the sinks get its pictures")
     p.add_argument("--show", choices=("side", "generated"), default="side",
                    help="with --then: the frame and the picture side by side (default), or the picture alone")
+    from ..streams.jobs import StreamJob
+    from .flags import add_config_flags
+
+    add_config_flags(p, StreamJob, ["upsample", "temporal", "temporal_alpha"])
     add_stream_arguments(p)
     from .archive import add_archive_flags
 
     add_archive_flags(p)
-    p.set_defaults(func=cmd_segment)
+    p.set_defaults(func=cmd_segment, sigterm_interrupts=True)  # outside a stream run too (loading, archives)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

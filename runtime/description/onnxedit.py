@@ -1,4 +1,4 @@
-"""One graph edit the runtime makes without the `onnx` package: end a segmentation graph in ArgMax + Cast(uint8).
+"""One graph edit the runtime makes without the `onnx` package: end a segmentation graph in its uint8 class map.
 
 A model exported with logits hands the runtime (N, C, H, W) floats: at 512x512 with 6 classes that is a 6 MB
 output per frame, copied out of ONNX Runtime and then reduced by an argmax on the CPU. Appending
@@ -6,6 +6,10 @@ output per frame, copied out of ONNX Runtime and then reduced by an argmax on th
 reduction inside the session, with its threads, and return a 0.25 MB class map; ties go to the lowest index, as
 in numpy and PyTorch. The result is the graph `edgepix export --argmax` writes, made at load time from the
 plain export.
+
+The class axis is where the output's layout puts it (`ArgMax(axis=3)` for NHWC scores), and a one-channel binary
+output (a probability or a logit) ends in `Greater(output, threshold) -> Cast(uint8)` instead, the threshold a
+Constant of the output's own type: `ClassMapFusion` says which (`fusion_for(spec)` reads it from a spec).
 
 The edit works on the serialized ModelProto (field numbers from onnx/onnx.proto): the graph's fields are copied
 as they are, the logits output is replaced by the class-map output, and two nodes are appended (a repeated field
@@ -16,15 +20,79 @@ the edit does not touch, so the weights are copied as bytes.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
+import struct
+from dataclasses import dataclass
+from typing import Any
 
-from ..core.errors import ModelFormatError
+from ..core.errors import InputError, ModelFormatError, SinkError
 from .onnxproto import _fields, _fields_with_spans, _ParseError, _text, _value_info
+from .outputs import decision_threshold
+from .spec import BINARY_KINDS, SCORE_KINDS, Layout, ModelSpec
 
 CLASS_MAP_SUFFIX = ".class_map"
 _UINT8 = 2  # TensorProto.UINT8
 _INT = 2  # AttributeProto.INT
+_TENSOR = 4  # AttributeProto.TENSOR
+# The float element types a threshold constant can take (TensorProto.DataType, struct format).
+_FLOAT_TYPES = {"float32": (1, "<f"), "float16": (10, "<e"), "float64": (11, "<d")}
+
+
+@dataclass(frozen=True)
+class ClassMapFusion:
+    """What `append_argmax` appends to the graph output `output`: ArgMax over `axis` (the class axis of the scores),
+    or, with `threshold`, Greater(output, threshold) for a one-channel binary output (class 1 where the output is
+    above the threshold, on the output's own scale: a probability or a logit); then Cast(uint8)."""
+
+    output: str
+    axis: int = 1
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output, str) or not self.output:
+            raise InputError(f"ClassMapFusion.output: expected an output name, got {self.output!r}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int) or not 1 <= self.axis <= 3:
+            raise InputError(f"ClassMapFusion.axis: expected the class axis 1..3 of a rank-4 output, got {self.axis!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise InputError(f"ClassMapFusion.threshold: expected a finite number or None, got {t!r}")
+
+    def class_map_shape(self, shape: tuple) -> tuple:
+        """The class map's shape for an output of `shape`: the class axis dropped by ArgMax, kept by a threshold."""
+        if self.threshold is not None:
+            return tuple(shape)
+        return tuple(d for i, d in enumerate(shape) if i != self.axis)
+
+
+def as_fusion(value: Any) -> ClassMapFusion | None:
+    """`load_backend(fuse_argmax=...)`'s value as a ClassMapFusion: None, a logits output's name (ArgMax over axis 1,
+    as before layouts were described) or a ClassMapFusion; InputError in one line for anything else."""
+    if value is None or isinstance(value, ClassMapFusion):
+        return value
+    if isinstance(value, str) and value:
+        return ClassMapFusion(value)
+    raise InputError(f"fuse_argmax: expected None, an output name or a ClassMapFusion, got {value!r} "
+                     f"({type(value).__name__}); Segmenter.load(fuse_argmax=False) is the on/off switch, "
+                     "load_backend takes what to fuse")
+
+
+def _required(value: Any) -> ClassMapFusion:
+    fusion = as_fusion(value)
+    if fusion is None:
+        raise InputError("fuse_argmax: expected an output name or a ClassMapFusion to append, got None")
+    return fusion
+
+
+def fusion_for(spec: ModelSpec) -> ClassMapFusion | None:
+    """The class-map ending that computes what the Segmenter computes at the model's size for this spec, or None
+    when its output holds no scores to decide on."""
+    if spec.output_kind not in SCORE_KINDS:
+        return None
+    if spec.output_kind in BINARY_KINDS:
+        return ClassMapFusion(spec.output_name, axis=1, threshold=decision_threshold(spec))
+    return ClassMapFusion(spec.output_name, axis=1 if spec.output_layout is Layout.NCHW else 3)
 
 
 # ---- protobuf encoding ------------------------------------------------------------------------------------
@@ -94,13 +162,17 @@ def _raw_fields(buf: memoryview):
 # ---- the edit ---------------------------------------------------------------------------------------------
 
 
-def append_argmax(model: bytes, logits_output: str) -> tuple[bytes, str]:
-    """Return (model bytes whose output `logits_output` (N, C, H, W) is replaced by its uint8 class map (N, H, W),
-    the class map's output name). Raises ModelFormatError if the output is missing or not rank 4."""
+def append_argmax(model: bytes, fusion: str | ClassMapFusion) -> tuple[bytes, str]:
+    """Return (model bytes whose scores output is replaced by its uint8 class map, the class map's output name).
+    `fusion`: a ClassMapFusion, or the name of logits (N, C, H, W) to reduce over axis 1. The class map is
+    (N, H, W) after an ArgMax, the output's own shape after a threshold. Raises ModelFormatError if the output is
+    missing or not rank 4."""
+    fusion = _required(fusion)
+    logits_output = fusion.output
     buf = memoryview(model)
     class_map = logits_output + CLASS_MAP_SUFFIX
     parts: list[bytes | memoryview] = []  # joined once at the end: the weights are copied a single time
-    found = seen_graph = False
+    found, seen_graph = None, False
     try:
         for number, wire, value, raw in _raw_fields(buf):
             if number != 7 or wire != 2:
@@ -115,18 +187,12 @@ def append_argmax(model: bytes, logits_output: str) -> tuple[bytes, str]:
                         if len(info.shape) != 4:
                             raise ModelFormatError(f"output {logits_output!r} has shape {info.shape}; fusing the "
                                                    "argmax needs logits (N, C, H, W)")
-                        found = True
-                        dims = (info.shape[0], info.shape[2], info.shape[3])
+                        found = info
                         continue  # replaced below
                 graph.append(g_raw)
             if not found:
                 raise ModelFormatError(f"the graph has no output {logits_output!r} to fuse an argmax into")
-            argmax_out = logits_output + ".argmax"
-            graph.append(_field_bytes(1, _node("ArgMax", [logits_output], [argmax_out], "edgepix_argmax",
-                                               [_int_attribute("axis", 1), _int_attribute("keepdims", 0)])))
-            graph.append(_field_bytes(1, _node("Cast", [argmax_out], [class_map], "edgepix_argmax_cast",
-                                               [_int_attribute("to", _UINT8)])))
-            graph.append(_field_bytes(12, _tensor_value_info(class_map, _UINT8, dims)))
+            graph.extend(_class_map_nodes(fusion, found, class_map))
             length = sum(len(g) for g in graph)
             parts.append(_enc_varint((7 << 3) | 2) + _enc_varint(length))
             parts.extend(graph)
@@ -137,13 +203,35 @@ def append_argmax(model: bytes, logits_output: str) -> tuple[bytes, str]:
     return b"".join(parts), class_map
 
 
-def append_argmax_file(path: str | os.PathLike, logits_output: str) -> tuple[bytes, str]:
+def _class_map_nodes(fusion: ClassMapFusion, info, class_map: str) -> list[bytes]:
+    """The graph fields (nodes, the new output) that turn the output described by `info` into `class_map`."""
+    scores = fusion.output
+    if fusion.threshold is None:
+        decided, dims = scores + ".argmax", fusion.class_map_shape(info.shape)
+        nodes = [_node("ArgMax", [scores], [decided], "edgepix_argmax",
+                       [_int_attribute("axis", fusion.axis), _int_attribute("keepdims", 0)])]
+    else:
+        if info.dtype not in _FLOAT_TYPES:
+            raise ModelFormatError(f"output {scores!r} is {info.dtype}; a threshold needs a float output")
+        elem_type, fmt = _FLOAT_TYPES[info.dtype]
+        # TensorProto: data_type = 2, raw_data = 9 (a scalar: no dims); AttributeProto: name 1, t 5, type 20
+        tensor = _field_varint(2, elem_type) + _field_bytes(9, struct.pack(fmt, fusion.threshold))
+        value = _field_str(1, "value") + _field_bytes(5, tensor) + _field_varint(20, _TENSOR)
+        threshold, decided, dims = scores + ".threshold", scores + ".above", info.shape
+        nodes = [_node("Constant", [], [threshold], "edgepix_threshold", [value]),
+                 _node("Greater", [scores, threshold], [decided], "edgepix_greater", [])]
+    nodes.append(_node("Cast", [decided], [class_map], "edgepix_argmax_cast", [_int_attribute("to", _UINT8)]))
+    return [_field_bytes(1, n) for n in nodes] + [_field_bytes(12, _tensor_value_info(class_map, _UINT8, dims))]
+
+
+def append_argmax_file(path: str | os.PathLike, fusion: str | ClassMapFusion) -> tuple[bytes, str]:
     """`append_argmax` on a file, read through a memory map so that the only full copy made is the result."""
+    fusion = _required(fusion)  # a bad value fails here, before the file is mapped
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     error = None
     try:
-        return append_argmax(memoryview(mapped), logits_output)  # type: ignore[arg-type]
+        return append_argmax(memoryview(mapped), fusion)  # type: ignore[arg-type]
     except ModelFormatError as e:
         error = str(e)  # the traceback holds views into the mapping: keep the message, let the views go
     finally:
@@ -177,7 +265,10 @@ def write_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, entries:
 
     with open(src, "rb") as f:
         data = f.read()
-    atomic_write_bytes(dst, set_metadata(data, entries))
+    try:
+        atomic_write_bytes(dst, set_metadata(data, entries))  # on failure nothing is left at dst or beside it
+    except OSError as e:  # a full disk, a folder gone read-only
+        raise SinkError(f"cannot write {dst}: {e.strerror or e}") from None
 
 
 def output_names(model: bytes) -> list[str]:

@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..core import boundedjson
-from ..core.errors import ModelFormatError, SpecError
+from ..core.errors import ModelFormatError, SinkError, SpecError
 from ..core.fileio import atomic_write_text
 
-SPEC_FORMAT_VERSION = 1
+SPEC_FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "edgepix.spec"
-# Fields added after format version 1 was first written: files from before them lack the key and get the default.
-ADDED_FIELDS = frozenset({"output_stride"})
+# Version 1 specs (in ONNX files, engine manifests and sidecars written before version 2) still load: the keys they
+# may lack get these values, which are what the runtime did with every version 1 spec (NCHW logits, the class
+# decided at the model's size and resized nearest). `output_stride` was added while version 1 was current.
+VERSION_1_DEFAULTS: dict[str, Any] = {"output_stride": 1, "output_layout": "NCHW", "threshold": 0.5,
+                                      "upsample": "classes"}
+READABLE_VERSIONS = (1, SPEC_FORMAT_VERSION)
 
 
 class Task(str, enum.Enum):
@@ -49,10 +53,28 @@ class ResizeMode(str, enum.Enum):
 
 
 class OutputKind(str, enum.Enum):
-    LOGITS = "logits"  # float scores (N, C, H, W); the runtime takes the argmax
-    CLASS_MAP = "class_map"  # the graph ends in ArgMax + Cast: uint8 (N, H, W)
+    LOGITS = "logits"  # float scores, C channels (N, C, H, W) or (N, H, W, C); the runtime takes the argmax
+    PROBABILITIES = "probabilities"  # per-class probabilities (softmax applied), C channels; argmax
+    BINARY_PROBABILITY = "binary_probability"  # one channel, sigmoid applied: the foreground class's probability
+    BINARY_LOGIT = "binary_logit"  # one channel, no sigmoid: the foreground class's logit
+    CLASS_MAP = "class_map"  # the graph ends in ArgMax (+ Cast): integers (N, H, W), (N, 1, H, W) or (N, H, W, 1)
     IMAGE = "image"  # float image (N, 3, H, W) in output_range
     IMAGE_UINT8 = "image_uint8"  # the graph ends in scale + Cast: uint8 (N, 3, H, W)
+
+
+#: what a segmentation model may output; the binary kinds have one channel and two classes (background implied as 0)
+SEGMENTATION_KINDS = (OutputKind.LOGITS, OutputKind.PROBABILITIES, OutputKind.BINARY_PROBABILITY,
+                      OutputKind.BINARY_LOGIT, OutputKind.CLASS_MAP)
+BINARY_KINDS = (OutputKind.BINARY_PROBABILITY, OutputKind.BINARY_LOGIT)
+#: kinds whose output holds scores per class (or the foreground's), which the runtime can resize before deciding
+SCORE_KINDS = (OutputKind.LOGITS, OutputKind.PROBABILITIES, OutputKind.BINARY_PROBABILITY, OutputKind.BINARY_LOGIT)
+
+
+class Upsample(str, enum.Enum):
+    """How a segmentation output at the model's size becomes a class map at the frame's size."""
+
+    SCORES = "scores"  # resize the scores (probabilities, logits) bilinearly to the frame, then decide
+    CLASSES = "classes"  # decide at the model's size, resize the class map nearest
 
 
 class Precision(str, enum.Enum):
@@ -102,6 +124,9 @@ class ModelSpec:
     latent_size: int | None = None
     output_range: tuple[float, float] | None = None
     output_kind: OutputKind = OutputKind.LOGITS
+    output_layout: Layout = Layout.NCHW  # where a segmentation output's channels are: (N, C, H, W) or (N, H, W, C)
+    threshold: float = 0.5  # binary kinds: foreground where its probability > threshold (a logit > log(t / (1 - t)))
+    upsample: Upsample = Upsample.SCORES  # how the output reaches the frame's size (docs/runtime.md measures both)
     precision: Precision = Precision.FP32
     quantization: str | None = None  # how an INT8 graph was made, e.g. "QDQ U8S8 per-channel minmax"
     format_version: int = SPEC_FORMAT_VERSION
@@ -114,9 +139,9 @@ class ModelSpec:
     # ---- validation --------------------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        if self.format_version != SPEC_FORMAT_VERSION:
+        if self.format_version != SPEC_FORMAT_VERSION:  # version 1 JSON is upgraded by from_dict
             raise SpecError(
-                f"format_version: this edgepix reads spec version {SPEC_FORMAT_VERSION}, "
+                f"format_version: this edgepix reads spec versions {', '.join(map(str, READABLE_VERSIONS))}, "
                 f"got {self.format_version!r}; upgrade edgepix or re-export the model"
             )
         if not self.model_name:
@@ -124,16 +149,7 @@ class ModelSpec:
         h, w = self.input_size
         if h <= 0 or w <= 0:
             raise SpecError(f"input_size: both sides must be positive, got {self.input_size!r}")
-        if self.size_divisor <= 0:
-            raise SpecError(f"size_divisor: must be positive, got {self.size_divisor!r}")
-        if self.output_stride <= 0:
-            raise SpecError(f"output_stride: must be positive, got {self.output_stride!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise SpecError(f"scale: must be a positive finite number, got {self.scale!r}")
-        if any(s <= 0 for s in self.std):
-            raise SpecError(f"std: every value must be positive, got {self.std!r}")
-        if not 0 <= self.pad_value <= 255:
-            raise SpecError(f"pad_value: must be in 0..255, got {self.pad_value!r}")
+        self._validate_numbers()
         for i, colour in enumerate(self.palette):
             if any(not 0 <= c <= 255 for c in colour):
                 raise SpecError(f"palette[{i}]: colour values must be in 0..255, got {colour!r}")
@@ -146,14 +162,7 @@ class ModelSpec:
                 raise SpecError(
                     f"palette: needs one colour per class ({len(self.class_names)}), got {len(self.palette)}"
                 )
-            if self.output_kind not in (OutputKind.LOGITS, OutputKind.CLASS_MAP):
-                raise SpecError(f"output_kind: a segmentation model outputs logits or class_map, got "
-                                f"{self.output_kind.value!r}")
-            if self.ignore_index is not None and 0 <= self.ignore_index < len(self.class_names):
-                raise SpecError(
-                    f"ignore_index: must not be a class index (0..{len(self.class_names) - 1}), got "
-                    f"{self.ignore_index!r}"
-                )
+            self._validate_segmentation_output()
         else:
             if self.output_kind not in (OutputKind.IMAGE, OutputKind.IMAGE_UINT8):
                 raise SpecError(f"output_kind: a generator outputs image or image_uint8, got "
@@ -161,10 +170,55 @@ class ModelSpec:
             if self.output_range is None:
                 raise SpecError("output_range: a generator must state its output range, e.g. [-1, 1], got None")
             lo, hi = self.output_range
-            if not lo < hi:
-                raise SpecError(f"output_range: needs low < high, got {self.output_range!r}")
-        if self.task is Task.GENERATION_NOISE and (self.latent_size is None or self.latent_size <= 0):
-            raise SpecError(f"latent_size: a noise generator needs a positive latent size, got {self.latent_size!r}")
+            if not hi - lo >= MIN_OUTPUT_SPAN:
+                raise SpecError(f"output_range: expected low < high, at least {MIN_OUTPUT_SPAN:g} apart, got "
+                                f"{list(self.output_range)!r}")
+        if self.task is Task.GENERATION_NOISE and self.latent_size is None:
+            raise SpecError(f"latent_size: a noise generator needs a latent size in 1..{MAX_LATENT}, got None")
+
+    def _validate_segmentation_output(self) -> None:
+        """What a segmentation spec says about its output, checked without the graph (description.outputs checks
+        the spec against a graph's output)."""
+        if self.output_kind not in SEGMENTATION_KINDS:
+            raise SpecError(f"output_kind: a segmentation model outputs one of "
+                            f"{', '.join(k.value for k in SEGMENTATION_KINDS)}, got {self.output_kind.value!r}")
+        if self.output_kind in BINARY_KINDS and len(self.class_names) != 2:
+            raise SpecError(f"class_names: a {self.output_kind.value} output (one channel) has exactly 2 classes, "
+                            f"background and the foreground, got {len(self.class_names)} "
+                            f"{_show(list(self.class_names))}; set classes=background,NAME")
+        if not 0.0 < self.threshold < 1.0:
+            raise SpecError(f"threshold: expected a probability strictly between 0 and 1, got {_show(self.threshold)}")
+        if self.ignore_index is not None and 0 <= self.ignore_index < len(self.class_names):
+            raise SpecError(
+                f"ignore_index: must not be a class index (0..{len(self.class_names) - 1}), got "
+                f"{self.ignore_index!r}"
+            )
+        if self.ignore_index is not None and self.ignore_index < 0:
+            # Label masks hold 0, 1, 2, ...: a negative index ignores nothing, and a 256-class model's uint8 class
+            # map with "ignore -1" is one whose every value is a class (the NHWC output read as NCHW case).
+            raise SpecError(f"ignore_index: label masks never hold negative values, got {self.ignore_index!r}; "
+                            f"set ignore_index=none, or a label value >= {len(self.class_names)}")
+
+    def _validate_numbers(self) -> None:
+        """Every number the runtime computes with lies in a range no real model leaves (the ranges and why are at
+        their constants below): a mistyped or crafted value (2**63, 1e-320, 1e308) is refused here, on every path
+        a spec arrives by (--set, ONNX metadata, a sidecar, an engine manifest, a checkpoint), instead of turning
+        every pixel into one class."""
+        _within("size_divisor", self.size_divisor, 1, MAX_SIDE)
+        _within("output_stride", self.output_stride, 1, MAX_SIDE)
+        _within("scale", self.scale, *SCALE_RANGE)
+        span = 255.0 * self.scale  # the scaled pixel range is [0, span]
+        why = f" for scale {self.scale:g}, whose pixels span 0..{span:g}"
+        for i, m in enumerate(self.mean):
+            _within(f"mean[{i}]", m, MEAN_SPANS[0] * span, MEAN_SPANS[1] * span, why)
+        for i, s in enumerate(self.std):
+            _within(f"std[{i}]", s, STD_SPANS[0] * span, STD_SPANS[1] * span, why)
+        _within("pad_value", self.pad_value, 0, 255)
+        if self.output_range is not None:
+            for i, v in enumerate(self.output_range):
+                _within(f"output_range[{i}]", v, -FLOAT16_MAX, FLOAT16_MAX)
+        if self.latent_size is not None:
+            _within("latent_size", self.latent_size, 1, MAX_LATENT)
 
     # ---- convenience -----------------------------------------------------------------------------------
 
@@ -208,7 +262,9 @@ class ModelSpec:
         if unknown:
             key = unknown[0] if len(unknown[0]) <= 60 and unknown[0].isprintable() else _show(unknown[0])
             raise SpecError(f"{key}: unknown key in spec (valid keys: {', '.join(names)})")
-        missing = [n for n in names if n not in data and n not in ADDED_FIELDS]
+        if data.get("format_version") == 1:  # an older file: what it lacks is what version 1 meant
+            data = {**VERSION_1_DEFAULTS, **data, "format_version": SPEC_FORMAT_VERSION}
+        missing = [n for n in names if n not in data]
         if missing:
             raise SpecError(f"{missing[0]}: missing from spec (every key is required in the JSON form)")
         try:
@@ -224,7 +280,10 @@ class ModelSpec:
     # ---- files -----------------------------------------------------------------------------------------
 
     def save_json(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, self.to_json(indent=2) + "\n")
+        try:
+            atomic_write_text(path, self.to_json(indent=2) + "\n")  # on failure nothing is left at path
+        except OSError as e:  # a full disk, a read-only folder, a folder at that path
+            raise SinkError(f"cannot write spec file {path}: {e.strerror or e}") from None
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> ModelSpec:
@@ -276,6 +335,8 @@ _ENUMS = {
     "channel_order": ChannelOrder,
     "resize": ResizeMode,
     "output_kind": OutputKind,
+    "output_layout": Layout,
+    "upsample": Upsample,
     "precision": Precision,
 }
 _INTS = {"size_divisor", "output_stride", "pad_value", "format_version"}
@@ -285,7 +346,22 @@ _STRS = {"model_name", "input_name", "output_name"}
 # Bounds on what a spec may hold: far above any real model, low enough that a crafted spec stays small.
 MAX_TEXT_CHARS = 1024  # a name, a class name, the quantization note
 MAX_CLASSES = 10_000
-MAX_SIDE = 1 << 16  # input_size sides (TensorRT's largest dimension is about this size too)
+MAX_SIDE = 1 << 16  # input_size sides, size_divisor, output_stride (TensorRT's largest dimension is about this too)
+# Pixels are uint8 (0..255) times the scale. Real models use 1/255, 2/255, 1/127.5 or 1; six orders of magnitude
+# either way is no normalisation any network was trained with (at 1e-6 the whole pixel range shrinks to 2.6e-4).
+SCALE_RANGE = (1e-6, 1e6)
+# mean and std are in scaled-pixel units, so their ranges are multiples of the scaled pixel span (255 x scale).
+# A mean is an average of scaled pixels and lies within [0, span]; one span of margin on each side.
+MEAN_SPANS = (-1.0, 2.0)
+# A std of scaled pixels is at most span / 2; real ones are 0.2..1 span (ImageNet's 0.229 at scale 1/255, 0.5 for
+# inputs in [-1, 1], 1 for "no std"). At 1e-4 span one pixel step becomes 39 normalised units (every activation
+# saturates); at 1e4 span the whole pixel range becomes 1e-4 wide (a constant input).
+STD_SPANS = (1e-4, 1e4)
+# A generator's output range: an FP16 export cannot output beyond float16's largest finite value, and a range
+# narrower than float16's step near 1 (2^-10 ~ 1e-3) cannot hold two distinct output levels.
+FLOAT16_MAX = 65504.0
+MIN_OUTPUT_SPAN = 1e-3
+MAX_LATENT = 1 << 16  # DCGAN's latent is 100 floats, StyleGAN's 512: 65536 is beyond any generator
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -310,7 +386,7 @@ def _coerce(name: str, value: Any) -> Any:
         return _text(name, value)
     if name == "quantization":
         return None if value is None else _text(name, value)
-    if name == "scale":
+    if name in ("scale", "threshold"):
         return _float(name, value)
     if name == "input_size":
         return tuple(_int(f"{name}[{i}]", v, high=MAX_SIDE) for i, v in enumerate(_sequence(name, value, 2)))
@@ -333,6 +409,12 @@ def _coerce(name: str, value: Any) -> Any:
             for i, colour in enumerate(_sequence(name, value, None, max_length=MAX_CLASSES))
         )
     raise AssertionError(f"ModelSpec field {name!r} has no coercion rule")
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """`value` as the spec's field `name` holds it (an enum from its name, a tuple from a list, ...); SpecError
+    naming the field when it cannot be one."""
+    return _coerce(name, value)
 
 
 def _sequence(name: str, value: Any, length: int | None, *, max_length: int | None = None) -> list[Any]:
@@ -367,6 +449,13 @@ def _float(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise SpecError(f"{name}: expected a finite number, got {value!r}")
     return value
+
+
+def _within(name: str, value: float, low: float, high: float, why: str = "") -> None:
+    if not low <= value <= high:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        shown = f"{low}..{high}" if isinstance(value, int) else f"[{low:g}, {high:g}]"
+        raise SpecError(f"{name}: expected {kind} in {shown}{why}, got {_show(value)}")
 
 
 def _text(name: str, value: Any) -> str:

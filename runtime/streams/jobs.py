@@ -44,9 +44,21 @@ class StreamJob:
     sinks: Sequence[str] = ()  # none: display:// where there is a screen, else null://
     backend: str = "auto"
     render: RenderOptions = field(default_factory=RenderOptions)
+    upsample: str | None = field(default=None, metadata=flag(
+        "segmentation: how the output reaches the frame: scores (resized bilinearly, then decided) or classes "
+        "(decided at the model's size, resized nearest)", choices=("scores", "classes"),
+        default="the model's spec"))
+    temporal: str = field(default="off", metadata=flag(
+        "segmentation: steady masks on video: ema (a moving average of the class scores, reset where the frame "
+        "changed), flow (the same, moved along the optical flow first), hysteresis (class-map models), or off",
+        choices=("off", "ema", "flow", "hysteresis")))
+    temporal_alpha: float = field(default=0.3, metadata=flag(
+        "--temporal ema|flow: weight of each new frame's scores where nothing moved (lower: steadier)",
+        metavar="A"))
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    workers: int | None = field(default=None, metadata=flag("inference workers sharing the model",
-                                                            default="by backend and cores"))
+    workers: int | None = field(default=None, metadata=flag(
+        "inference workers (a backend that is not thread-safe gets a copy of the model per worker)",
+        default="by backend and cores"))
     threads: int | None = field(default=None, metadata=flag("threads per inference call",
                                                             default="by backend and cores"))
     batch_timeout_ms: float = field(default=40.0, metadata=flag(
@@ -108,7 +120,10 @@ def load_processor(job: StreamJob, plan) -> FrameProcessor:
             raise InputError(f"--then follows a segmentation model; {Path(job.model).name} is an image -> image "
                              "generator")
         return ImageGenerator.load(job.model, plan.backend, to_frame_size=job.frame_size, **options)
-    seg = Segmenter.load(job.model, plan.backend, render=job.render, **options)
+    upsample = {"upsample": job.upsample} if job.upsample is not None else {}  # else the spec's own
+    # ema and flow smooth the scores: an argmax fused into the graph would leave only the class map
+    fuse = job.temporal not in ("ema", "flow")
+    seg = Segmenter.load(job.model, plan.backend, render=job.render, fuse_argmax=fuse, **upsample, **options)
     if job.then is None:
         return seg
     try:
@@ -126,6 +141,7 @@ def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
     about the model and the worker plan. Ctrl-C and SIGTERM stop cleanly when called from the main thread (a
     second Ctrl-C gives up on the clean finish)."""
     from ..core.fileio import atomic_write_text, check_writable
+    from ..tasks.temporal import TemporalOptions
     from .pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend, tune_malloc
     from .sources import open_sources
 
@@ -151,17 +167,22 @@ def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
         for source in sources:
             source.close()
         raise
+    # Shared by the workers, or (a backend that is not thread-safe) one copy per worker, loaded by the pipeline with
+    # the same call as the first.
+    plan = plan.for_processor(processor, can_load_more=True)
     if describe is not None:
         describe(f"{processor.describe()}; {plan.describe()}")
 
     title = f"edgepix {model.name}" + (f" -> {Path(job.then).name}" if job.then is not None else "")
     pipeline = Pipeline(processor, sources, sinks, PipelineOptions(
         workers=plan.workers, batch_timeout=job.batch_timeout_ms / 1000.0, max_batch=job.max_batch,
-        max_frames=job.max_frames, duration=job.duration, status_interval=job.status_interval),
+        max_frames=job.max_frames, duration=job.duration, status_interval=job.status_interval,
+        temporal=TemporalOptions(mode=job.temporal, alpha=job.temporal_alpha), measure_flicker=job.stats is not None),
         title=title, status=status,
         info={"threads_per_worker": plan.threads, "spin_wait": plan.spin_wait, "vis": job.render.mode.value,
               "pid": os.getpid(), "done": _done(processor),
-              **({"then": str(job.then)} if job.then is not None else {})})
+              **({"then": str(job.then)} if job.then is not None else {})},
+        processor_factory=lambda: load_processor(job, plan))
     failed_run = True
     try:
         with _stop_on_signals(pipeline):

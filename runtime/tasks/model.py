@@ -1,7 +1,8 @@
 """Opening a model for a task: a backend plus the ModelSpec that says how to feed it.
 
-Shared by the Segmenter and the generators. The spec comes from the model (ONNX metadata, or an engine's
-manifest through its backend); a model without one gets a spec inferred from its shapes (`foreign.infer_spec`).
+Shared by the Segmenter and the generators. The spec comes from the model (ONNX metadata, an engine's manifest
+through its backend, a .tflite's NAME.spec.json); a model without one gets a spec inferred from its shapes
+(`foreign.infer_spec`; for a .tflite, with what its TFLite metadata states).
 Overrides (`classes`, `mean`, `std`, ...) replace spec fields in both cases.
 """
 
@@ -18,14 +19,16 @@ import numpy as np
 from ..backends.base import Backend
 from ..backends.registry import ONNX_SUFFIXES, load_backend
 from ..core.errors import InputError, ModelFormatError
+from ..core.formats import TFLITE_SUFFIXES
 from ..description.foreign import infer_spec
 from ..description.onnxproto import read_onnx_header
 from ..description.spec import ModelSpec, Task, apply_overrides
 from ..description.tensors import TensorMeta, tensor_meta
+from ..description.tflite import read_sidecar, read_tflite, spec_defaults
 
 #: Spec fields a caller may override when loading (`classes` is the spec's `class_names`).
 SPEC_OVERRIDES = ("classes", "mean", "std", "scale", "input_size", "channel_order", "resize", "pad_value",
-                  "palette", "output_range")
+                  "palette", "output_range", "output_layout", "output_kind", "threshold", "upsample")
 
 _TASK_CLASS = {Task.SEGMENTATION: "Segmenter", Task.GENERATION_NOISE: "NoiseGenerator",
                Task.GENERATION_IMAGE: "ImageGenerator"}
@@ -42,6 +45,9 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
     the graph's outputs and name a logits output for the backend to end in an in-graph argmax.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(model, (str, os.PathLike, Backend)):
+        raise InputError(f"model: expected a model file's path or a loaded Backend, got {model!r:.60} "
+                         f"({type(model).__name__})")
     if isinstance(model, Backend):
         if backend_options:
             raise InputError(f"backend options {sorted(backend_options)} cannot apply to an already-loaded backend")
@@ -54,6 +60,16 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
                          [tensor_meta(v, path) for v in header.inputs], outputs, task, overrides)
         fuse = fuse_argmax(spec, outputs) if fuse_argmax is not None else None
         return load_backend(path, backend, fuse_argmax=fuse, **backend_options), spec
+    if path.suffix.lower() in TFLITE_SUFFIXES:  # read from the flatbuffer first, as for ONNX
+        tfl = read_tflite(path)
+        stored = read_sidecar(path)
+        if stored is None:  # what the TFLite metadata and graph state, under what the caller gives
+            stated = spec_defaults(tfl, task)
+            if "class_names" in stated:
+                stated["classes"] = stated.pop("class_names")
+            overrides = {**stated, **overrides}
+        spec = _spec_for(path, stored, [t.meta for t in tfl.inputs], [t.meta for t in tfl.outputs], task, overrides)
+        return load_backend(path, backend, **backend_options), spec
     b = load_backend(path, backend, **backend_options)
     try:
         return b, _spec_for(path, b.spec, b.inputs, b.outputs, task, overrides)
@@ -70,6 +86,8 @@ def stored_spec(path: str | os.PathLike) -> ModelSpec | None:
         raise ModelFormatError(f"model file not found: {path}")
     if path.suffix.lower() in ONNX_SUFFIXES:
         return ModelSpec.from_onnx(path)
+    if path.suffix.lower() in TFLITE_SUFFIXES:
+        return read_sidecar(path)
     manifest = path.with_name(path.name + ".json")
     return ModelSpec.load_json(manifest) if manifest.exists() else None
 

@@ -1,14 +1,16 @@
 """What the stream pipeline runs: a FrameProcessor turns a batch of BGR frames into one rendered image per frame.
 
     preprocess(frames, out=buffer) -> Prepared     the model input, written into the worker's own buffer
-    run(tensor) -> raw                             the backend call(s); K workers may call it at once
+    run(tensor) -> raw                             the backend call(s); K workers call it at once when its
+                                                   backends are thread-safe, else each has its own processor
     postprocess(raw, prepared) -> [result, ...]    one result per frame, at the frame's geometry
     render(frame, result) -> image                 what the sinks get
 
 plus `normalizer` (the input tensor's shape), `static_batch`, `max_batch`, `backend` (for its description and
-statistics), `describe()` and `close()`. `Segmenter` (class maps, drawn over the frame), `ImageGenerator`
-(pix2pix-style image -> image) and `SegmentThenGenerate` (a segmenter's class maps into a mask -> image generator)
-implement it, so every source, sink, statistic and the HTTP page serve all three (`runtime.streams.pipeline.Pipeline`).
+statistics), `backends` (every backend `run` calls: the pipeline asks each whether it is thread-safe), `describe()`
+and `close()`. `Segmenter` (class maps, drawn over the frame), `ImageGenerator` (pix2pix-style image -> image) and
+`SegmentThenGenerate` (a segmenter's class maps into a mask -> image generator) implement it, so every source,
+sink, statistic and the HTTP page serve all three (`runtime.streams.pipeline.Pipeline`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..core.errors import InputError, ModelFormatError
-from .imageops import Geometry, Normalizer, argmax_classes, as_bgr, content_region
+from .imageops import Geometry, Normalizer, as_bgr, content_region
 
 
 @dataclass
@@ -45,6 +47,9 @@ class FrameProcessor(Protocol):
     normalizer: Normalizer
     static_batch: int | None
     max_batch: int | None
+
+    @property
+    def backends(self) -> tuple[Backend, ...]: ...
 
     def preprocess(self, frames: Sequence[np.ndarray], *, out: np.ndarray | None = None) -> Prepared: ...
 
@@ -128,15 +133,16 @@ class SegmentThenGenerate:
         h, w = self._gen_hw
         masks = []
         for i in range(raw.shape[0]):
-            if self.segmenter.graph_class_map:
-                model_map = raw[i, 0] if raw.ndim == 4 else raw[i]
-            else:
-                model_map = argmax_classes(raw[i])
-            model_map = np.asarray(model_map, np.uint8)
+            model_map = np.asarray(self.segmenter.model_map(raw, i), np.uint8)  # as the spec says to read it
             if model_map.shape != (h, w):
                 model_map = cv2.resize(model_map, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
             masks.append(self._lut[model_map])
         return masks
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """Both models' backends: `run` calls the two."""
+        return (self.segmenter.backend, self.generator.backend)
 
     def run(self, tensor: np.ndarray) -> np.ndarray:
         masks = self.masks(self.segmenter.run(tensor))

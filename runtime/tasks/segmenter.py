@@ -10,10 +10,14 @@ Stages, each timed in milliseconds (`result.timings`):
 - preprocess: resize (stretch, or letterbox with the spec's pad value), BGR->RGB, scale/mean/std folded into one
   float32 multiply-add per channel, written straight into a preallocated NCHW (or NHWC) tensor.
 - infer: the backend call.
-- postprocess: argmax at the model's output resolution (or the graph's own uint8 class map when the spec says
-  `output_kind = class_map`, or when the ONNX Runtime backend fused the argmax into the graph at load time,
-  the default for logits models), letterbox border cropped away, nearest-neighbour resize to the frame, and
-  optionally the softmax confidence of the winning class (bilinear to the frame).
+- postprocess: the output read as the spec describes it (`output_layout`, `output_kind`: logits,
+  probabilities, a one-channel binary probability or logit with its `threshold`, or a class map of any integer
+  type; tasks.decode), letterbox border cropped away, and brought to the frame's size by the spec's `upsample`:
+  `scores` resizes the scores bilinearly to the frame and decides there, `classes` decides at the model's size
+  (argmax or threshold; inside the graph when the ONNX Runtime backend fused it at load time) and resizes the class
+  map nearest. Optionally the confidence of the decided class (bilinear to the frame). On the first output the
+  data is checked against the spec once (shape, and 0..1 for probabilities): a contradiction is logged as one
+  warning.
 - render: palette lookup + blend (`render()`), timed when called.
 
 Batches: `segment_batch(frames)` runs frames of any sizes together. A model with a static batch dimension B gets
@@ -27,10 +31,12 @@ stream pipeline calls `preprocess` / `run` / `postprocess` from its stages, whic
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +44,16 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..core.errors import InputError, ModelFormatError
-from ..description.spec import Layout, ModelSpec, OutputKind, Task
+from ..description.onnxedit import ClassMapFusion, fusion_for
+from ..description.outputs import channel_axis, check_output, expected_channels, spatial_axes, whole_stride
+from ..description.spec import Layout, ModelSpec, OutputKind, Task, Upsample
 from ..description.tensors import TensorMeta
-from .imageops import Geometry, Normalizer, argmax_classes, as_bgr, map_to_frame, softmax_confidence
+from .decode import OutputDecoder
+from .imageops import Geometry, Normalizer, as_bgr, map_to_frame
 from .model import input_meta, open_model, output_meta, split_overrides, static_batch
 from .processor import Prepared, prepare
 from .render import Renderer, RenderOptions
+from .temporal import SCORE_MODES, TemporalState
 
 
 @dataclass
@@ -67,11 +77,19 @@ class StageTimes:
 @dataclass
 class SegmentationResult:
     class_map: np.ndarray  # (H, W) class indices at the frame's size; uint8 (int32 above 255 classes)
-    model_map: np.ndarray  # (h, w) class indices at the model's output resolution, letterbox border included
+    # (h, w) class indices at the model's output resolution, letterbox border included: an array, or a function
+    # that computes it when first read (with `upsample` scores the frame's map does not need it)
+    model_map_source: np.ndarray | Callable[[], np.ndarray] = field(repr=False)
     geometry: Geometry  # where the frame sat inside the model input
-    confidence: np.ndarray | None = None  # (H, W) float32 softmax probability of the winning class
+    confidence: np.ndarray | None = None  # (H, W) float32 probability of the decided class
     timings: StageTimes = field(default_factory=StageTimes)
     batch_size: int = 1  # frames that shared the inference call
+
+    @property
+    def model_map(self) -> np.ndarray:
+        if callable(self.model_map_source):
+            self.model_map_source = self.model_map_source()
+        return self.model_map_source
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -83,12 +101,11 @@ class SegmentationResult:
         return counts / max(1, self.class_map.size)
 
 
-def check_logits(out: TensorMeta, spec: ModelSpec, name: str) -> None:
-    if len(out.shape) != 4:
-        raise ModelFormatError(f"{name}: expected logits (N, C, H, W), found {out.describe()}")
-    if out.dim(1) is not None and out.dim(1) != spec.num_classes:
-        raise ModelFormatError(f"{name}: the spec lists {spec.num_classes} classes, the output has "
-                               f"{out.dim(1)} channels ({out.describe()})")
+log = logging.getLogger("edgepix.runtime.segmenter")
+
+# How far outside 0..1 a probability may be (float16 outputs, resizing inside the graph) before the first-output
+# check calls it a contradiction, and how far from 1 per-class probabilities may sum.
+PROBABILITY_TOLERANCE = 1e-2
 
 
 class Segmenter:
@@ -103,6 +120,8 @@ class Segmenter:
         self.fused_argmax = backend.fused_argmax is not None
         self._out = backend.output(backend.fused_argmax) if self.fused_argmax else output_meta(backend, spec)
         self.graph_class_map = self.fused_argmax or spec.output_kind is OutputKind.CLASS_MAP
+        self.decoder = OutputDecoder(spec, graph_class_map=self.graph_class_map)
+        self._first_output_checked = False
         if self.fused_argmax and confidence:
             raise InputError("confidence needs the logits, but the backend was loaded with the argmax fused into "
                              "the graph; load the Segmenter with confidence=True")
@@ -132,23 +151,28 @@ class Segmenter:
         in for the spec a foreign ONNX file lacks. Any other keyword is an option of the backend (`threads`,
         `fp16`, `engine_cache_dir`, `target`, ...); an unknown one is an error naming the valid ones.
 
-        `fuse_argmax`: for a model that outputs logits, backends that can (the ONNX Runtime ones) append
-        ArgMax + Cast(uint8) to the graph at load time (description.onnxedit), so the argmax runs inside the session
-        and a 1-byte-per-pixel class map comes out instead of C floats per pixel. Not done with
-        `confidence=True`, which needs the logits.
+        `fuse_argmax`: for a model whose spec decides at the model's size (`upsample` classes) on scores (logits,
+        probabilities, a binary probability or logit), backends that can (the ONNX Runtime ones) append the
+        decision to the graph at load time (ArgMax over the class axis, or a threshold, then Cast(uint8):
+        description.onnxedit), so it runs inside the session and a 1-byte-per-pixel class map comes out instead of
+        C floats per pixel. Not done with `confidence=True`, or with `upsample` scores: both need the scores.
+        `upsample` (like `threshold`, `output_layout`, `output_kind`) is a spec field and can be given here.
         """
+        for name, value in (("fuse_argmax", fuse_argmax), ("confidence", confidence)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name}: expected True or False, got {value!r:.80} ({type(value).__name__})")
         overrides, backend_options = split_overrides(dict(options))
         overrides.update(classes=classes, mean=mean, std=std)
 
-        def fusable(spec: ModelSpec, outputs: Sequence[TensorMeta]) -> str | None:
-            if not (fuse_argmax and not confidence and spec.output_kind is OutputKind.LOGITS
-                    and spec.num_classes <= 255):
+        def fusable(spec: ModelSpec, outputs: Sequence[TensorMeta]) -> ClassMapFusion | None:
+            if not (fuse_argmax and not confidence and spec.upsample is Upsample.CLASSES and spec.num_classes <= 255):
                 return None
-            logits = next((t for t in outputs if t.name == spec.output_name), None)
-            if logits is None:
+            scores = next((t for t in outputs if t.name == spec.output_name), None)
+            if scores is None:
                 return None
-            check_logits(logits, spec, Path(str(model)).name)  # the fused graph will not show the logits again
-            return spec.output_name
+            # The fused graph will not show the scores again: the spec is checked against them here.
+            check_output(spec, scores, source=Path(str(model)).name)
+            return fusion_for(spec)
 
         b, spec = open_model(model, backend, task=Task.SEGMENTATION, overrides=overrides,
                              backend_options=backend_options, fuse_argmax=fusable)
@@ -177,9 +201,9 @@ class Segmenter:
 
     def _check_output(self) -> None:
         out, spec, name = self._out, self.spec, self.backend.path.name
-        if not self.graph_class_map:
-            check_logits(out, spec, name)
-        elif len(out.shape) not in (3, 4) or (len(out.shape) == 4 and out.dim(1) not in (1, None)):
+        if not self.fused_argmax:
+            check_output(spec, out, source=name)
+        elif len(out.shape) not in (3, 4):
             raise ModelFormatError(f"{name}: expected a class map (N, H, W), found {out.describe()}")
 
     # ---- stages --------------------------------------------------------------------------------------------
@@ -188,6 +212,11 @@ class Segmenter:
         """BGR frames -> the model's input tensor (a new array unless `out` is given). Frames are checked and
         grayscale/BGRA ones converted; the batch is padded with zeros to a static batch size."""
         return prepare(self.normalizer, self.static_batch, frames, out)
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends `run` calls (the FrameProcessor protocol)."""
+        return (self.backend,)
 
     def run(self, tensor: np.ndarray) -> np.ndarray:
         """The backend call on a prepared tensor; returns the raw output (logits or class map)."""
@@ -201,25 +230,93 @@ class Segmenter:
                     ) -> list[SegmentationResult]:
         """Raw model output -> one SegmentationResult per frame (padding slots dropped)."""
         want_conf = self.confidence if confidence is None else confidence
-        results = []
+        if want_conf and not self.decoder.has_scores:
+            raise InputError(
+                "confidence needs scores, but " + (
+                    "the argmax was fused into the graph at load time; load with confidence=True"
+                    if self.fused_argmax else "this model's graph ends in ArgMax (output_kind class_map); "
+                    "export it without --argmax to get confidences"))
+        if not self._first_output_checked:
+            self._first_output_checked = True  # once per Segmenter, whichever worker gets there first
+            problem = self.output_problem(raw)
+            if problem is not None:
+                log.warning("%s: %s", self.backend.path.name, problem)
+        decoder, results = self.decoder, []
         for i, g in enumerate(prepared.geometries):
-            if not self.graph_class_map:
-                scores = raw[i]
-                model_map = argmax_classes(scores)
-                conf = map_to_frame(softmax_confidence(scores), g, nearest=False) if want_conf else None
+            sample = raw[i]
+            conf = decoder.confidence(sample, g) if want_conf else None
+            if decoder.scores_upsample:  # the frame's map is decided on the resized scores: the model's on demand
+                model_map: np.ndarray | Callable[[], np.ndarray] = partial(decoder.model_map, sample)
+                frame_map = decoder.frame_map(sample, g)
             else:
-                model_map = raw[i, 0] if raw.ndim == 4 else raw[i]
-                if model_map.dtype != np.uint8 and self.spec.num_classes <= 256:
-                    model_map = model_map.astype(np.uint8)
-                if want_conf:
-                    raise InputError(
-                        "confidence needs logits, but " + (
-                            "the argmax was fused into the graph at load time; load with confidence=True"
-                            if self.fused_argmax else "this model's graph ends in ArgMax (output_kind class_map); "
-                            "export it without --argmax to get confidences"))
-                conf = None
-            results.append(SegmentationResult(map_to_frame(model_map, g), model_map, g, conf))
+                model_map = decoder.model_map(sample)
+                frame_map = map_to_frame(model_map, g)
+            results.append(SegmentationResult(frame_map, model_map, g, conf))
         return results
+
+    def stabilize(self, raw: np.ndarray, states: Sequence[tuple[TemporalState, np.ndarray]]) -> np.ndarray:
+        """The raw output with each sample passed through its stream's temporal state (tasks.temporal), given
+        as (state, frame) per sample: scores are smoothed (ema, flow), a class map is held (hysteresis). The
+        pipeline calls this in frame order per stream, before `postprocess`."""
+        decoder = self.decoder
+        if not decoder.has_scores and any(s.options.mode in SCORE_MODES for s, _ in states):
+            raise InputError(f"--temporal {states[0][0].options.mode.value} smooths scores, but "
+                             + ("the argmax was fused into the graph at load time; load with fuse_argmax=False"
+                                if self.fused_argmax else
+                                "this model outputs a class map; use --temporal hysteresis, or export it without "
+                                "--argmax"))
+        samples = []
+        for sample, (state, frame) in zip(raw, states):
+            if decoder.has_scores:  # (C, h, w) float32 planes whatever the layout; back in the output's layout
+                planes = sample.transpose(2, 0, 1) if decoder.nhwc else sample
+                smoothed = state.update(np.ascontiguousarray(planes, dtype=np.float32), frame)
+                samples.append(smoothed.transpose(1, 2, 0) if decoder.nhwc else smoothed)
+            else:
+                plane = sample if sample.ndim == 2 else (sample[..., 0] if decoder.nhwc else sample[0])
+                samples.append(state.update(plane, frame).reshape(sample.shape))
+        samples += list(raw[len(samples):])  # padding slots of a static batch: as they came
+        return samples[0][None] if len(samples) == 1 else np.stack(samples)
+
+    def model_map(self, raw: np.ndarray, i: int) -> np.ndarray:
+        """Sample `i` of a raw output as a class map at the model's output size (the decision taken there)."""
+        return self.decoder.model_map(raw[i])
+
+    def output_problem(self, raw: np.ndarray) -> str | None:
+        """What in a raw output contradicts the spec (one line), or None: its shape against the spec's layout,
+        channels and stride, and the values (probabilities within 0..1 and, per class, summing to 1; class
+        indices below the number of classes). Logits that happen to look like probabilities are fine."""
+        spec, kind = self.spec, self.decoder.kind
+        h, w = self.input_size
+        if kind is OutputKind.CLASS_MAP:
+            top = int(raw.max()) if raw.size else 0
+            if top >= spec.num_classes and top != spec.ignore_index:
+                return (f"the class map holds class {top}, the spec lists {spec.num_classes} classes "
+                        f"({', '.join(spec.class_names[:4])}{', ...' if spec.num_classes > 4 else ''}); check classes=")
+            return None
+        layout = spec.output_layout
+        if raw.ndim != 4:
+            return f"expected a rank-4 output in {layout.value}, got shape {raw.shape}"
+        c = raw.shape[channel_axis(layout)]
+        if c != expected_channels(spec):
+            return (f"the output {raw.shape} has {c} channels read as {layout.value}, the spec expects "
+                    f"{expected_channels(spec)} ({spec.output_kind.value}); check output_layout and classes=")
+        a, b = spatial_axes(layout)
+        if not whole_stride((h, w), (raw.shape[a], raw.shape[b])):
+            return (f"the output {raw.shape} read as {layout.value} is a {raw.shape[a]}x{raw.shape[b]} map, not the "
+                    f"{h}x{w} input divided by a whole stride; check output_layout")
+        if kind in (OutputKind.PROBABILITIES, OutputKind.BINARY_PROBABILITY):
+            lo, hi = float(raw.min()), float(raw.max())
+            if lo < -PROBABILITY_TOLERANCE or hi > 1 + PROBABILITY_TOLERANCE:
+                scores = "binary_logit" if kind is OutputKind.BINARY_PROBABILITY else "logits"
+                return (f"output_kind {kind.value} says 0..1, the output holds {lo:.3g}..{hi:.3g}; if the graph ends "
+                        f"without a sigmoid/softmax, set output_kind={scores}")
+            if kind is OutputKind.PROBABILITIES:
+                sums = raw.sum(axis=channel_axis(layout), dtype=np.float32)
+                worst = float(np.abs(sums - 1).max())
+                if worst > PROBABILITY_TOLERANCE:
+                    return (f"output_kind probabilities says each pixel's classes sum to 1, they are off by up to "
+                            f"{worst:.3g}; set output_kind=logits if the graph ends without a softmax")
+        return None
 
     # ---- all stages ----------------------------------------------------------------------------------------
 
@@ -289,9 +386,13 @@ class Segmenter:
     def describe(self) -> str:
         s = self.spec
         batch = f"static batch {self.static_batch}" if self.static_batch else "dynamic batch"
+        threshold = f" > {s.threshold:g}" if s.output_kind in (OutputKind.BINARY_PROBABILITY,
+                                                               OutputKind.BINARY_LOGIT) else ""
+        upsample = "scores" if self.decoder.scores_upsample else "classes"
         return (f"{s.model_name}: {s.num_classes} classes, input {s.input_size[0]}x{s.input_size[1]} "
                 f"{s.input_layout.value} {s.channel_order.value} ({s.resize.value}), {batch}, output "
-                f"{s.output_kind.value}, backend {self.backend.description}")
+                f"{s.output_kind.value}{threshold} {s.output_layout.value}, upsampling {upsample}, backend "
+                f"{self.backend.description}")
 
     def close(self) -> None:
         self.backend.close()
