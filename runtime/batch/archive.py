@@ -39,7 +39,6 @@ import logging
 import os
 import queue
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ from pathlib import Path
 from ..core.errors import InputError, SinkError
 from ..core.fileio import remove_stale_partials_under
 from ..core.formats import VIDEO_SUFFIXES
+from ..core.signals import StopSignals
 from ..tasks.render import RenderOptions
 from .cluster import DEFAULT_CHUNK, ClusterOptions, check_reachable
 from .worker import STATE_FOLDER, ArchiveWorker, Item, Task, WorkerSettings, read_journal
@@ -195,28 +195,6 @@ class RunReport:
 # ---- the local engine ------------------------------------------------------------------------------------------
 
 
-class _StopOnSignals:
-    """While the local engine runs in the main thread, Ctrl-C and SIGTERM set `stop` (the workers finish their frame
-    and abandon their partial files) instead of raising KeyboardInterrupt wherever the main thread happens to be (an
-    exception raised inside a lock's wait corrupts it); `count` says how many came. Elsewhere it does nothing."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop, self.count, self.previous = stop, 0, {}
-
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
-        self.count += 1
-        self.stop.set()
-
-    def __enter__(self) -> _StopOnSignals:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 class WorkersAbandoned(KeyboardInterrupt):
     """A second Ctrl-C (or SIGTERM) while the workers were finishing their frame: they are still running (inside ONNX
     Runtime or OpenCV). The summary is written all the same; a command line should then end the process with
@@ -254,7 +232,8 @@ def run_local(tasks: Sequence[Task], settings: WorkerSettings, *, workers: int, 
 
     threads = [threading.Thread(target=work, name=f"archive-{i}", daemon=True) for i in range(workers)]
     error: BaseException | None = None
-    with _StopOnSignals(stop) as signals:
+    # Ctrl-C and SIGTERM set `stop`: the workers finish their frame and abandon their partial files
+    with StopSignals(lambda signum, count: stop.set()) as signals:
         for t in threads:
             t.start()
         try:

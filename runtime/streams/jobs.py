@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +184,7 @@ def run_stream(job: StreamJob, *, status: Callable[[str], None] | None = None,
         processor_factory=lambda: load_processor(job, plan))
     failed_run = True
     try:
-        with _stop_on_signals(pipeline):
+        with _stop_pipeline(pipeline):
             stats = pipeline.run()
         failed_run = False
     finally:
@@ -233,24 +232,16 @@ def _open_sinks(job: StreamJob) -> list:
     return sinks
 
 
-class _stop_on_signals:
-    """SIGINT and SIGTERM stop the pipeline cleanly (files are finished); a second Ctrl-C raises
-    KeyboardInterrupt. Only the main thread can install signal handlers; elsewhere this does nothing."""
+def _stop_pipeline(pipeline):
+    """SIGINT and SIGTERM stop the pipeline cleanly (files are finished); a second Ctrl-C gives up on that."""
 
-    def __init__(self, pipeline) -> None:
-        self.pipeline, self.count, self.previous = pipeline, 0, {}
+    def on_signal(signum: int, count: int) -> None:
+        if count > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        pipeline.stop()
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
-        self.count += 1
-        if self.count > 1 and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: give up on a clean finish
-        self.pipeline.stop()
+    from ..core.signals import StopSignals
 
-    def __enter__(self) -> _stop_on_signals:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
+    return StopSignals(on_signal)
 
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+
