@@ -246,10 +246,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         part.discard()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, scan: bool = True) -> None:
+    """`data` at `path`, complete or absent. `scan=False` skips the look for stale partial files of `path` (a
+    scan of the folder: a run writing thousands of files removes them once, with remove_stale_partials_under)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
+    if scan:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path)
     part = PartialFile(path)
     try:
         part.write(data)
@@ -265,9 +268,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_image(path: Path, image) -> None:
     """An image that appears complete or not at all: encoded in memory (the format from `path`'s suffix), written
     to a locked partial file beside `path` with every byte checked, made durable and renamed over it. SinkError in
-    one line when it cannot (the partial file is removed). Unlike atomic_output it does not look for stale
-    partial files of `path` (a scan of the whole folder per image, quadratic in a folder of thousands): a run
-    removes them once (remove_stale_partials_under)."""
+    one line when it cannot (the partial file is removed). It does not look for stale partial files of `path`
+    (a scan of the whole folder per image, quadratic in a folder of thousands): a run removes them once
+    (remove_stale_partials_under)."""
     import cv2
 
     from .errors import SinkError
@@ -276,11 +279,6 @@ def write_image(path: Path, image) -> None:
     if not ok:
         raise SinkError(f"cannot encode an image for {path} (suffix {Path(path).suffix!r})")
     try:
-        part = PartialFile(path)
-        try:
-            part.write(encoded)
-            part.commit()
-        finally:
-            part.discard()
+        atomic_write_bytes(path, encoded, scan=False)
     except OSError as e:
         raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
