@@ -193,9 +193,9 @@ def adapt_onnx_for_nvinfer(src: Path, dst: Path, spec: ModelSpec) -> ModelSpec:
     Returns the adapted graph's spec (std 1, output `probs`), which the runtime can still run."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from .to_onnx import _require_onnx, set_spec_metadata
+    from .to_onnx import require_onnx, set_spec_metadata
 
-    onnx = _require_onnx()
+    onnx = require_onnx()
     proto = onnx.load(str(src))
     graph = proto.graph
     initializers = {i.name for i in graph.initializer}

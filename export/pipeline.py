@@ -25,7 +25,7 @@ from edgepix.train.data import read_classes_json
 from .gate import VerificationFailed
 from .generators import generator_input_image, reference_mode
 from .precision import Int8Options, convert_fp16, quantize_int8
-from .to_onnx import OnnxExportOptions, export_onnx
+from .to_onnx import OnnxExportOptions, export_onnx, require_onnx
 from .verify import VERIFY_SEED, GateReport, Sample, folder_samples, preprocess, synthetic_samples, verify
 from .workspace import workspace
 
@@ -126,6 +126,9 @@ def run_export(request: ExportRequest) -> ExportResult:
     check_writable(out)
     ckpt, model = load_source(request.checkpoint, use_ema=request.use_ema)
     spec: ModelSpec = ckpt["spec"]
+    # onnx is a C++ extension whose import runs Python callbacks: a Ctrl-C or SIGTERM raised inside them cannot
+    # unwind through C++ and aborts the process. Import it before the work that an interrupt must clean up.
+    require_onnx()
     with workspace() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         artifact_spec = export_onnx(model, spec, fp32, request.onnx)

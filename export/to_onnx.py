@@ -123,7 +123,7 @@ def exported_spec(spec: ModelSpec, options: OnnxExportOptions) -> ModelSpec:
 
 def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, options: OnnxExportOptions) -> ModelSpec:
     """Export `model` to `out` (atomically) and return the spec embedded in the file."""
-    onnx = _require_onnx()
+    onnx = require_onnx()
     low, high = OPSET_RANGE[options.exporter]
     if not low <= options.opset <= high:
         raise ExportError(
@@ -216,7 +216,7 @@ def _torch_export(model, x, path, names_in, names_out, dynamic_axes, options: On
 
 def finish_onnx(proto, spec: ModelSpec, *, simplify: bool = True):
     """Check, infer shapes, simplify and embed the spec. Returns the final ModelProto."""
-    onnx = _require_onnx()
+    onnx = require_onnx()
     try:
         onnx.checker.check_model(proto, full_check=True)
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -305,7 +305,7 @@ def set_spec_metadata(proto, spec: ModelSpec) -> None:
 
 
 def save_onnx(proto, out: str | os.PathLike) -> None:
-    onnx = _require_onnx()
+    onnx = require_onnx()
     out = Path(out)
     try:
         with atomic_output(out) as tmp:
@@ -314,7 +314,7 @@ def save_onnx(proto, out: str | os.PathLike) -> None:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
 
 
-def _require_onnx():
+def require_onnx():
     from edgepix.runtime.core.errors import require
 
     return require("onnx", extra="train", purpose="Exporting to ONNX")

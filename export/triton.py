@@ -423,9 +423,9 @@ def append_argmax_onnx(src: Path, dst: Path, spec: ModelSpec) -> ModelSpec:
     the threshold of a binary output, as the spec describes the output), spec updated to match."""
     from edgepix.runtime.description.onnxedit import append_argmax_file, fusion_for
 
-    from .to_onnx import _require_onnx, set_spec_metadata
+    from .to_onnx import require_onnx, set_spec_metadata
 
-    onnx = _require_onnx()
+    onnx = require_onnx()
     if spec.num_classes > 256:
         raise ExportError(f"a uint8 class map holds 256 classes; the model has {spec.num_classes}: pass --no-argmax")
     model_bytes, class_map = append_argmax_file(src, fusion_for(spec))
