@@ -466,8 +466,9 @@ def test_the_next_export_removes_the_temporary_folders_of_killed_ones(untrained_
     _wait_for(lambda: any(tmp.glob(f"edgepix-export-{proc.pid}-*")), timeout=120)
     proc.kill()  # SIGKILL: no Python runs, the folder stays
     proc.wait()
-    left = list(tmp.glob(f"edgepix-export-{proc.pid}-*"))
-    assert len(left) == 1
+    # one folder, or two when the kill lands inside the ONNX step, which opens its own workspace within the export's
+    left = sorted(tmp.glob(f"edgepix-export-{proc.pid}-*"))
+    assert 1 <= len(left) <= 2
     alive = tmp / f"edgepix-export-{os.getpid()}-inuse123"  # this test process: alive, so in use
     alive.mkdir()
     assert remove_dead_workspaces(tmp) == left
