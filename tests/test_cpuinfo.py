@@ -141,3 +141,33 @@ def test_reduce_range_is_recorded_in_the_spec(seg_onnx, tmp_path, reduce_range):
     calibration = [np.zeros((1, 3, *spec.input_size), np.float32)]
     out = quantize_int8(seg_onnx, tmp_path / "q.onnx", spec, calibration, Int8Options(reduce_range=reduce_range))
     assert ("reduce_range" in out.quantization) is reduce_range
+
+
+def test_loading_an_int8_file_on_a_cpu_without_fast_int8_says_so_once(seg_onnx, tmp_path, monkeypatch, caplog):
+    import json
+
+    import onnx
+
+    from edgepix.runtime import Segmenter
+    from edgepix.runtime.description.spec import ONNX_METADATA_KEY
+
+    model = onnx.load(str(seg_onnx))
+    for prop in model.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            spec = json.loads(prop.value)
+            spec["precision"] = "int8"  # the same graph, described as an INT8 artifact
+            prop.value = json.dumps(spec)
+    int8 = tmp_path / "int8.onnx"
+    onnx.save(model, str(int8))
+    monkeypatch.setattr(cpuinfo, "cpu_features", lambda: parse_proc_cpuinfo(EPYC_AVX2.split("processor\t: 1")[0],
+                                                                             "x86_64"))
+    cpuinfo.warn_if_int8_is_slow_here.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                Segmenter.load(int8, backend="ort-cpu").close()
+            Segmenter.load(seg_onnx, backend="ort-cpu").close()
+        said = [r.getMessage() for r in caplog.records if "INT8" in r.getMessage()]
+        assert len(said) == 1 and "AMD EPYC 7B12" in said[0] and "ship the FP32 file" in said[0], said
+    finally:
+        cpuinfo.warn_if_int8_is_slow_here.cache_clear()

@@ -18,6 +18,7 @@ import enum
 import logging
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.cpuinfo import usable_cores
+from ..core.cpuload import CoreContention
 from ..core.errors import BackendError, ModelFormatError, require
 from ..description.onnxedit import ClassMapFusion, append_argmax_file
 from ..description.onnxproto import check_model_path
@@ -60,7 +63,11 @@ class OrtOptions:
     threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (one per physical core)
     inter_op_threads: int | None = None  # only used by parallel execution mode; None: default
     graph_optimization: GraphOptimization = GraphOptimization.ALL
-    spin_wait: bool = True  # worker threads spin between ops within a run: lower latency
+    # Worker threads spin between operators within a run: lower latency on idle cores, slower and jittery when
+    # other processes share them (runtime.core.cpuload). None: decide per run on the CPU provider, from whether
+    # other processes are using this process's cores now (a second session without spinning is built the first
+    # time they are); True or False: always.
+    spin_wait: bool | None = None
     # Stop the spinning as soon as a run returns, so pre/post-processing, decoding and encoding get the cores
     # (ONNX Runtime's own default keeps spinning after the run, which on a 2-core device slows them ~2x).
     stop_spin_after_run: bool = True
@@ -125,11 +132,21 @@ def _enum(enum_type: type[enum.Enum], name: str, value: Any) -> enum.Enum:
         raise BackendError(f"{name}: expected one of {valid}, got {value!r}") from None
 
 
-def session_options(options: OrtOptions):
+def default_threads() -> int | None:
+    """Intra-op threads when none are asked for: ONNX Runtime's own default (one per physical core) unless this
+    process may use fewer cores than the machine has (an affinity mask or a cgroup quota: a container), where ONNX
+    Runtime's count would oversubscribe them; then the usable cores."""
+    usable = usable_cores()
+    return usable if usable < (os.cpu_count() or 1) else None
+
+
+def session_options(options: OrtOptions, *, spin: bool | None = None):
+    """`spin`: whether worker threads spin, where `options.spin_wait` is None (adaptive)."""
     ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
     so = ort.SessionOptions()
-    if options.threads is not None:
-        so.intra_op_num_threads = options.threads
+    threads = options.threads if options.threads is not None else default_threads()
+    if threads is not None:
+        so.intra_op_num_threads = threads
     if options.inter_op_threads is not None:
         so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = {
@@ -138,7 +155,8 @@ def session_options(options: OrtOptions):
         GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[options.graph_optimization]
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
+    spin = options.spin_wait if options.spin_wait is not None else (True if spin is None else spin)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1" if options.stop_spin_after_run else "0")
     so.log_severity_level = options.log_severity
     so.enable_mem_pattern = options.memory_pattern
@@ -207,15 +225,24 @@ class OrtBackend(Backend):
                                    f"offset {e.start}); copy or export it again") from None
         self._output_names = [t.name for t in self.outputs]
         self._run_options = run_options(self.options)
+        # Adaptive spin-wait (options.spin_wait None) on the CPU provider: the session above spins; one that does
+        # not is built the first time other processes are found using the cores, and each run takes the one the
+        # load calls for. An IOBinding is bound to one session, so it keeps the spinning one.
+        adaptive = self.options.spin_wait is None and self.primary_provider == CPU_EP and not self.options.io_binding
+        self._contention = CoreContention() if adaptive else None
+        self._calm_session = None  # without spin-wait, built on first contention
+        self._calm_lock = threading.Lock()
+        self._session_source = (ort, source if self.fused_argmax is not None else str(path), providers)
         device_type, device_id = self.binding_device()
         self._runner = (IoBindingRunner(self.session, device_type=device_type, device_id=device_id,
                                         output_names=self._output_names, path=self.path,
                                         run_options=self._run_options) if self.options.io_binding else None)
 
-    def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]]):
+    def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]], *,
+                 spin: bool | None = None):
         try:
             return ort.InferenceSession(
-                source, sess_options=session_options(self.options),
+                source, sess_options=session_options(self.options, spin=spin),
                 providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers])
         except Exception as e:  # ONNX Runtime raises its own pybind types; keep its first line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -238,17 +265,33 @@ class OrtBackend(Backend):
 
     @property
     def description(self) -> str:
-        threads = self.options.threads or "default"
+        threads = self.options.threads or default_threads() or "default"
+        spin = {None: ", spin-wait adaptive", True: "", False: ", no spin-wait"}[self.options.spin_wait]
+        if self._contention is None and self.options.spin_wait is None:
+            spin = ""
         fused = ", argmax fused into the graph" if self.fused_argmax else ""
         binding = ", IOBinding" if self.options.io_binding else ""
         return (f"{self.name} ({' > '.join(self.active_providers)}, {threads} threads, "
-                f"graph optimization {self.options.graph_optimization.value}{fused}{binding})")
+                f"graph optimization {self.options.graph_optimization.value}{spin}{fused}{binding})")
+
+    def session_for_now(self):
+        """The session this run takes: the spinning one, or, with adaptive spin-wait while other processes use the
+        cores, the one that does not spin."""
+        if self._contention is None or not self._contention.contended():
+            return self.session
+        if self._calm_session is None:
+            with self._calm_lock:
+                if self._calm_session is None:
+                    log.info("%s: other processes are using %.1f of this process's cores; running without "
+                             "spin-wait while they do", self.path.name, self._contention.others)
+                    self._calm_session = self._session(*self._session_source, spin=False)
+        return self._calm_session
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._runner is not None:
             return self._runner.run(feed)
         try:
-            outputs = self.session.run(self._output_names, dict(feed), self._run_options)
+            outputs = self.session_for_now().run(self._output_names, dict(feed), self._run_options)
         except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own error types are translated
             error = run_error(e, self.path)
             if error is None:
@@ -259,6 +302,8 @@ class OrtBackend(Backend):
     def close_impl(self) -> None:
         self._runner = None
         self.session = None
+        self._calm_session = None
+        self._session_source = None
 
 
 def run_options(options: OrtOptions):

@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -149,8 +150,9 @@ class CpuFeatures:
         if self.fast_int8 is None:
             return "whether INT8 has a fast path here is unknown (instruction sets not readable)"
         if self.family == "x86":
-            return ("no VNNI or AMX: INT8 (U8S8) runs on AVX2 integer kernels and gains little over FP32 here; "
-                    "measure with python -m edgepix.benchmarks.int8_matrix")
+            return ("no VNNI or AMX: INT8 (U8S8) runs on AVX2 integer kernels and gains little over FP32 here, or "
+                    "loses (a 512x512 Fast-SCNN ran at 0.81x its FP32 speed on an AVX2-only AMD EPYC); ship the "
+                    "FP32 file unless python -m edgepix.benchmarks.int8_matrix shows otherwise")
         return ("no dot-product instructions (asimddp): INT8 gains little over FP32 here; measure with "
                 "python -m edgepix.benchmarks.int8_matrix")
 
@@ -270,11 +272,58 @@ def warn_if_int8_is_slow_here() -> bool:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one: a container or `taskset` limit
-    counts, not the machine's total)."""
+    """The cores this process may use: its affinity mask (a `taskset` or cpuset limit) and, tighter where set, the
+    CPU quota of its cgroup (a container's `--cpus`, a Kubernetes limit), rounded up to whole cores. The machine's
+    total counts only where neither is set: sizing thread pools by it oversubscribes a container (a 2-core quota
+    on a 64-core host gives ONNX Runtime 32 threads fighting over 2 cores)."""
+    cores = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):  # Linux only (not macOS or Windows)
         try:
-            return len(os.sched_getaffinity(0)) or 1
+            cores = len(os.sched_getaffinity(0)) or 1
         except OSError:  # some emulators and sandboxes refuse the call
             pass
-    return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota - 1e-6)))
+    return cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+                     ) -> float | None:
+    """The CPU quota of this process's cgroup in cores (quota / period), None where there is none or it cannot be
+    read. cgroup v2: `cpu.max` ("max 100000" or "200000 100000"); v1: `cpu.cfs_quota_us` (-1: none) over
+    `cpu.cfs_period_us`. Each is looked for in the process's own cgroup folder and at the mount's root (inside a
+    container the root is the container's own cgroup)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v2_path, v1_path = None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2_path = parts[2]
+        elif "cpu" in parts[1].split(","):
+            v1_path = (parts[1], parts[2])
+    candidates: list[tuple[Path, str]] = []
+    if v2_path is not None:
+        candidates += [(root / v2_path.lstrip("/"), "v2"), (root, "v2")]
+    if v1_path is not None:
+        for mount in (v1_path[0], "cpu", "cpu,cpuacct"):
+            candidates += [(root / mount / v1_path[1].lstrip("/"), "v1"), (root / mount, "v1")]
+    for folder, version in candidates:
+        try:
+            if version == "v2":
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+                if quota == "max":
+                    return None
+                return int(quota) / int(period)
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            if quota_us <= 0:
+                return None
+            return quota_us / int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return None

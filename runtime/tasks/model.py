@@ -1,8 +1,8 @@
 """Opening a model for a task: a backend plus the ModelSpec that says how to feed it.
 
 Shared by the Segmenter and the generators. The spec comes from the model (ONNX metadata, an engine's manifest
-through its backend, a .tflite's NAME.spec.json); a model without one gets a spec inferred from its shapes
-(`foreign.infer_spec`; for a .tflite, with what its TFLite metadata states).
+through its backend, a .tflite's NAME.spec.json or embedded spec); a model without one gets a spec inferred from its
+shapes (`foreign.infer_spec`; for a .tflite, with what its TFLite metadata states).
 Overrides (`classes`, `mean`, `std`, ...) replace spec fields in both cases.
 """
 
@@ -18,17 +18,22 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..backends.registry import ONNX_SUFFIXES, load_backend
+from ..core.cpuinfo import warn_if_int8_is_slow_here
 from ..core.errors import InputError, ModelFormatError
 from ..core.formats import TFLITE_SUFFIXES
 from ..description.foreign import infer_spec
 from ..description.onnxproto import read_onnx_header
-from ..description.spec import ModelSpec, Task, apply_overrides
+from ..description.spec import ModelSpec, Precision, Task, apply_overrides
 from ..description.tensors import TensorMeta, tensor_meta
-from ..description.tflite import read_sidecar, read_tflite, spec_defaults
+from ..description.tflite import read_tflite, spec_defaults
+from ..description.tflite import stored_spec as tflite_spec
 
 #: Spec fields a caller may override when loading (`classes` is the spec's `class_names`).
 SPEC_OVERRIDES = ("classes", "mean", "std", "scale", "input_size", "channel_order", "resize", "pad_value",
                   "palette", "output_range", "output_layout", "output_kind", "threshold", "upsample")
+
+#: the backends that compute on the CPU, where whether INT8 pays off depends on the CPU's instruction sets
+CPU_BACKENDS = frozenset({"ort-cpu", "openvino", "opencv", "litert"})
 
 _TASK_CLASS = {Task.SEGMENTATION: "Segmenter", Task.GENERATION_NOISE: "NoiseGenerator",
                Task.GENERATION_IMAGE: "ImageGenerator"}
@@ -59,10 +64,13 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
         spec = _spec_for(path, ModelSpec.from_onnx_metadata(header.metadata, source=str(path)),
                          [tensor_meta(v, path) for v in header.inputs], outputs, task, overrides)
         fuse = fuse_argmax(spec, outputs) if fuse_argmax is not None else None
-        return load_backend(path, backend, fuse_argmax=fuse, **backend_options), spec
+        b = load_backend(path, backend, fuse_argmax=fuse, **backend_options)
+        if spec.precision is Precision.INT8 and b.name in CPU_BACKENDS:
+            warn_if_int8_is_slow_here()  # one line per process: INT8 may be no faster, or slower, than FP32 here
+        return b, spec
     if path.suffix.lower() in TFLITE_SUFFIXES:  # read from the flatbuffer first, as for ONNX
         tfl = read_tflite(path)
-        stored = read_sidecar(path)
+        stored = tflite_spec(path, tfl)
         if stored is None:  # what the TFLite metadata and graph state, under what the caller gives
             stated = spec_defaults(tfl, task)
             if "class_names" in stated:
@@ -79,15 +87,15 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
 
 
 def stored_spec(path: str | os.PathLike) -> ModelSpec | None:
-    """The spec a model file carries (ONNX metadata, or the manifest beside an engine), read without loading the
-    model; None when it has none."""
+    """The spec a model file carries (ONNX metadata, a .tflite's spec file or embedded spec, or the manifest beside
+    an engine), read without loading the model; None when it has none."""
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"model file not found: {path}")
     if path.suffix.lower() in ONNX_SUFFIXES:
         return ModelSpec.from_onnx(path)
     if path.suffix.lower() in TFLITE_SUFFIXES:
-        return read_sidecar(path)
+        return tflite_spec(path)
     manifest = path.with_name(path.name + ".json")
     return ModelSpec.load_json(manifest) if manifest.exists() else None
 
