@@ -4,7 +4,10 @@
     edgepix tune model.onnx [--threads N] [--rounds 50] [--warmup 10] [--dry-run]
 
 The backends run on the same input with the same threads, in interleaved rounds (the `bench --peers` machinery),
-so load from other processes hits them alike. A backend that computes in lower precision than the file says
+so load from other processes hits them alike. Where a `.tflite` of the same model lies beside the `.onnx` file
+(`edgepix export CKPT --format tflite`: the same checkpoint, through the parity gate), LiteRT on it is timed too;
+when it wins, `auto` loading the `.onnx` file through a Segmenter or generator runs the `.tflite` on LiteRT
+(only while that very file, by its sha256, is there). A backend that computes in lower precision than the file says
 (OpenVINO's bf16 default on CPUs with AVX-512-BF16 or AMX) is timed but never chosen: the parity gate checked the
 file's own arithmetic.
 """
@@ -23,8 +26,50 @@ if TYPE_CHECKING:  # the measuring imports numpy and the backends: loaded when a
 ONNX_BACKENDS = ("ort-trt", "ort-cuda", "ort-cpu", "openvino", "opencv")
 
 
+def tflite_sibling(model: Path) -> Path | None:
+    """The `.tflite` exported beside `model` (`edgepix export CKPT --format tflite` next to `--format onnx`), if any."""
+    sibling = model.with_suffix(".tflite")
+    return sibling if model.suffix.lower() == ".onnx" and sibling.is_file() else None
+
+
+def _layout_perm(src, dst) -> tuple[int, ...] | None:
+    """The transpose from a rank-4 tensor in layout `src` to `dst` (None: the same layout)."""
+    if src == dst:
+        return None
+    return (0, 2, 3, 1) if src.value == "NCHW" else (0, 3, 1, 2)
+
+
+def litert_sibling(model: Path, sibling: Path, threads: int):
+    """The `.tflite` beside `model` on LiteRT, called with `model`'s input and returning its output in `model`'s
+    layouts (a peer builder for `measure`). The input's transpose (LiteRT models are NHWC) is made once per input
+    array, outside the timing, as a Segmenter loading the .tflite fills its NHWC tensor directly; the output comes
+    back as a transposed view, which costs nothing."""
+    from edgepix.runtime.backends import load_backend
+    from edgepix.runtime.core.errors import ModelFormatError
+    from edgepix.runtime.description.spec import ModelSpec
+    from edgepix.runtime.description.tflite import stored_spec
+
+    mine, theirs = ModelSpec.from_onnx(model), stored_spec(sibling)
+    if mine is None or theirs is None or mine.task != theirs.task or mine.class_names != theirs.class_names:
+        raise ModelFormatError(f"{sibling.name} does not carry the spec of {model.name} (another model's export?)")
+    loaded = load_backend(sibling, "litert", threads=threads)
+    feed, out = loaded.inputs[0].name, loaded.outputs[0].name
+    to_theirs = _layout_perm(mine.input_layout, theirs.input_layout)
+    to_mine = _layout_perm(theirs.output_layout, mine.output_layout) if mine.task.value == "segmentation" else None
+    last: list = [None, None]
+
+    def call(x):
+        if last[0] is not x:
+            last[:] = [x, x.transpose(to_theirs).copy() if to_theirs else x]
+        y = loaded.infer({feed: last[1]}, check=False)[out]
+        return y.transpose(to_mine) if to_mine and y.ndim == 4 else y
+
+    return f"{loaded.description} on {sibling.name}", call, loaded.close
+
+
 def tune(model: Path, *, threads: int, rounds: int, warmup: int, progress=None) -> tuple[PeersReport, str]:
-    """Time the backends that can run `model` here; returns the report and the fastest backend's name."""
+    """Time the backends that can run `model` here, and LiteRT on the `.tflite` beside it where there is one;
+    returns the report and the fastest backend's name ("litert" for the sibling)."""
     from edgepix.runtime.backends.registry import backend_status
     from edgepix.runtime.core.errors import BackendError
 
@@ -33,6 +78,9 @@ def tune(model: Path, *, threads: int, rounds: int, warmup: int, progress=None) 
     status = backend_status()
     names = [n for n in ONNX_BACKENDS if status.get(n) is None]
     builders = [(f"edgepix {n}", lambda n=n: edgepix_backend(model, n, threads)) for n in names]
+    sibling = tflite_sibling(model)
+    if sibling is not None and status.get("litert") is None:
+        builders.append(("edgepix litert", lambda: litert_sibling(model, sibling, threads)))
     report = measure(model, builders, threads=threads, rounds=rounds, warmup=warmup, progress=progress)
     eligible = {p.name: report.stats[p.name].p50 for p in report.peers
                 if p.call is not None and p.name in report.stats and not p.reduced_precision}
@@ -116,9 +164,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
                     "p50_ms": {n.removeprefix("edgepix "): round(s.p50, 3) for n, s in report.stats.items()},
                     "p99_ms": {n.removeprefix("edgepix "): round(s.p99, 3) for n, s in report.stats.items()}}
     try:
-        path = record(args.model, fastest, measurements, threads=threads)
+        path = record(args.model, fastest, measurements, threads=threads,
+                      runs=tflite_sibling(args.model) if fastest == "litert" else None)
     except OSError as e:  # the disk filled up while measuring: the profile keeps what it held
         raise SinkError(f"cannot write the backend profile: {e.strerror or e}; {PROFILE_HINT}") from None
-    print(f"recorded in {path}: auto now picks {fastest} for {args.model.name} at {threads} thread(s) on this "
-          "machine")
+    runs = f" on {tflite_sibling(args.model).name}" if fastest == "litert" else ""
+    print(f"recorded in {path}: auto now picks {fastest}{runs} for {args.model.name} at {threads} thread(s) on "
+          "this machine")
     return 0

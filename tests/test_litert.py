@@ -397,3 +397,33 @@ def test_without_the_converter_export_says_what_to_install(segmenter):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'edgepix[tflite-convert]'" in lines[0], r.stderr
     assert not out.exists()
+
+
+@needs_converter
+def test_tune_times_the_tflite_beside_the_onnx_and_auto_follows_a_litert_win(segmenter, tmp_path, monkeypatch):
+    from edgepix.benchmarks.tune import tune
+    from edgepix.runtime import Segmenter
+    from edgepix.runtime.backends.profile import PROFILE_ENV, record
+
+    path, _ = segmenter
+    assert run_edgepix("spec", str(path), "--set", "classes=background,person", "--out",
+                       str(tmp_path / "model.spec.json")).returncode == 0
+    onnx_path = tmp_path / "model.onnx"  # beside model.tflite: exported from it, through the gate
+    r = run_edgepix("export", str(path), "--format", "onnx", "--out", str(onnx_path), "--verify-n", "2")
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile.json"))
+    report, _ = tune(onnx_path, threads=1, rounds=5, warmup=1)
+    litert = next(p for p in report.peers if p.name == "edgepix litert")
+    assert "model.tflite" in litert.runs and report.stats["edgepix litert"].p50 > 0
+    assert litert.agreement.endswith("%") and float(litert.agreement[:-1]) >= 99.0, litert.agreement
+    with Segmenter.load(onnx_path) as seg:  # nothing recorded: ONNX Runtime
+        assert seg.backend.name == "ort-cpu"
+    record(onnx_path, "litert", {}, runs=path)  # as if LiteRT had measured fastest
+    with Segmenter.load(onnx_path) as seg:
+        assert seg.backend.name == "litert" and seg.backend.path == path
+    with Segmenter.load(onnx_path, backend="ort-cpu") as seg:  # a named backend is never replaced
+        assert seg.backend.name == "ort-cpu"
+    with open(path, "ab") as f:  # the measured file changed: its measurement no longer applies
+        f.write(b"\0")
+    with Segmenter.load(onnx_path) as seg:
+        assert seg.backend.name == "ort-cpu"

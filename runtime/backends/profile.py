@@ -174,6 +174,8 @@ def preferred_backend(model: str | os.PathLike, *, threads: int | None = None) -
     for entry in reversed(mine):  # newest first
         if entry["key"] == now:
             backend = entry.get("backend")
+            if "runs" in entry:  # a sibling file's backend: preferred_sibling's answer, not this file's
+                return None
             return backend if isinstance(backend, str) else None
     if digest not in _STALE_SAID:
         _STALE_SAID.add(digest)
@@ -205,9 +207,11 @@ def _show(value: Any) -> str:
 
 
 def record(model: str | os.PathLike, backend: str, measurements: dict[str, Any], *, threads: int | None = None,
-           path: Path | None = None) -> Path:
+           path: Path | None = None, runs: str | os.PathLike | None = None) -> Path:
     """Store `backend` as the choice for `model` at `threads` threads (None: the usable cores, `tune`'s default) on
-    this machine as it is now (with what was measured), keeping the newest MAX_ENTRIES entries; returns the file."""
+    this machine as it is now (with what was measured), keeping the newest MAX_ENTRIES entries; returns the file.
+    `runs`: the file the backend runs when it is not `model` itself (the `.tflite` exported beside an `.onnx`
+    file from the same checkpoint, for `litert`); its sha256 is recorded so that only that very file is used."""
     path = path or profile_path()
     if path is None:
         raise InputError(f"{PROFILE_ENV}=off: the backend profile is disabled; unset it to record a choice")
@@ -216,9 +220,44 @@ def record(model: str | os.PathLike, backend: str, measurements: dict[str, Any],
     entries = {k: e for k, e in read_profile(path).items() if _entry_key(e) is not None and k != name}
     entries[name] = {"backend": backend, "model": str(model), "key": key,
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "measurements": measurements}
+    if runs is not None:
+        entries[name]["runs"] = {"name": Path(runs).name, "sha256": model_digest(runs)}
     for old in list(entries)[:max(0, len(entries) - MAX_ENTRIES)]:
         del entries[old]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"format": FORMAT, "entries": entries}, indent=2) + "\n")
     _STALE_SAID.discard(key["model_sha256"])
     return path
+
+
+def preferred_sibling(model: str | os.PathLike, *, threads: int | None = None) -> tuple[Path, str] | None:
+    """(file, backend) when `edgepix tune` measured another file beside `model`, exported from the same checkpoint
+    and gated against it (the `.tflite` beside an `.onnx` on LiteRT), fastest for it on this machine as it is now,
+    at `threads` threads; None otherwise, or when that file has changed since."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        return None
+    entries = read_profile()
+    if not entries:
+        return None
+    try:
+        now = measurement_key(model, threads=threads or usable_cores())
+    except OSError:
+        return None
+    for entry in reversed(list(entries.values())):
+        if not isinstance(entry, dict) or entry.get("key") != now:
+            continue
+        runs, backend = entry.get("runs"), entry.get("backend")
+        if not isinstance(runs, dict) or not isinstance(backend, str):
+            return None
+        sibling = Path(model).with_name(str(runs.get("name", "")))
+        try:
+            same = sibling.is_file() and sibling.parent == Path(model).parent and model_digest(sibling) == runs.get(
+                "sha256")
+        except OSError:
+            same = False
+        if not same:
+            log.info("the profile's choice for %s ran %s, which is gone or has changed; run edgepix tune again",
+                     Path(model).name, sibling.name)
+            return None
+        return sibling, backend
+    return None

@@ -8,6 +8,7 @@ Overrides (`classes`, `mean`, `std`, ...) replace spec fields in both cases.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend
+from ..backends.profile import preferred_sibling
 from ..backends.registry import ONNX_SUFFIXES, load_backend
 from ..core.cpuinfo import warn_if_int8_is_slow_here
 from ..core.errors import InputError, ModelFormatError
@@ -34,6 +36,8 @@ SPEC_OVERRIDES = ("classes", "mean", "std", "scale", "input_size", "channel_orde
 
 #: the backends that compute on the CPU, where whether INT8 pays off depends on the CPU's instruction sets
 CPU_BACKENDS = frozenset({"ort-cpu", "openvino", "opencv", "litert"})
+
+log = logging.getLogger(__name__)
 
 _TASK_CLASS = {Task.SEGMENTATION: "Segmenter", Task.GENERATION_NOISE: "NoiseGenerator",
                Task.GENERATION_IMAGE: "ImageGenerator"}
@@ -58,6 +62,12 @@ def open_model(model: str | os.PathLike | Backend, backend: str, *, task: Task, 
             raise InputError(f"backend options {sorted(backend_options)} cannot apply to an already-loaded backend")
         return model, _spec_for(model.path, model.spec, model.inputs, model.outputs, task, overrides)
     path = Path(model)
+    if backend == "auto" and path.suffix.lower() in ONNX_SUFFIXES:
+        measured = preferred_sibling(path, threads=backend_options.get("threads"))
+        if measured is not None:  # `edgepix tune` found the file exported beside it faster here (a .tflite)
+            log.info("backend auto: %s on %s, measured faster than %s on this machine (edgepix tune)", measured[1],
+                     measured[0].name, path.name)
+            path, backend = measured
     if path.suffix.lower() in ONNX_SUFFIXES:
         header = read_onnx_header(path)
         outputs = [tensor_meta(v, path) for v in header.outputs]
