@@ -63,11 +63,12 @@ class OrtOptions:
     threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (one per physical core)
     inter_op_threads: int | None = None  # only used by parallel execution mode; None: default
     graph_optimization: GraphOptimization = GraphOptimization.ALL
-    # Worker threads spin between operators within a run: lower latency on idle cores, slower and jittery when
-    # other processes share them (runtime.core.cpuload). None: decide per run on the CPU provider, from whether
-    # other processes are using this process's cores now (a second session without spinning is built the first
-    # time they are); True or False: always.
-    spin_wait: bool | None = None
+    spin_wait: bool = True  # worker threads spin between ops within a run: lower latency on idle cores
+    # On the CPU provider, while other processes use this process's cores (runtime.core.cpuload), runs go to a
+    # second session built the first time that happens: no spin-waiting (a spinning thread burns the time slice
+    # another process needs) and only the cores left as intra-op threads (a parallel operator waits for its
+    # slowest, de-scheduled thread). False: one session, as configured, whatever the load.
+    adapt_to_load: bool = True
     # Stop the spinning as soon as a run returns, so pre/post-processing, decoding and encoding get the cores
     # (ONNX Runtime's own default keeps spinning after the run, which on a 2-core device slows them ~2x).
     stop_spin_after_run: bool = True
@@ -140,11 +141,14 @@ def default_threads() -> int | None:
     return usable if usable < (os.cpu_count() or 1) else None
 
 
-def session_options(options: OrtOptions, *, spin: bool | None = None):
-    """`spin`: whether worker threads spin, where `options.spin_wait` is None (adaptive)."""
+def session_options(options: OrtOptions, *, contended_threads: int | None = None):
+    """The session options `options` ask for; with `contended_threads`, those of the session for a busy machine
+    (that many intra-op threads, no spin-waiting: `OrtOptions.adapt_to_load`)."""
     ort = require("onnxruntime", extra="cpu", purpose="The ONNX Runtime backends")
     so = ort.SessionOptions()
     threads = options.threads if options.threads is not None else default_threads()
+    if contended_threads is not None:
+        threads = contended_threads
     if threads is not None:
         so.intra_op_num_threads = threads
     if options.inter_op_threads is not None:
@@ -155,7 +159,7 @@ def session_options(options: OrtOptions, *, spin: bool | None = None):
         GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[options.graph_optimization]
-    spin = options.spin_wait if options.spin_wait is not None else (True if spin is None else spin)
+    spin = options.spin_wait and contended_threads is None
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1" if options.stop_spin_after_run else "0")
     so.log_severity_level = options.log_severity
@@ -225,13 +229,13 @@ class OrtBackend(Backend):
                                    f"offset {e.start}); copy or export it again") from None
         self._output_names = [t.name for t in self.outputs]
         self._run_options = run_options(self.options)
-        # Adaptive spin-wait (options.spin_wait None) on the CPU provider: the session above spins; one that does
-        # not is built the first time other processes are found using the cores, and each run takes the one the
-        # load calls for. An IOBinding is bound to one session, so it keeps the spinning one.
-        adaptive = self.options.spin_wait is None and self.primary_provider == CPU_EP and not self.options.io_binding
+        # On the CPU provider a second session serves runs while other processes use the cores (adapt_to_load);
+        # it is built the first time they do. An IOBinding is bound to one session, so it keeps this one.
+        adaptive = self.options.adapt_to_load and self.primary_provider == CPU_EP and not self.options.io_binding
         self._contention = CoreContention() if adaptive else None
-        self._calm_session = None  # without spin-wait, built on first contention
-        self._calm_lock = threading.Lock()
+        self._contended_session = None
+        self._contended_threads: int | None = None
+        self._contended_lock = threading.Lock()
         self._session_source = (ort, source if self.fused_argmax is not None else str(path), providers)
         device_type, device_id = self.binding_device()
         self._runner = (IoBindingRunner(self.session, device_type=device_type, device_id=device_id,
@@ -239,10 +243,10 @@ class OrtBackend(Backend):
                                         run_options=self._run_options) if self.options.io_binding else None)
 
     def _session(self, ort, source: str | bytes, providers: list[tuple[str, dict[str, str]]], *,
-                 spin: bool | None = None):
+                 contended_threads: int | None = None):
         try:
             return ort.InferenceSession(
-                source, sess_options=session_options(self.options, spin=spin),
+                source, sess_options=session_options(self.options, contended_threads=contended_threads),
                 providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers])
         except Exception as e:  # ONNX Runtime raises its own pybind types; keep its first line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -266,26 +270,30 @@ class OrtBackend(Backend):
     @property
     def description(self) -> str:
         threads = self.options.threads or default_threads() or "default"
-        spin = {None: ", spin-wait adaptive", True: "", False: ", no spin-wait"}[self.options.spin_wait]
-        if self._contention is None and self.options.spin_wait is None:
-            spin = ""
+        spin = "" if self.options.spin_wait else ", no spin-wait"
+        if self._contention is not None:
+            spin += ", adapting to the load"
         fused = ", argmax fused into the graph" if self.fused_argmax else ""
         binding = ", IOBinding" if self.options.io_binding else ""
         return (f"{self.name} ({' > '.join(self.active_providers)}, {threads} threads, "
                 f"graph optimization {self.options.graph_optimization.value}{spin}{fused}{binding})")
 
     def session_for_now(self):
-        """The session this run takes: the spinning one, or, with adaptive spin-wait while other processes use the
-        cores, the one that does not spin."""
+        """The session this run takes: the one as configured, or, while other processes use this process's cores
+        (adapt_to_load), the one without spin-waiting on the cores they leave."""
         if self._contention is None or not self._contention.contended():
             return self.session
-        if self._calm_session is None:
-            with self._calm_lock:
-                if self._calm_session is None:
-                    log.info("%s: other processes are using %.1f of this process's cores; running without "
-                             "spin-wait while they do", self.path.name, self._contention.others)
-                    self._calm_session = self._session(*self._session_source, spin=False)
-        return self._calm_session
+        if self._contended_session is None:
+            with self._contended_lock:
+                if self._contended_session is None:
+                    own = self.options.threads or default_threads() or usable_cores()
+                    # a core counts as taken when others use more than three quarters of it
+                    left = max(1, own - int(self._contention.others + 0.25))
+                    log.info("%s: other processes are using %.1f of this process's cores; running on %d thread(s) "
+                             "without spin-wait while they do", self.path.name, self._contention.others, left)
+                    self._contended_session = self._session(*self._session_source, contended_threads=left)
+                    self._contended_threads = left
+        return self._contended_session
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._runner is not None:
@@ -302,7 +310,7 @@ class OrtBackend(Backend):
     def close_impl(self) -> None:
         self._runner = None
         self.session = None
-        self._calm_session = None
+        self._contended_session = None
         self._session_source = None
 
 
