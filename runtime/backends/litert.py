@@ -13,8 +13,8 @@ Threads: one interpreter must not be called from two threads at once (LiteRT doc
 the tensors `set_tensor` fills and `invoke` computes), so `thread_safe` is False and the stream pipeline gives each
 worker an instance of its own.
 
-The spec comes from `NAME.spec.json` beside the model (description.tflite); `import ai_edge_litert` happens when
-a backend is created, never when edgepix.runtime is imported.
+The spec comes from `NAME.spec.json` beside the model, else the one embedded in it (description.tflite); `import
+ai_edge_litert` happens when a backend is created, never when edgepix.runtime is imported.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core.errors import BackendError, ModelFormatError
 from ..description.spec import ModelSpec
-from ..description.tflite import TfliteTensor, check_tflite_file, import_litert, read_sidecar, tflite_tensor
+from ..description.tflite import TfliteTensor, check_tflite_file, import_litert, stored_spec, tflite_tensor
 from .base import Backend
 
 
@@ -77,9 +77,9 @@ class LiteRTBackend(Backend):
 
     @property
     def spec(self) -> ModelSpec | None:
-        """The spec in NAME.spec.json beside the model, or None (the metadata and shapes then give one:
-        runtime.tasks.model)."""
-        return read_sidecar(self.path)
+        """The spec in NAME.spec.json beside the model, else the one embedded in it, or None (the metadata and
+        shapes then give one: runtime.tasks.model)."""
+        return stored_spec(self.path)
 
     @property
     def description(self) -> str:

@@ -65,7 +65,10 @@ def cmd_spec(args: argparse.Namespace) -> int:
     else:
         origin = "embedded" if reading.embedded or args.out else "not embedded: what the runtime would assume"
         if sidecar and (reading.embedded or args.out):
-            origin = "the spec file beside the model"
+            from ..description.tflite import sidecar_path
+
+            beside = args.out is not None or sidecar_path(args.model).is_file()
+            origin = "the spec file beside the model" if beside else "embedded"
         print(f"spec of {args.out or args.model} ({origin})")
         for key, value in spec.to_dict().items():
             print(f"  {key:<15} {value}")

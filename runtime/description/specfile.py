@@ -91,13 +91,13 @@ def read_spec(path: str | os.PathLike, *, task: Task | str = Task.SEGMENTATION,
 
 def _stored(path: Path, task: Task) -> tuple[ModelSpec | None, list[TensorMeta], list[TensorMeta], dict[str, Any]]:
     """(the spec the model carries or None, its inputs, its outputs, spec fields its own metadata states). An ONNX
-    file carries its spec in its metadata; a .tflite in NAME.spec.json beside it, and its TFLite metadata may state
-    class names and normalisation (description.tflite)."""
+    file carries its spec in its metadata; a .tflite in NAME.spec.json beside it or embedded in it, and its TFLite
+    metadata may state class names and normalisation (description.tflite)."""
     if path.suffix.lower() in TFLITE_SUFFIXES:
-        from .tflite import read_sidecar, read_tflite, spec_defaults
+        from .tflite import read_tflite, spec_defaults, stored_spec
 
         model = read_tflite(path)
-        return (read_sidecar(path), [t.meta for t in model.inputs], [t.meta for t in model.outputs],
+        return (stored_spec(path, model), [t.meta for t in model.inputs], [t.meta for t in model.outputs],
                 spec_defaults(model, task))
     from .onnxproto import read_onnx_header
     from .tensors import tensor_meta

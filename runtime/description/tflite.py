@@ -8,9 +8,12 @@ tensors, the TFLite metadata, and the edgepix spec kept beside the model.
   `tflite_metadata_schema`; associated files are a zip archive appended to the model): class names from the output's
   label file, and the input's NormalizationOptions (pixel units, (p - mean) / std) as the spec's scale 1/255, mean
   and std.
-- The spec sidecar: `NAME.spec.json` beside `NAME.tflite`, the ModelSpec's own JSON (`edgepix spec NAME.tflite
-  --set ... --out NAME.spec.json` writes it). A model with a sidecar is described by it alone; without one, the
-  metadata and the tensors' shapes give the defaults that `foreign.infer_spec` completes.
+- The spec: `NAME.spec.json` beside `NAME.tflite`, the ModelSpec's own JSON (`edgepix spec NAME.tflite --set ...
+  --out NAME.spec.json` writes it), else the spec embedded in the model: the model's metadata entry "edgepix.spec"
+  (the key ONNX files use), whose buffer holds the same JSON (`edgepix export CKPT --format tflite` writes it with
+  `embed_spec`). A model with either is described by it alone, the sidecar first (it is how a user changes the
+  spec of a model as it came); without one, the TFLite metadata and the tensors' shapes give the defaults that
+  `foreign.infer_spec` completes.
 
 A .tflite file is untrusted input: its identifier is checked before anything reads it, a damaged flatbuffer is a
 ModelFormatError in one line, label files are read up to MAX_LABEL_FILE_BYTES (a zip can claim any size), and
@@ -34,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import DependencyError, ModelFormatError
-from .spec import ModelSpec, OutputKind, Task
+from ..core.errors import DependencyError, ModelFormatError, SpecError
+from .spec import ONNX_METADATA_KEY, ModelSpec, OutputKind, Task
 from .tensors import Dim, TensorMeta
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ INSTALL_HINT = "pip install 'edgepix[litert]'"
 TFLITE_IDENTIFIER = b"TFL3"  # bytes 4..8 of every TFLite flatbuffer
 METADATA_NAME = "TFLITE_METADATA"
 METADATA_IDENTIFIER = b"M001"
+SPEC_METADATA_NAME = ONNX_METADATA_KEY  # the metadata entry whose buffer holds an embedded spec's JSON
 SIDECAR_SUFFIX = ".spec.json"
 MAX_LABEL_FILE_BYTES = 1 << 20  # 1 MB: tens of thousands of class names; more is not a label file
 PIXEL_SCALE = 1.0 / 255.0  # the spec scale metadata normalisation is expressed at
@@ -121,6 +125,7 @@ class TfliteModel:
     metadata: TfliteMetadata
     # per output: the activation that produced it ("sigmoid", "softmax"; None: neither), looking through reshapes
     output_activations: tuple[str | None, ...]
+    spec: ModelSpec | None = None  # the spec embedded in the model (metadata entry SPEC_METADATA_NAME)
 
 
 def check_tflite_file(path: str | os.PathLike) -> Path:
@@ -165,11 +170,18 @@ def read_tflite(path: str | os.PathLike) -> TfliteModel:
         producers = {op.Outputs(j): op for op in (graph.Operators(i) for i in range(graph.OperatorsLength()))
                      for j in range(op.OutputsLength())}
         activations = tuple(_activation(fb, model, producers, t.index) for t in outputs)
-        blob = _metadata_blob(model, data)
+        blob = _metadata_blob(model, data, METADATA_NAME)
+        spec_blob = _metadata_blob(model, data, SPEC_METADATA_NAME)
     except _DAMAGE as e:
         raise ModelFormatError(f"{path}: the TFLite flatbuffer is damaged ({type(e).__name__}: "
                                f"{str(e)[:120]}); copy or convert the model again") from None
-    return TfliteModel(path, inputs, outputs, _metadata(blob, data, path), activations)
+    spec = None
+    if spec_blob is not None:  # read as strictly as an ONNX file's embedded spec (bounded JSON, every key checked)
+        try:
+            spec = ModelSpec.from_json(spec_blob)
+        except SpecError as e:
+            raise SpecError(f"{path}: embedded spec is invalid: {e}") from e
+    return TfliteModel(path, inputs, outputs, _metadata(blob, data, path), activations, spec)
 
 
 def _tensor(fb, graph, index: int, path: Path) -> TfliteTensor:
@@ -210,10 +222,11 @@ def _activation(fb, model, producers: dict, tensor: int) -> str | None:
     return None
 
 
-def _metadata_blob(model, data: bytes) -> bytes | None:
+def _metadata_blob(model, data: bytes, name: str) -> bytes | None:
+    """The buffer of the model's metadata entry `name`, or None."""
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)
-        if entry.Name() != METADATA_NAME.encode():
+        if entry.Name() != name.encode():
             continue
         buffer = model.Buffers(entry.Buffer())
         if buffer.DataLength():
@@ -307,6 +320,52 @@ def read_sidecar(model: str | os.PathLike) -> ModelSpec | None:
     """The spec in the sidecar beside `model`, or None when there is none (a bad one is a SpecError)."""
     sidecar = sidecar_path(model)
     return ModelSpec.load_json(sidecar) if sidecar.is_file() else None
+
+
+def stored_spec(path: str | os.PathLike, model: TfliteModel | None = None) -> ModelSpec | None:
+    """The spec a .tflite carries: its sidecar's, else the one embedded in it, else None. `model` is the model
+    already read from `path` (read here when not given)."""
+    sidecar = read_sidecar(path)
+    if sidecar is not None:
+        return sidecar
+    return (model if model is not None else read_tflite(path)).spec
+
+
+def embed_spec(data: bytes, spec: ModelSpec, *, source: str = "model") -> bytes:
+    """The .tflite model `data` with `spec` embedded: its JSON in a buffer of its own, named by the metadata entry
+    SPEC_METADATA_NAME (an entry of that name already there is replaced). The graph, the weights and the other
+    metadata entries are copied as they are (the flatbuffers object API of the schema inside ai-edge-litert); files
+    packed after the flatbuffer (TFLite metadata's label files) are not, so this is for models edgepix made (`edgepix
+    export --format tflite`). Models whose weights lie after the flatbuffer (over 2 GB) are refused: repacking would
+    move what their offsets point at."""
+    import flatbuffers
+
+    fb = import_litert("ai_edge_litert.schema_py_generated")
+    if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
+        raise ModelFormatError(f"{source}: expected a TFLite flatbuffer (identifier {TFLITE_IDENTIFIER.decode()})")
+    try:
+        model = fb.ModelT.InitFromPackedBuf(data, 0)
+    except _DAMAGE as e:
+        raise ModelFormatError(f"{source}: the TFLite flatbuffer is damaged ({type(e).__name__})") from None
+    if any((b.offset or 0) > 1 for b in model.buffers or []):
+        raise ModelFormatError(f"{source}: its weights are stored after the flatbuffer (a model over 2 GB); "
+                               "edgepix embeds specs in models that hold their weights inside")
+    buffer = fb.BufferT()
+    buffer.data = np.frombuffer(spec.to_json().encode("utf-8"), np.uint8)
+    model.buffers = [*(model.buffers or []), buffer]
+    entry = fb.MetadataT()
+    entry.name, entry.buffer = SPEC_METADATA_NAME, len(model.buffers) - 1
+    for old in model.metadata or []:
+        if _text(old.name) == SPEC_METADATA_NAME:
+            model.buffers[old.buffer].data = None  # the replaced spec's buffer stays (indices hold), emptied
+    model.metadata = [*(m for m in model.metadata or [] if _text(m.name) != SPEC_METADATA_NAME), entry]
+    builder = flatbuffers.Builder(len(data) + len(buffer.data) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
 
 
 def spec_defaults(model: TfliteModel, task: Task) -> dict[str, Any]:
