@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,scale,litert,tflite-convert,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),train,hub,triton,openvino,plot,scale,litert,tflite-convert,tflite-export,dev]"
 	@# A real Triton Inference Server for tests/test_fleet.py: the tritonserver binary and its Python backend from
 	@# NVIDIA's nvidia-pytriton wheel (x86_64 Linux, glibc >= 2.35), files only: pytriton's own Python dependencies
 	@# pin numpy<2, which this environment does not take (tests/triton_server.py says how the server runs).

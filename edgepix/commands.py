@@ -398,6 +398,9 @@ def _doctor_training_side(rows: list[tuple[str, str, str]]) -> None:
         v = _dist_version(dist, module)
         rows.append((dist, "ok", v) if v else (dist, "missing", "disables export of .tflite models to ONNX; "
                                                                "install: pip install 'edgepix[tflite-convert]'"))
+    v = _dist_version("litert-torch", "litert_torch")  # its import brings JAX: seconds
+    rows.append(("litert-torch", "ok", v) if v else ("litert-torch", "missing", "disables export of checkpoints to "
+                                                     ".tflite; install: pip install 'edgepix[tflite-export]'"))
 
 
 def _dist_version(dist: str, module: str) -> str | None:

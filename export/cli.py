@@ -7,11 +7,12 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "triton", "deepstream")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "engine", "tflite", "triton", "deepstream")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8) or TensorRT engine, verified")
+    p = subparsers.add_parser("export", help="checkpoint -> ONNX (FP32, FP16, INT8), TensorRT engine or LiteRT "
+                                              ".tflite, verified")
     p.add_argument("checkpoint", type=Path,
                    help="an edgepix checkpoint (.pt) or a Hugging Face save_pretrained folder; with --format engine "
                         "also an .onnx file; with --format onnx also a .tflite model (converted with tf2onnx and "
@@ -98,6 +99,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .tflite import cmd_export_tflite
 
         return cmd_export_tflite(args)
+    if args.format == "tflite":
+        from .to_tflite import cmd_export_to_tflite
+
+        return cmd_export_to_tflite(args)
     if args.format == "engine":
         from .tensorrt import cmd_export_engine
 

@@ -1,8 +1,10 @@
 """The parity gate: an exported artifact must still compute what the PyTorch model computed.
 
-PyTorch and ONNX Runtime run the same random and real validation inputs, pre-processed by the runtime's own
-Normalizer; the comparison, its thresholds and its report are the one comparator's (export/compare.py), which the
-TensorRT engine check uses too. A dynamic-size graph is also run at a size it was not traced at.
+PyTorch and the artifact's backend (ONNX Runtime for ONNX files, LiteRT for a .tflite) run the same random and real
+validation inputs, pre-processed by the runtime's own Normalizer in the layout the spec states (NCHW, or NHWC for a
+.tflite, whose PyTorch reference then takes NHWC too); the comparison, its thresholds and its report are the one
+comparator's (export/compare.py), which the TensorRT engine check uses too. A dynamic-size graph is also run at a
+size it was not traced at.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from edgepix.runtime.core.errors import require
 from edgepix.runtime.data.metrics import psnr
-from edgepix.runtime.description.spec import ModelSpec, Task
+from edgepix.runtime.description.spec import Layout, ModelSpec, Task
 
 from .compare import (
     THRESHOLDS,
@@ -38,29 +40,38 @@ __all__ = ["VERIFY_SEED", "Check", "GateReport", "Sample", "folder_samples", "pr
 # ---- the gate ------------------------------------------------------------------------------------------
 
 
-def _runners(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec) -> tuple[TorchRunner, BackendRunner]:
+def _runners(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec,
+             backend: str = "ort-cpu") -> tuple[TorchRunner, BackendRunner]:
     from edgepix.runtime.backends import load_backend
 
-    backend = load_backend(artifact, "ort-cpu", fuse_argmax=None)
-    return TorchRunner(model), BackendRunner(backend, spec)
+    loaded = load_backend(artifact, backend, fuse_argmax=None)
+    return TorchRunner(model), BackendRunner(loaded, spec)
+
+
+def image_shape(spec: ModelSpec, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A batch of one image at `size` in the spec's input layout."""
+    return (1, 3, *size) if spec.input_layout is Layout.NCHW else (1, *size, 3)
 
 
 def verify_segmentation(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-                        *, thresholds: Thresholds = THRESHOLDS, n_random: int = 2) -> GateReport:
+                        *, thresholds: Thresholds = THRESHOLDS, n_random: int = 2,
+                        backend: str = "ort-cpu") -> GateReport:
     rng = np.random.default_rng(0)
     sizes = [spec.input_size]
     if spec.dynamic_size:  # a dynamic graph must also hold at a size it was not traced at
         sizes.append((spec.input_size[0] + 2 * spec.size_divisor, spec.input_size[1] + spec.size_divisor))
-    random_inputs = [rng.standard_normal((1, 3, *size), dtype=np.float32) for size in sizes for _ in range(n_random)]
+    random_inputs = [rng.standard_normal(image_shape(spec, size), dtype=np.float32) for size in sizes
+                     for _ in range(n_random)]
     real = [(preprocess(s.image, spec), resize_mask(s.mask, spec.input_size)) for s in samples]
-    torch_runner, onnx_runner = _runners(artifact, model.eval(), spec)
-    with onnx_runner.backend:
-        return compare_segmentation(torch_runner, onnx_runner, spec, random_inputs=random_inputs, samples=real,
+    torch_runner, artifact_runner = _runners(artifact, model.eval(), spec, backend)
+    with artifact_runner.backend:
+        return compare_segmentation(torch_runner, artifact_runner, spec, random_inputs=random_inputs, samples=real,
                                     artifact_name=str(artifact), thresholds=thresholds)
 
 
 def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-                     *, thresholds: Thresholds = THRESHOLDS, n_random: int = 8) -> GateReport:
+                     *, thresholds: Thresholds = THRESHOLDS, n_random: int = 8,
+                     backend: str = "ort-cpu") -> GateReport:
     """PSNR between PyTorch's and the artifact's uint8 images, on noise (or random + real images)."""
     rng = np.random.default_rng(0)
     if spec.task is Task.GENERATION_NOISE:
@@ -69,11 +80,11 @@ def verify_generator(artifact: str | os.PathLike, model: nn.Module, spec: ModelS
         from .generators import generator_input_image  # a mask -> image model is fed palette-coloured masks
 
         inputs = [preprocess(generator_input_image(s.image, s.mask, spec), spec) for s in samples]
-        inputs += [np.clip(rng.standard_normal((1, 3, *spec.input_size), dtype=np.float32), -1, 1)
+        inputs += [np.clip(rng.standard_normal(image_shape(spec, spec.input_size), dtype=np.float32), -1, 1)
                    for _ in range(2)]
-    torch_runner, onnx_runner = _runners(artifact, model, spec)  # the caller chose eval or train mode
-    with onnx_runner.backend:
-        return compare_images(torch_runner, onnx_runner, spec, inputs=inputs, artifact_name=str(artifact),
+    torch_runner, artifact_runner = _runners(artifact, model, spec, backend)  # the caller chose eval or train mode
+    with artifact_runner.backend:
+        return compare_images(torch_runner, artifact_runner, spec, inputs=inputs, artifact_name=str(artifact),
                               thresholds=thresholds)
 
 
@@ -114,11 +125,13 @@ def verify_stochastic_generator(artifact: str | os.PathLike, model: nn.Module, s
 
 
 def verify(artifact: str | os.PathLike, model: nn.Module, spec: ModelSpec, samples: list[Sample],
-           *, thresholds: Thresholds = THRESHOLDS, stochastic: bool = False) -> GateReport:
-    """`stochastic`: the artifact samples random dropout masks (a `--train-mode --dropout` export)."""
-    require("onnxruntime", extra="cpu", purpose="Verifying exported models")
+           *, thresholds: Thresholds = THRESHOLDS, stochastic: bool = False, backend: str = "ort-cpu") -> GateReport:
+    """`stochastic`: the artifact samples random dropout masks (a `--train-mode --dropout` export). `backend` runs
+    the artifact (`litert` for a .tflite); `model` takes the inputs it takes, in the spec's layout."""
+    if backend.startswith("ort"):
+        require("onnxruntime", extra="cpu", purpose="Verifying exported models")
     if spec.task is Task.SEGMENTATION:
-        return verify_segmentation(artifact, model, spec, samples, thresholds=thresholds)
-    if stochastic:
+        return verify_segmentation(artifact, model, spec, samples, thresholds=thresholds, backend=backend)
+    if stochastic:  # train-mode ONNX exports only
         return verify_stochastic_generator(artifact, model, spec, samples)
-    return verify_generator(artifact, model, spec, samples, thresholds=thresholds)
+    return verify_generator(artifact, model, spec, samples, thresholds=thresholds, backend=backend)
