@@ -12,7 +12,15 @@ import pytest
 from edgepix.runtime.core.errors import InputError
 from edgepix.runtime.data.flicker import FlickerMeter, LagMeter, TemporalScore
 from edgepix.runtime.data.synthetic import CLASS_NAMES, MovingScene, SceneConfig
-from edgepix.runtime.tasks.temporal import Stabilizer, TemporalMode, TemporalOptions, TemporalState
+from edgepix.runtime.description.spec import OutputKind
+from edgepix.runtime.tasks.temporal import (
+    Stabilizer,
+    TemporalMode,
+    TemporalOptions,
+    TemporalState,
+    decision_margin,
+    small_frame,
+)
 
 C = len(CLASS_NAMES)
 FRAME = (240, 320)
@@ -70,6 +78,87 @@ def test_a_plain_average_lags_behind_moving_objects_and_the_gate_does_not():
             classes = state.update(scores, frame).argmax(0).astype(np.uint8)
             lags[name].update(cv2.resize(classes, FRAME[::-1], interpolation=cv2.INTER_NEAREST), truth)
     assert lags["gated"].lag == 0 and lags["plain"].lag >= 1, (lags["gated"].agreement(), lags["plain"].agreement())
+
+
+def test_decision_margin_is_the_lead_of_the_top_class_in_logits_for_every_kind_of_scores():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(5, 8, 9)).astype(np.float32)
+    ranked = np.sort(logits, axis=0)
+    assert np.allclose(decision_margin(logits), ranked[-1] - ranked[-2], atol=1e-5)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+    assert np.allclose(decision_margin(softmax, OutputKind.PROBABILITIES), ranked[-1] - ranked[-2], atol=1e-3)
+    z = logits[:1]  # a binary output: its logit against the threshold's, whichever scale it comes in
+    assert np.allclose(decision_margin(z, OutputKind.BINARY_LOGIT, 0.5), np.abs(z[0] - 0.5), atol=1e-5)
+    p = 1 / (1 + np.exp(-z))
+    t = 1 / (1 + np.exp(-0.5))
+    assert np.allclose(decision_margin(p, OutputKind.BINARY_PROBABILITY, t), np.abs(z[0] - 0.5), atol=1e-3)
+
+
+def test_unsure_pixels_lean_on_the_history_sure_ones_follow_and_changed_ones_start_afresh():
+    """One still picture twice, then once with its left side changed. Class 0 was sure everywhere; the new scores
+    tie classes 0 and 1 in the top rows (unsure) and make class 1 sure in the bottom rows."""
+    options = TemporalOptions(mode="ema", alpha=0.3, alpha_min=0.05, near_motion=0)
+    state = TemporalState(options)
+    frame = np.full((120, 160, 3), 80, np.uint8)
+    old = np.zeros((C, 12, 16), np.float32)
+    old[0] = 4.0
+    state.update(old, frame)
+    new = np.zeros_like(old)
+    new[0, :6], new[1, :6] = 1.0, 1.0  # a tie: margin 0
+    new[1, 6:] = 4.0  # class 1 leads by 4 logits, more than confident_margin
+    out = state.update(new, frame)
+    assert np.allclose(out[:, :6], old[:, :6] + 0.05 * (new[:, :6] - old[:, :6]), atol=1e-5)
+    assert np.allclose(out[:, 6:], old[:, 6:] + 0.3 * (new[:, 6:] - old[:, 6:]), atol=1e-5)
+    moved = frame.copy()
+    moved[:, :40] = 200  # the left quarter changed: there the new frame's scores pass whole
+    out = state.update(new, moved)
+    assert np.allclose(out[:, :, :3], new[:, :, :3], atol=1e-5)
+    assert not np.allclose(out[:, :, 6:], new[:, :, 6:], atol=0.1)
+
+
+def test_a_hesitant_region_flickers_less_than_with_one_weight_and_a_sure_change_passes_as_fast():
+    """A still picture: in the top half the model hesitates between classes 1 and 2 (a lead of +-0.5 logits at
+    random), in the bottom half it switches once, surely, from class 3 to class 4."""
+    frame = np.full((120, 160, 3), 80, np.uint8)
+    rng = np.random.default_rng(0)
+    weighted = TemporalState(TemporalOptions(mode="ema"))
+    uniform = TemporalState(TemporalOptions(mode="ema", alpha_min=TemporalOptions().alpha))  # one weight for all
+    changes = {"weighted": 0, "uniform": 0}
+    switched_at = {}
+    previous = {}
+    for t in range(60):
+        scores = np.zeros((C, 32, 32), np.float32)
+        scores[1, :16] = 3.0 + rng.normal(0, 0.5, size=(16, 32))
+        scores[2, :16] = 3.0
+        scores[3 if t < 30 else 4, 16:] = 4.0
+        for name, state in (("weighted", weighted), ("uniform", uniform)):
+            classes = state.update(scores, frame).argmax(0)
+            if name in previous:
+                changes[name] += int((classes[:16] != previous[name][:16]).sum())
+            previous[name] = classes
+            if t >= 30 and name not in switched_at and (classes[16:] == 4).all():
+                switched_at[name] = t
+    assert changes["weighted"] <= 0.6 * changes["uniform"], changes
+    assert switched_at == {"weighted": 31, "uniform": 31}, switched_at  # one frame late: the lag of an EMA at 0.3
+
+
+def test_the_motion_gate_ignores_sensor_noise_but_not_a_moving_edge():
+    rng = np.random.default_rng(0)
+    picture = cv2.GaussianBlur((rng.random((480, 640, 3)) * 255).astype(np.uint8), (0, 0), 8)
+    state = TemporalState(TemporalOptions(mode="ema"))
+
+    def noisy() -> np.ndarray:  # independent sensor noise of 8 levels in every channel of every pixel
+        return np.clip(picture + rng.normal(0, 8, picture.shape), 0, 255).astype(np.uint8)
+
+    assert state._moved(small_frame(noisy(), (256, 256)), small_frame(noisy(), (256, 256))).mean() < 0.005
+    before, after = picture.copy(), picture.copy()
+    cv2.rectangle(before, (200, 150), (360, 300), (90, 140, 60), -1)
+    cv2.rectangle(after, (204, 150), (364, 300), (90, 140, 60), -1)  # moved 4 pixels right
+    moved = state._moved(small_frame(before, (256, 256)), small_frame(after, (256, 256)))
+    changed = cv2.resize((before != after).any(axis=2).astype(np.uint8), (256, 256), interpolation=cv2.INTER_AREA) > 0
+    assert moved[changed].mean() > 0.9
+    # the gate hugs the edge: beside it, the new frame's unsteady boundary would pass unsmoothed
+    assert (moved & ~changed).sum() < 0.5 * changed.sum(), ((moved & ~changed).sum(), changed.sum())
 
 
 def test_a_scene_cut_resets_the_state():
@@ -141,6 +230,9 @@ def test_bad_options_are_one_line_errors():
         TemporalOptions(mode="smooth")
     with pytest.raises(InputError, match="alpha"):
         TemporalOptions(mode="ema", alpha=0)
+    with pytest.raises(InputError, match="alpha_min"):
+        TemporalOptions(mode="ema", alpha_min=0)
+    assert TemporalOptions(mode="ema", alpha=0.02).alpha_min == 0.02  # --temporal-alpha below alpha_min lowers both
     assert TemporalOptions().mode is TemporalMode.OFF
 
 

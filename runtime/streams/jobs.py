@@ -52,7 +52,8 @@ class StreamJob:
         "changed), flow (the same, moved along the optical flow first), hysteresis (class-map models), or off",
         choices=("off", "ema", "flow", "hysteresis")))
     temporal_alpha: float = field(default=0.3, metadata=flag(
-        "--temporal ema|flow: weight of each new frame's scores where nothing moved (lower: steadier)",
+        "--temporal ema|flow: weight of each new frame's sure scores where nothing moved (unsure ones weigh down to "
+        "0.05; lower: steadier)",
         metavar="A"))
     source_options: SourceOptions = field(default_factory=SourceOptions)
     workers: int | None = field(default=None, metadata=flag(

@@ -269,7 +269,8 @@ class Segmenter:
         for sample, (state, frame) in zip(raw, states):
             if decoder.has_scores:  # (C, h, w) float32 planes whatever the layout; back in the output's layout
                 planes = sample.transpose(2, 0, 1) if decoder.nhwc else sample
-                smoothed = state.update(np.ascontiguousarray(planes, dtype=np.float32), frame)
+                smoothed = state.update(np.ascontiguousarray(planes, dtype=np.float32), frame, kind=decoder.kind,
+                                        threshold=decoder.threshold)
                 samples.append(smoothed.transpose(1, 2, 0) if decoder.nhwc else smoothed)
             else:
                 plane = sample if sample.ndim == 2 else (sample[..., 0] if decoder.nhwc else sample[0])
