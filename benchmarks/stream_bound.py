@@ -246,21 +246,28 @@ def _blob_params(scale: tuple[float, ...], mean_px: tuple[float, ...], size: tup
 
 def pipeline_run(model: str | os.PathLike, video: str | os.PathLike, out: str | os.PathLike | None, *,
                  backend: str = "auto", workers: int | None = None, threads: int | None = None,
-                 max_frames: int | None = None, realtime: bool = False, prefetch: bool = True) -> dict:
-    """The stream pipeline over `video` into `out` (or null://); returns its statistics."""
+                 max_frames: int | None = None, realtime: bool = False, prefetch: bool = True,
+                 temporal: str | None = None) -> dict:
+    """The stream pipeline over `video` into `out` (or null://); returns its statistics. `temporal`: a temporal
+    stabilizer mode (tasks.temporal; "off" for none), whose masks' flicker is then measured (stats["temporal"])."""
     from edgepix.runtime.streams.pipeline import Pipeline, PipelineOptions, choose_workers, resolve_backend
     from edgepix.runtime.streams.sources import SourceOptions
     from edgepix.runtime.tasks.segmenter import Segmenter
+    from edgepix.runtime.tasks.temporal import SCORE_MODES, TemporalOptions
 
+    temporal_options = TemporalOptions(mode=temporal or "off")
     plan = choose_workers(resolve_backend(model, backend), workers=workers, threads=threads)
+    # ema and flow smooth the scores: an argmax fused into the graph would leave only the class map
+    fuse = {"fuse_argmax": False} if temporal_options.mode in SCORE_MODES else {}
 
     def load() -> Segmenter:  # one per worker where the backend is not thread-safe
-        return Segmenter.load(model, plan.backend, **plan.backend_options())
+        return Segmenter.load(model, plan.backend, **fuse, **plan.backend_options())
 
     with load() as seg:
         plan = plan.for_processor(seg, can_load_more=True)
         pipeline = Pipeline(seg, [str(video)], [str(out) if out else "null://"],
-                            PipelineOptions(workers=plan.workers, max_frames=max_frames, prefetch=prefetch),
+                            PipelineOptions(workers=plan.workers, max_frames=max_frames, prefetch=prefetch,
+                                            temporal=temporal_options, measure_flicker=temporal is not None),
                             source_options=SourceOptions(realtime=realtime),
                             info={"threads_per_worker": plan.threads, "plan": plan.describe()}, processor_factory=load)
         return pipeline.run()
