@@ -13,9 +13,19 @@ thread count, written the way a user of that runtime would write it:
   thread count;
 - edgepix's own backends through `load_backend`: the one `auto` picks here, and `openvino` when it is installed.
 
-Calls are interleaved: each round calls every peer once, starting one peer later than the round before, with a
-short pause between calls, so a noisy neighbour on a shared machine slows every peer alike and no peer always runs
-right after the same one; warm-up calls come first. The table compares each peer's p50 and p99 with the
+Calls are interleaved: each round calls every peer once, starting one peer later than the round before, so a noisy
+neighbour on a shared machine slows every peer alike and no peer always runs right after the same one; warm-up calls
+come first.
+
+Between two calls the harness waits until the cores are settled (`settle`): until this process's own CPU use, over
+a 5 ms window of sleep (`time.process_time`, all of this process's threads), is below 0.1 core, for at most 300 ms.
+A fixed pause is not fair: a plain ONNX Runtime session (default options) keeps its worker threads spinning after
+each run. Measured on a 2-core x86 VM (fastscnn 256x256, 2 threads; this process's CPU over a 50 ms sleep, after
+an idle wait): 0.75-0.78 cores right after the run, 0.66 after 5 ms idle, 0.43-0.45 after 20 ms, 0 after 100 ms.
+With the 20 ms pause used before, whichever peer ran after ONNX Runtime shared the cores with its spinning threads.
+Waiting for settled cores lets every peer start on idle cores whatever its neighbour does; other processes (a
+`--busy` burner, other jobs) do not count in `process_time`, so they do not hold the harness up. The report gives
+the median wait and how many waits reached the cap. The table compares each peer's p50 and p99 with the
 fastest one's, and says whether the backend `auto` picks is within 5% of the fastest at p50. Each row's output is
 checked against ONNX Runtime's (class-map agreement for segmentation logits, else the largest difference), so a
 fast peer that computes something else shows it.
@@ -39,10 +49,12 @@ from .stats import LatencyStats
 
 #: how close (as a fraction of the fastest p50) auto's pick must be to count as matching the fastest peer
 WITHIN = 0.05
-# A pause between calls lets the previous runtime's worker threads stop spinning (ONNX Runtime's default pool,
-# OpenMP under PyTorch and OpenVINO's TBB threads keep spinning for a while after a run), so no peer pays for its
-# neighbour's idle threads on a small machine.
-GAP_S = 0.02
+# Settled cores between calls (module docstring): the previous runtime's worker threads (ONNX Runtime's default
+# pool, OpenMP under PyTorch, OpenVINO's TBB threads) keep spinning for a while after a run, so no peer may start
+# before this process's own CPU use has dropped to idle.
+SETTLE_WINDOW_S = 0.005  # the window over which this process's CPU use is measured
+SETTLE_IDLE_CORES = 0.1  # below this many cores busy in this process, the cores count as settled
+SETTLE_CAP_S = 0.3  # the longest wait: a runtime whose threads never stop spinning must not stall the run
 
 
 @dataclass
@@ -74,6 +86,16 @@ class PeersReport:
     peers: list[Peer]
     stats: dict[str, LatencyStats]
     notes: list[str]
+    settle_ms: list[float] = field(default_factory=list)  # the wait before each timed call (`settle`)
+
+    def settle_text(self) -> str:
+        """How long the harness waited for settled cores before the timed calls."""
+        if not self.settle_ms:
+            return "no settle waits"
+        waits = sorted(self.settle_ms)
+        capped = sum(w >= SETTLE_CAP_S * 1e3 for w in waits)
+        return (f"settle wait before each call median {waits[len(waits) // 2]:.0f} ms, max {waits[-1]:.0f} ms, "
+                f"{capped} of {len(waits)} at the {SETTLE_CAP_S * 1e3:.0f} ms cap")
 
 
 def _timed_load(peer_name: str, build: Callable[[], tuple[str, Callable, Callable | None]]) -> Peer:
@@ -206,13 +228,13 @@ def measure(model: Path, builders: list[tuple[str, Callable]], *, threads: int, 
     _warm_up(peers, x, warmup, say, spec)
     running = [p for p in peers if p.call is not None]
     say(f"[peers] {rounds} interleaved rounds over {len(running)} peers")
-    _interleaved_rounds(running, x, rounds)
+    settle_ms = _interleaved_rounds(running, x, rounds)
     for peer in peers:
         if peer.close is not None:
             peer.close()
     stats = {p.name: LatencyStats.from_samples(p.samples_ms) for p in running}
     return PeersReport(model=model, input_shape=tuple(x.shape), threads=threads, rounds=rounds, warmup=warmup,
-                       peers=peers, stats=stats, notes=notes)
+                       peers=peers, stats=stats, notes=notes, settle_ms=settle_ms)
 
 
 def _model_spec(model: Path) -> ModelSpec:
@@ -292,23 +314,38 @@ def _warm_up(peers: list[Peer], x: np.ndarray, warmup: int, say: Callable[[str],
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a working C++ compiler
             peer.skipped = f"failed on the first calls: {type(e).__name__}: {_first_line(e)}"
             peer.call = None
-    reference = outputs.get("ONNX Runtime defaults")
+    # `edgepix tune` runs edgepix's backends only: ort-cpu stands in as the reference there
+    reference = outputs.get("ONNX Runtime defaults", outputs.get("edgepix ort-cpu"))
     for peer in peers:
         if peer.name in outputs:
             peer.agreement = _agreement(reference, outputs[peer.name], spec)
 
 
-def _interleaved_rounds(running: list[Peer], x: np.ndarray, rounds: int) -> None:
-    """One call per peer per round, into `Peer.samples_ms`."""
+def settle() -> float:
+    """Wait until this process's own CPU use over SETTLE_WINDOW_S of sleep is below SETTLE_IDLE_CORES, at most
+    SETTLE_CAP_S (module docstring); returns the milliseconds waited."""
+    start = time.perf_counter()
+    while True:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(SETTLE_WINDOW_S)
+        now = time.perf_counter()
+        if (time.process_time() - cpu) / (now - wall) < SETTLE_IDLE_CORES or now - start >= SETTLE_CAP_S:
+            return (now - start) * 1e3
+
+
+def _interleaved_rounds(running: list[Peer], x: np.ndarray, rounds: int) -> list[float]:
+    """One call per peer per round, into `Peer.samples_ms`, each on settled cores; returns the settle waits."""
     gc.collect()
+    waits = []
     for round_index in range(rounds):
         # Each round starts with the next peer, so none always runs right after the same neighbour.
         shift = round_index % max(len(running), 1)
         for peer in running[shift:] + running[:shift]:
-            time.sleep(GAP_S)
+            waits.append(settle())
             start = time.perf_counter()
             peer.call(x)
             peer.samples_ms.append((time.perf_counter() - start) * 1e3)
+    return waits
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
@@ -358,8 +395,8 @@ def markdown(report: PeersReport, env_line: str, load: str) -> str:
            f"Environment: {env_line}",
            f"Input {'x'.join(map(str, report.input_shape))} float32 (one synthetic scene, pre-processed), "
            f"{report.threads} threads for every peer; {report.warmup} warm-up calls each, then {report.rounds} "
-           f"interleaved rounds (one call per peer per round, rotating order, {GAP_S * 1e3:.0f} ms pause between "
-           f"calls); {load}", "",
+           f"interleaved rounds (one call per peer per round, rotating order, each on settled cores: "
+           f"{report.settle_text()}); {load}", "",
            "| peer | runs | p50 ms | p90 ms | p99 ms | p50 / fastest | p99 / fastest | agrees with ONNX Runtime | "
            "load ms | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -384,8 +421,21 @@ def load_average() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} before"
 
 
+def _peers_json(report: PeersReport, model: Path, threads: int, load_text: str, load: dict) -> dict:
+    return {
+        "model": str(model), "input_shape": list(report.input_shape), "threads": threads,
+        "rounds": report.rounds, "warmup": report.warmup, "load": load_text, "load_mode": load,
+        "settle": report.settle_text(), "verdict": verdict(report), "notes": report.notes,
+        "peers": [{"name": p.name, "runs": p.runs, "skipped": p.skipped, "auto": p.is_auto,
+                   "agreement": p.agreement, "load_ms": p.load_ms, "compile_ms": p.compile_ms,
+                   **({f"{k}_ms" if k != "n" else "calls": v for k, v in report.stats[p.name].as_dict().items()}
+                      if p.name in report.stats else {})}
+                  for p in report.peers]}
+
+
 def cmd_peers(args) -> int:
-    """`edgepix bench MODEL [MODEL ...] --peers [--torch CKPT] [--threads N] [--runs N] [--warmup N] [--out DIR]`."""
+    """`edgepix bench MODEL [MODEL ...] --peers [--torch CKPT] [--threads N] [--runs N] [--warmup N] [--busy]
+    [--out DIR]`."""
     import json
     import sys
 
@@ -393,6 +443,7 @@ def cmd_peers(args) -> int:
     from edgepix.runtime.core.fileio import atomic_write_text
 
     from .environment import describe, environment
+    from .load import load_mode
 
     if not args.models:
         raise EdgepixError("--peers needs exported .onnx models: edgepix bench MODEL.onnx --peers [--torch CKPT]")
@@ -406,22 +457,17 @@ def cmd_peers(args) -> int:
     threads = args.threads or usable_cores()
     env_line = describe(environment(threads=threads))
     texts, results = [], []
-    for model in args.models:
-        before = load_average()
-        report = run_peers(model, threads=threads, rounds=args.runs or 50, warmup=args.warmup,
-                           checkpoint=args.torch,
-                           progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
-        after = load_average().replace(" before", " after")
-        texts.append(markdown(report, env_line, f"{before}, {after}"))
-        results.append({
-            "model": str(model), "input_shape": list(report.input_shape), "threads": threads,
-            "rounds": report.rounds, "warmup": report.warmup, "load": f"{before}, {after}",
-            "verdict": verdict(report), "notes": report.notes,
-            "peers": [{"name": p.name, "runs": p.runs, "skipped": p.skipped, "auto": p.is_auto,
-                       "agreement": p.agreement, "load_ms": p.load_ms, "compile_ms": p.compile_ms,
-                       **({f"{k}_ms" if k != "n" else "calls": v for k, v in report.stats[p.name].as_dict().items()}
-                          if p.name in report.stats else {})}
-                      for p in report.peers]})
+    with load_mode("busy" if args.busy else "quiet") as load:
+        for model in args.models:
+            before = load_average()
+            report = run_peers(model, threads=threads, rounds=args.runs or 50, warmup=args.warmup,
+                               checkpoint=args.torch,
+                               progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+            after = load_average().replace(" before", " after")
+            load.update()
+            load_text = f"{load.describe()}; {before}, {after}"
+            texts.append(markdown(report, env_line, load_text))
+            results.append(_peers_json(report, model, threads, load_text, load.as_dict()))
     text = "\n".join(texts)
     json_text = json.dumps({"environment": env_line, "models": results}, indent=2, default=str) + "\n"
     print(json_text if args.format == "json" else text, end="")

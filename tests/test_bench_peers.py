@@ -1,5 +1,6 @@
 """`edgepix bench MODEL --peers`: every peer runs the same input, outputs are checked against ONNX Runtime, and the
-verdict says who wins by how much and whether auto's pick is within 5% of the fastest."""
+verdict says who wins by how much and whether auto's pick is within 5% of the fastest; between calls the harness
+waits until this process's own threads are idle (the settle gap)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgepix.benchmarks import peers
 from edgepix.benchmarks.peers import Peer, PeersReport, _agreement, markdown, run_peers, verdict
 from edgepix.benchmarks.stats import LatencyStats
 from edgepix.runtime.core.errors import EdgepixError
@@ -89,3 +91,35 @@ def test_peers_refuses_what_it_cannot_compare(tmp_path):
     engine.write_bytes(b"x")
     with pytest.raises(EdgepixError, match="--peers compares runtimes on an .onnx file"):
         cmd_peers(argparse.Namespace(**{**vars(args), "models": [engine]}))
+
+
+class FakeClock:
+    """time for `peers.settle`: sleeping advances the wall clock, and this process's CPU clock by `cores(t)` per
+    second of it."""
+
+    def __init__(self, cores):
+        self.wall, self.cpu, self.cores = 0.0, 0.0, cores
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+    def sleep(self, seconds: float) -> None:
+        self.cpu += seconds * self.cores(self.wall)
+        self.wall += seconds
+
+
+def test_settle_waits_until_the_previous_runtimes_threads_are_idle(monkeypatch):
+    # ONNX Runtime's pool after a run, as measured (module docstring): 0.78 cores, 0.43 at 20 ms, 0 by 100 ms
+    clock = FakeClock(lambda t: 0.78 if t < 0.0175 else 0.43 if t < 0.0575 else 0.0)
+    monkeypatch.setattr(peers, "time", clock)
+    assert peers.settle() == pytest.approx(65)  # windows of 5 ms: the one from 60 to 65 ms is the first idle one
+    clock = FakeClock(lambda t: 0.0)  # already idle: one window
+    monkeypatch.setattr(peers, "time", clock)
+    assert peers.settle() == pytest.approx(1e3 * peers.SETTLE_WINDOW_S)
+    clock = FakeClock(lambda t: 1.0)  # threads that never stop spinning: the cap
+    monkeypatch.setattr(peers, "time", clock)
+    cap = 1e3 * peers.SETTLE_CAP_S
+    assert cap <= peers.settle() <= cap + 1e3 * peers.SETTLE_WINDOW_S + 1e-6
