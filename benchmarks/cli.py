@@ -27,7 +27,9 @@ def _positive_int(text: str) -> int:
 
 
 STREAM_FORM = ("edgepix bench stream MODEL [--source URI] [--frames N] [--backend NAME] [--threads N] [--workers N] "
-               "[--sink null://|FILE] [--out DIR] [--format md|json|csv]")
+               "[--sink null://|FILE] [--busy] [--temporal MODE] [--out DIR] [--format md|json|csv]")
+BUSY_HELP = ("keep one core busy for the whole run (a second process spinning in pure Python, started before warm-up "
+             "and stopped at the end): a reproducible loaded machine; the report says quiet or busy")
 
 
 def register(subparsers) -> None:
@@ -61,6 +63,7 @@ def register(subparsers) -> None:
                    help="compare the runtimes a user would pick instead (PyTorch eager and torch.compile with "
                         "--torch, OpenVINO, OpenCV DNN, ONNX Runtime defaults) with edgepix's backends: same input, "
                         "same threads, interleaved rounds")
+    p.add_argument("--busy", action="store_true", help=f"with --peers: {BUSY_HELP}")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure this machine's GEMM and memory ceiling (reports always include it)")
     p.add_argument("--out", type=Path, help="folder for report.json, report.csv, report.md and plots")
@@ -90,6 +93,10 @@ def register(subparsers) -> None:
     s.add_argument("--sink", metavar="URI",
                    help="null:// (no encoding) or a video file to keep (FILE for the pipeline, FILE.naive.EXT for the "
                         "naive loop); default: a temporary .mp4, deleted")
+    s.add_argument("--busy", action="store_true", help=BUSY_HELP)
+    s.add_argument("--temporal", choices=("off", "ema", "flow", "hysteresis"),
+                   help="run the pipeline with this temporal stabilizer (docs/temporal.md) and report its masks' "
+                        "flicker; off: measure the flicker without one")
     s.add_argument("--out", type=Path, metavar="DIR",
                    help="folder for report.md, report.json, report.csv and stream_stages.png")
     s.add_argument("--format", choices=("md", "json", "csv"), default="md", help="what goes to stdout")
@@ -126,6 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .peers import cmd_peers
 
         return cmd_peers(args)
+    if args.busy:
+        raise EdgepixError("--busy applies to --peers and to bench stream: edgepix bench MODEL.onnx --peers --busy")
     threads = args.threads or usable_cores()
     if args.ceiling:
         c = measure_ceiling(threads)
@@ -199,7 +208,7 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     options = StreamBenchOptions(frames=args.frames, backend=args.backend, workers=args.workers,
-                                 threads=args.threads, sink=args.sink)
+                                 threads=args.threads, sink=args.sink, busy=args.busy, temporal=args.temporal)
     report = run_stream_bench(args.model, args.source, options, progress=None if args.quiet else progress)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

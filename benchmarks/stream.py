@@ -11,6 +11,10 @@ size and length (cv2.VideoCapture cannot open `synthetic://`); a live source (ca
 stream) opened once per run, so the two runs see different frames. What both write: by default a temporary .mp4
 (deleted afterwards) with the codec the pipeline's video sink picks, so encoding is measured; `--sink null://`
 writes nothing; `--sink FILE.mp4` keeps the pipeline's video in FILE and the naive loop's in FILE.naive.mp4.
+
+`--busy` keeps one core busy with a spinning child process while both run (benchmarks/load.py, as for
+`bench --peers --busy`): started before the pipeline loads its model, stopped after the naive loop; the report says
+quiet or busy and how much CPU the spinning process took.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from pathlib import Path
 
 from edgepix.plotting import pyplot, save_figure
 from edgepix.runtime.core.errors import InputError, ModelFormatError, SinkError, SourceError
+from edgepix.runtime.tasks.temporal import TemporalMode
 
 from .environment import describe, environment
+from .load import load_mode
 from .stream_bound import (
     STREAM_STAGES,
     LoopResult,
@@ -43,6 +49,7 @@ from .stream_bound import (
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("naive", "pipeline")
+TEMPORAL_MODES = tuple(m.value for m in TemporalMode)
 RUNTIME_LABELS = {"naive": "naive loop", "pipeline": "pipeline"}
 NAIVE_DESCRIPTION = ("cv2.VideoCapture read, cv2.dnn.blobFromImage pre-processing (in the model's input layout), "
                      "ONNX Runtime CPU with default session options, np.argmax or a threshold and cv2.resize as the "
@@ -56,13 +63,18 @@ class StreamBenchOptions:
     workers: int | None = None  # the pipeline's inference workers; None: choose_workers decides
     threads: int | None = None  # the pipeline's intra-op threads per worker; None: choose_workers decides
     sink: str | None = None  # None: a temporary .mp4 for both; "null://": no encoding; else a video file path
+    busy: bool = False  # one core kept busy by a spinning child process during both runs (benchmarks/load.py)
+    temporal: str | None = None  # the pipeline's temporal stabilizer (tasks.temporal; "off": none), flicker measured
 
     def __post_init__(self) -> None:
         checks = (("frames", self.frames, _positive_int, "a positive integer"),
                   ("backend", self.backend, lambda v: isinstance(v, str), "a backend name (a string)"),
                   ("workers", self.workers, _optional_positive_int, "a positive integer or None"),
                   ("threads", self.threads, _optional_positive_int, "a positive integer or None"),
-                  ("sink", self.sink, lambda v: v is None or isinstance(v, str), "a URI or file (a string) or None"))
+                  ("sink", self.sink, lambda v: v is None or isinstance(v, str), "a URI or file (a string) or None"),
+                  ("busy", self.busy, lambda v: isinstance(v, bool), "True or False"),
+                  ("temporal", self.temporal, lambda v: v is None or v in TEMPORAL_MODES,
+                   f"None or one of {', '.join(TEMPORAL_MODES)}"))
         for name, value, ok, expected in checks:
             if not ok(value):
                 raise InputError(f"StreamBenchOptions.{name}: expected {expected}, got {value!r:.80} "
@@ -190,6 +202,7 @@ class _Runs:
     codec: str | None  # the FourCC both wrote (None: nothing written)
     load_before: str
     load_after: str
+    load: dict  # quiet or busy (benchmarks/load.py, Load.as_dict)
 
 
 def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = StreamBenchOptions(), *,
@@ -219,6 +232,7 @@ def run_stream_bench(model: Path, source: str, options: StreamBenchOptions = Str
         "frames_requested": options.frames,
         "frames_per_run": inp.frames,
         "load_average": {"before": runs.load_before, "after": runs.load_after},
+        "load": runs.load,
         "results": results,
         "speedup_fps": pipe_fps / naive_fps if naive_fps > 0 else None,
         "notes": _notes(inp, options, results, pipe_sink, runs.codec, sink_text),
@@ -246,17 +260,20 @@ def _run_both(model: Path, source: str, options: StreamBenchOptions, work: Path,
     resolve_backend(model, options.backend)  # an unknown or unavailable backend fails before any work
     inp = prepare_input(source, options.frames, work, progress=progress)
     load_before = load_average()
-    if progress:
-        progress(f"[1/2] pipeline: {inp.frames} frames of {source}")
-    stats = pipeline_run(model, inp.pipeline, pipe_sink, backend=options.backend, workers=options.workers,
-                         threads=options.threads, max_frames=inp.frames)
-    codec = next((f["codec"] for s in stats["sinks"] for f in s.get("files", {}).values() if f.get("codec")), None)
-    if pipe_sink is not None and codec is None:
-        raise SinkError(f"the pipeline wrote no video to {pipe_sink} (no frames reached it)")
-    if progress:
-        progress(f"[2/2] naive loop: {inp.frames} frames of {source}")
-    loop = naive_loop(model, inp.naive(), naive_out, max_frames=inp.frames, codec=codec or "mp4v", label=source)
-    return _Runs(inp, stats, loop, codec, load_before, load_average())
+    with load_mode("busy" if options.busy else "quiet") as load:
+        if progress:
+            progress(f"[1/2] pipeline: {inp.frames} frames of {source}" + (" (one core busy)" if load.busy else ""))
+        stats = pipeline_run(model, inp.pipeline, pipe_sink, backend=options.backend, workers=options.workers,
+                             threads=options.threads, max_frames=inp.frames, temporal=options.temporal)
+        codec = next((f["codec"] for s in stats["sinks"] for f in s.get("files", {}).values() if f.get("codec")),
+                     None)
+        if pipe_sink is not None and codec is None:
+            raise SinkError(f"the pipeline wrote no video to {pipe_sink} (no frames reached it)")
+        if progress:
+            progress(f"[2/2] naive loop: {inp.frames} frames of {source}")
+        loop = naive_loop(model, inp.naive(), naive_out, max_frames=inp.frames, codec=codec or "mp4v", label=source)
+        load.update()
+    return _Runs(inp, stats, loop, codec, load_before, load_average(), load.as_dict())
 
 
 def _results(stats: dict, loop: LoopResult, naive_out: Path | None) -> dict:
@@ -274,7 +291,9 @@ def _results(stats: dict, loop: LoopResult, naive_out: Path | None) -> dict:
                      "fps_steady": stats["fps_steady"], "drops": stats["dropped"],
                      "frame_age_ms": _stats_or_none(stats["stages"].get("frame_age")),
                      "latency_ms": _stats_or_none(stats["stages"].get("latency")),
-                     "stages": pipeline_stages(stats), "stats": stats},
+                     "stages": pipeline_stages(stats), "stats": stats,
+                     # with --temporal: the mode, its state resets and the masks' flicker (runtime/data/flicker.py)
+                     **({"temporal": stats["temporal"]} if "flicker" in stats["temporal"] else {})},
     }
 
 
@@ -306,6 +325,12 @@ def _notes(inp: StreamInput, options: StreamBenchOptions, results: dict, pipe_si
                  "latency from decode start to encode end. End-to-end latency: the naive loop's is the same; the "
                  "pipeline's runs from the read to the rendered frame handed to the sink (decode and encode are "
                  "not in it)")
+    if options.temporal is not None:
+        notes.append(f"flicker (--temporal {options.temporal}): the share of the pipeline's mask pixels that change "
+                     "class between frames where the picture, moved along the optical flow, did not change "
+                     "(runtime/data/flicker.py; docs/temporal.md); measuring it costs its post-processing thread "
+                     "about a millisecond a frame (stage 'flicker' in the JSON); the naive loop has no stabilizer "
+                     "and is not measured")
     notes.append("drops: the naive loop reads frame by frame and never drops a frame (0 by construction); the "
                  "pipeline drops only on live sources, whose newest frame replaces one not yet taken")
     notes.append("the pipeline's stages run at the same time in different threads, so its per-stage times do not "
@@ -335,6 +360,7 @@ def markdown(report: dict) -> str:
     out.write(f"Environment: {describe(report['environment'])}\n")
     out.write(f"Model: {report['model']}; source: {report['source']}; {report['frames_per_run']} frames per run; "
               f"load average {report['load_average']['before']} before, {report['load_average']['after']} after\n")
+    out.write(f"Load: {report['load']['description']}\n")
     out.write(f"Pipeline: {pipe['runtime'].split(': ', 1)[1]}\n")
     out.write(f"Naive loop: {naive['runtime']}\n\n")
     out.write("| | naive loop | pipeline |\n|---|---|---|\n")
@@ -344,6 +370,8 @@ def markdown(report: dict) -> str:
             ("drops", str(naive["drops"]), str(pipe["drops"])),
             ("frame age p50 / p90 / p99 ms", _pct(naive["frame_age_ms"]), _pct(pipe["frame_age_ms"])),
             ("end-to-end latency p50 / p90 / p99 ms", _pct(naive["latency_ms"]), _pct(pipe["latency_ms"]))]
+    if "temporal" in pipe:
+        rows.append((f"flicker (--temporal {pipe['temporal']['mode']})", "-", _f(pipe["temporal"]["flicker"], 5)))
     for row in rows:
         out.write("| " + " | ".join(row) + " |\n")
     out.write("\n| stage | naive p50 ms | naive p90 ms | naive p99 ms | pipeline p50 ms | pipeline p90 ms "

@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 from test_stream_support import channel_model, video_info, write_scene_video
@@ -104,6 +106,63 @@ def test_null_sink_measures_no_encode_stage(model, tmp_path):
     encode_row = next(line for line in markdown(report).splitlines() if line.startswith("| encode |"))
     assert _cells(encode_row) == ["encode"] + ["-"] * 6
     assert not any(row["stage"] == "encode" for row in csv.DictReader(io.StringIO(csv_text(report))))
+    assert report["load"]["mode"] == "quiet" and "\nLoad: quiet (nothing else started" in markdown(report)
+
+
+def _spinning_children() -> list[int]:
+    """This process's children that run the busy mode's spin loop (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"while os.getppid() == parent" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the spinning process in /proc")
+def test_busy_keeps_a_spinning_process_through_both_runs_and_says_so(model, monkeypatch):
+    from edgepix.benchmarks import stream
+    from edgepix.benchmarks.stream import StreamBenchOptions, markdown, run_stream_bench
+
+    seen = {}
+
+    def spying(name: str):
+        run = getattr(stream, name)
+
+        def spy(*args, **kwargs):
+            seen[name] = _spinning_children()
+            return run(*args, **kwargs)
+
+        return spy
+
+    for name in ("pipeline_run", "naive_loop"):
+        monkeypatch.setattr(stream, name, spying(name))
+    report = run_stream_bench(model, "synthetic://?size=64x48&frames=8",
+                              StreamBenchOptions(frames=8, threads=1, sink="null://", busy=True))
+    assert len(seen["pipeline_run"]) == 1 and seen["naive_loop"] == seen["pipeline_run"]
+    assert _spinning_children() == []  # stopped with the runs
+    assert report["load"]["mode"] == "busy" and report["load"]["burner_wall_s"] > 0
+    assert "\nLoad: busy: one core kept busy by a pure-Python spin loop in a child process" in markdown(report)
+
+
+def test_the_busy_flag_is_refused_where_it_does_not_apply(edgepix_cli, tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    r = edgepix_cli("bench", str(model), "--busy")
+    assert r.returncode == 1 and "--busy applies to --peers and to bench stream" in r.stderr
+
+
+def test_stream_options_check_busy():
+    from edgepix.benchmarks.stream import StreamBenchOptions
+    from edgepix.runtime.core.errors import EdgepixError
+
+    assert StreamBenchOptions(busy=True).busy
+    with pytest.raises(EdgepixError, match=r"StreamBenchOptions.busy: expected True or False, got 'yes'"):
+        StreamBenchOptions(busy="yes")
 
 
 def test_errors_are_one_line_and_bad_usage_exits_2(edgepix_cli, model, tmp_path):
@@ -135,3 +194,24 @@ def test_a_synthetic_uri_is_rendered_with_its_own_size_and_frame_limit(tmp_path)
     path = make_video(tmp_path / "s.mp4", frames=20, source="synthetic://?size=80x48&frames=7&fps=0")
     n, fps, size = video_info(path)
     assert (n, size) == (7, (80, 48)) and fps == pytest.approx(30.0)
+
+
+def test_a_temporal_mode_reports_the_flicker_of_the_pipelines_masks(model):
+    from edgepix.benchmarks.stream import StreamBenchOptions, markdown, run_stream_bench
+    from edgepix.runtime.core.errors import InputError
+
+    source = "synthetic://?size=96x72&frames=20"
+    flicker = {}
+    for mode in ("off", "ema"):
+        report = run_stream_bench(model, source, StreamBenchOptions(frames=20, threads=1, sink="null://",
+                                                                    temporal=mode))
+        temporal = report["results"]["pipeline"]["temporal"]
+        assert temporal["mode"] == mode and 0.0 <= temporal["flicker"] < 1.0, temporal
+        row = next(line for line in markdown(report).splitlines() if line.startswith("| flicker"))
+        assert _cells(row) == [f"flicker (--temporal {mode})", "-", f"{temporal['flicker']:.5f}"]
+        flicker[mode] = temporal["flicker"]
+    assert flicker["ema"] < flicker["off"], flicker
+    plain = run_stream_bench(model, source, StreamBenchOptions(frames=20, threads=1, sink="null://"))
+    assert "temporal" not in plain["results"]["pipeline"] and "| flicker" not in markdown(plain)
+    with pytest.raises(InputError, match="StreamBenchOptions.temporal"):
+        StreamBenchOptions(temporal="smooth")
