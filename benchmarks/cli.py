@@ -43,7 +43,8 @@ def register(subparsers) -> None:
         epilog=f"The stream form, {STREAM_FORM}, runs the stream pipeline and a naive sequential loop on the same "
                "source and reports per-stage p50/p90/p99, drops, frame age and FPS side by side (see `edgepix bench "
                "stream --help`).")
-    p.add_argument("models", nargs="*", type=Path, help="exported models (.onnx, .engine); variants side by side")
+    p.add_argument("models", nargs="*", type=Path,
+                   help="exported models (.onnx, .engine, .tflite); variants side by side")
     p.add_argument("--backends", default="auto",
                    help="auto (the one `auto` picks), all (every available backend), or names: ort-cpu,opencv")
     p.add_argument("--batch", type=_int_list, default=(1,), help="batch sizes, e.g. 1,4,16")

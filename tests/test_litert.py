@@ -427,3 +427,20 @@ def test_tune_times_the_tflite_beside_the_onnx_and_auto_follows_a_litert_win(seg
         f.write(b"\0")
     with Segmenter.load(onnx_path) as seg:
         assert seg.backend.name == "ort-cpu"
+
+
+def test_the_commands_help_names_the_litert_backend_and_tflite_files():
+    """`segment --help` lists every registered backend, litert among them, and segment, generate and bench say they
+    take a .tflite: a user holding a LiteRT model learns from the help that it runs as is."""
+    from edgepix.cli import build_parser
+    from edgepix.runtime.backends import backend_names
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+
+    def help_of(verb: str, dest: str) -> str:
+        return next(a.help for a in verbs[verb]._actions if a.dest == dest)
+
+    segment_backends = help_of("segment", "backend")
+    assert all(name in segment_backends for name in backend_names()), segment_backends
+    assert "litert" in help_of("generate", "backend")
+    assert ".tflite" in help_of("segment", "model") and ".tflite" in help_of("bench", "models")

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--grid-cols", type=int, default=None, help="grid columns (default: square)")
     p.add_argument("--frame-size", action="store_true", help="image models: resize outputs back to the input size")
     p.add_argument("--backend", default="auto",
-                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt)")
+                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, openvino, tensorrt, litert)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing (default 1)")
     add_stream_arguments(p)
     from .archive import add_engine_flags

@@ -123,14 +123,15 @@ def register(subparsers) -> None:
                     "127.0.0.1 unless told otherwise), null://. Ctrl-C or SIGTERM stops cleanly and finishes files.",
         epilog=URI_EPILOG, formatter_class=UriHelpFormatter)
     p.add_argument("model", type=Path,
-                   help="an exported .onnx file (or a TensorRT .engine); with --backend triton, the model's name on "
-                        "the server")
+                   help="an exported .onnx file (or a TensorRT .engine, or a LiteRT .tflite); with --backend triton, "
+                        "the model's name on the server")
     p.add_argument("--source", "-s", action="append", default=[], metavar="URI", type=source_uri,
                    help="where frames come from (repeat for several streams, batched together)")
     p.add_argument("--sink", "-o", action="append", default=[], metavar="URI",
                    help="where rendered frames go (repeatable; URI?stream=N for one stream only)")
     p.add_argument("--backend", default="auto",
-                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, tensorrt, triton)")
+                   help="inference backend (auto, ort-cpu, ort-cuda, ort-trt, opencv, openvino, tensorrt, triton, "
+                        "litert)")
     p.add_argument("--vis", choices=VIS_MODES, default="overlay", help="how to draw the classes")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay (0..1)")
     p.add_argument("--classes", nargs="+", type=_class_key, metavar="CLASS",
