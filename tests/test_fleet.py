@@ -386,7 +386,10 @@ def test_triton_backend_matches_ort_cpu_on_real_video(triton, python_repo, proto
     assert stats["reconnects"] == 0 and stats["outage_s"] == 0
     for key in ("round_trip_ms", "client_ms", "network_ms", "server_ms", "server_queue_ms", "server_compute_ms"):
         assert stats[key] >= 0.0, key
-    assert stats["server_ms"] <= stats["round_trip_ms"]
+    # Triton's time per request is not bounded by the client's round trip: over gRPC it came out above it in 7 of 40
+    # runs of a 64x64 Fast-SCNN on two busy cores (by up to 0.9 ms), so network_ms is the difference clamped at 0
+    assert stats["server_queue_ms"] + stats["server_compute_ms"] <= stats["server_ms"] + 0.002  # 3-decimal rounding
+    assert stats["network_ms"] == round(max(0.0, stats["round_trip_ms"] - stats["client_ms"] - stats["server_ms"]), 3)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -523,12 +526,19 @@ def test_server_killed_and_restarted_mid_stream(triton, tmp_path):
         assert run.poll() is None, f"the run ended before the outage: {run.communicate()[1]}"
         triton.kill()
         time.sleep(1.0)
-        triton.start()  # the same ports
+        # the same ports, with only the model the run uses: the four Python-backend models take 10 to 15 s to start
+        # again on two busy cores (each stub imports ONNX Runtime and OpenCV), past the backend's default patience
+        # (8 retries over 11.8 s); one takes 2 to 4 s
+        triton.load_models = ["fastscnn"]
+        triton.start()
         _, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+        if triton.load_models != SERVED_MODELS:  # the next test that needs the server starts it with every model
+            triton.stop()
+            triton.load_models = SERVED_MODELS
     assert run.returncode == 0, stderr
     stats = json.loads(stats_path.read_text())
     backend = stats["backend_stats"]
