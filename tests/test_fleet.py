@@ -622,6 +622,28 @@ def test_server_that_never_comes_back_ends_the_run_in_one_line(triton):
     assert "\n" not in str(ended.value) and elapsed < 15.0
 
 
+@needs_tritonclient
+def test_the_command_line_sets_the_retries_per_outage():
+    """`--triton-retries N` reaches the backend: no server at the URL, one retry, then one line; the flag is checked
+    before anything opens."""
+    from edgepix.benchmarks.stream_bound import free_port
+
+    closed = f"127.0.0.1:{free_port()}"
+    common = ("--source", "synthetic://?size=64x48&frames=5", "--sink", "null://")
+    t0 = time.monotonic()
+    r = run_edgepix("segment", "fastscnn", "--backend", "triton", "--triton-url", closed, "--triton-retries", "1",
+                    *common)
+    error = r.stderr.strip().splitlines()[-1]  # after the log line of the retry
+    assert r.returncode == 1 and error.startswith("edgepix segment: error: triton server"), r.stderr
+    assert "is unreachable" in error and "after 1 retry over" in error and "--triton-retries" in error, r.stderr
+    assert time.monotonic() - t0 < 30.0
+    for args, message in ((("--backend", "triton", "--triton-retries", "-1"), "expected 0 or more, got -1"),
+                          (("--backend", "ort-cpu", "--triton-retries", "2"), "applies to --backend triton")):
+        r = run_edgepix("segment", "fastscnn", *args, *common)
+        assert r.returncode == 2 or r.returncode == 1, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
 # ---- the triton backend against the stand-in: onnxruntime_onnx repositories -------------------------------------
 # The pytriton server has no onnxruntime backend, so the onnxruntime_onnx repositories edgepix writes are served here
 # by tests/kserve_standin.py (a KServe v2 HTTP stand-in with ONNX Runtime behind it, not Triton).

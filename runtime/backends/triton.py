@@ -317,7 +317,8 @@ class TritonBackend(Backend):
                         f"triton server {self.protocol}://{self.address} is {failure.value} ({_describe(e)}) "
                         f"after {limit} retr{'y' if limit == 1 else 'ies'} over "
                         f"{time.monotonic() - outage_start:.1f} s; check that it runs and serves {self.model_name!r} "
-                        "(reconnect_attempts and timeout_s set the patience)") from e
+                        "(reconnect_attempts, --triton-retries on the command line, and timeout_s set the "
+                        "patience)") from e
                 time.sleep(wait)
                 wait = min(wait * 2, self.options.backoff_max)
                 continue

@@ -68,7 +68,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, StreamJob, ["stats", "duration", "max_frames"])
     p.add_argument("--no-hud", action="store_true", help="display:// without the FPS and timing overlay")
     add_config_flags(p.add_argument_group("inference"), StreamJob,
-                     ["workers", "threads", "batch_timeout_ms", "max_batch", "triton_url"])
+                     ["workers", "threads", "batch_timeout_ms", "max_batch", "triton_url", "triton_retries"])
     g = p.add_argument_group("sources")
     g.add_argument("--input-size", type=_size, metavar="WxH", help="requested camera mode, e.g. 1280x720")
     add_config_flags(g, SourceOptions, ["fps"])

@@ -74,6 +74,9 @@ class StreamJob:
     triton_url: str | None = field(default=None, metadata=flag(
         "--backend triton: the server, HOST:PORT or http://HOST:PORT (HTTP, default localhost:8000) or "
         "grpc://HOST:PORT", metavar="URL"))
+    triton_retries: int | None = field(default=None, metadata=flag(
+        "--backend triton: retries per server outage before the run ends in one line (waits doubling from 0.25 s to "
+        "2 s; a server that reloads many models may need more)", metavar="N", default="8, about 12 s"))
     status_interval: float = 5.0
 
 
@@ -91,8 +94,11 @@ def check_job(job: StreamJob) -> None:
         raise ModelFormatError(f"--then: model file not found: {job.then}")
     if job.show not in ("side", "generated"):
         raise InputError(f"--show: expected side or generated, got {job.show!r}")
-    if job.triton_url is not None and job.backend != "triton":
-        raise InputError(f"--triton-url applies to --backend triton, not {job.backend}")
+    for name in ("triton_url", "triton_retries"):
+        if getattr(job, name) is not None and job.backend != "triton":
+            raise InputError(f"--{name.replace('_', '-')} applies to --backend triton, not {job.backend}")
+    if job.triton_retries is not None and job.triton_retries < 0:
+        raise InputError(f"--triton-retries: expected 0 or more, got {job.triton_retries}")
     if not model.exists() and job.backend != "triton":  # a triton model is a name on the server
         raise ModelFormatError(f"model file not found: {model}")
     for name in ("workers", "threads", "max_frames", "max_batch"):
@@ -109,7 +115,8 @@ def load_processor(job: StreamJob, plan) -> FrameProcessor:
     from ..tasks.processor import SegmentThenGenerate
     from ..tasks.segmenter import Segmenter
 
-    options = {**plan.backend_options(), **({"url": job.triton_url} if job.triton_url is not None else {})}
+    options = {**plan.backend_options(), **({"url": job.triton_url} if job.triton_url is not None else {}),
+               **({"reconnect_attempts": job.triton_retries} if job.triton_retries is not None else {})}
     spec = stored_spec(job.model) if job.backend != "triton" else None
     task = spec.task if spec is not None else Task.SEGMENTATION
     if task is Task.GENERATION_NOISE:
