@@ -6,8 +6,9 @@ throughput is images per second over the timed calls. Peak RSS is reset before e
 row reports its own peak. Accuracy sits next to speed: mIoU on labelled synthetic scenes (or a dataset folder) for
 segmentation, only for a model whose classes are the data's (a person segmenter scored against the synthetic
 shapes would be a number about nothing: its column shows "-" and a note says why), PSNR against a reference model
-for generators. FLOPs come from the ONNX graph, fed in the model's own input layout. A model without an edgepix spec
-is measured with the spec the runtime would infer for it (description.specfile.read_spec).
+for generators. FLOPs come from the ONNX graph, fed in the model's own input layout, or from the shapes stored in a
+.tflite (benchmarks.flops). A model without an edgepix spec (an ONNX file or a .tflite from elsewhere) is measured
+with the spec the runtime would infer for it (description.specfile.read_spec).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from edgepix.runtime.backends import Backend, load_backend
 from edgepix.runtime.core.errors import EdgepixError, InputError
+from edgepix.runtime.core.formats import ONNX_SUFFIXES, TFLITE_SUFFIXES
 from edgepix.runtime.data.metrics import ConfusionMatrix, psnr
 from edgepix.runtime.description.spec import ModelSpec, Task
 
@@ -256,18 +258,20 @@ def _generator_outputs(backend: Backend, spec: ModelSpec, size, samples) -> np.n
 def bench_backend(backend: Backend, *, label: str, file_mb: float, load_ms: float, config: BenchConfig,
                   spec: ModelSpec, onnx_path: Path | None, samples) -> ModelRun:
     """Measure an already-loaded backend at each batch size of `config`."""
-    from .flops import model_flops
+    from .flops import FlopsUnavailable, model_flops
 
     size = spec.input_size
     frames = [im for im, _ in samples] or [np.zeros((*config.frame_size, 3), np.uint8)]
     static = _static_batch(backend)
     gflops = None
-    if onnx_path is not None and onnx_path.suffix == ".onnx":
+    run = ModelRun(rows=[])
+    if onnx_path is not None and onnx_path.suffix.lower() in (*ONNX_SUFFIXES, *TFLITE_SUFFIXES):
         try:
             gflops = model_flops(onnx_path, spec) / 1e9
         except ImportError:
             log.info("FLOPs need the onnx package (pip install onnx): column left empty")
-    run = ModelRun(rows=[])
+        except FlopsUnavailable as e:
+            run.skipped.append(f"{label}: no GFLOP/img: {e}")
     first_done = False
     for batch in config.batches:
         if static is not None and batch != static:
@@ -329,7 +333,7 @@ def bench_model(path: str | os.PathLike, backend_name: str, config: BenchConfig,
     load_ms = (time.perf_counter() - start) * 1e3
     with backend:
         spec = backend.spec
-        inferred = spec is None and path.suffix.lower() == ".onnx"
+        inferred = spec is None and path.suffix.lower() in (*ONNX_SUFFIXES, *TFLITE_SUFFIXES)
         if inferred:  # a model exported elsewhere: what the runtime would run it as
             from edgepix.runtime.description.specfile import read_spec
 

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgepix.runtime.core.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES
+from edgepix.runtime.core.formats import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES, TFLITE_SUFFIXES
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="show a model's spec, inputs, outputs and size")
-    p.add_argument("model", type=Path, help="an .onnx file, an edgepix checkpoint (.pt), a TensorRT engine, or a "
-                                            "Hugging Face save_pretrained folder")
+    p.add_argument("model", type=Path, help="an .onnx file, a .tflite (LiteRT) model, an edgepix checkpoint (.pt), a "
+                                            "TensorRT engine, or a Hugging Face save_pretrained folder")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
@@ -45,12 +45,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = _hf_folder_info(path)
     elif suffix in ONNX_SUFFIXES:
         info = _onnx_info(path)
+    elif suffix in TFLITE_SUFFIXES:
+        info = _tflite_info(path)
     elif suffix in CHECKPOINT_SUFFIXES:
         info = _checkpoint_info(path)
     elif suffix in ENGINE_SUFFIXES:
         info = _engine_info(path)
     else:
-        valid = sorted(ONNX_SUFFIXES + CHECKPOINT_SUFFIXES + ENGINE_SUFFIXES)
+        valid = sorted(ONNX_SUFFIXES + TFLITE_SUFFIXES + CHECKPOINT_SUFFIXES + ENGINE_SUFFIXES)
         raise ModelFormatError(f"{path}: expected a model file ({', '.join(valid)}), got '{suffix or 'no suffix'}'")
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     info = {"path": str(path), "size_bytes": size, **info}
@@ -92,7 +94,78 @@ def _onnx_flops(path: Path, info) -> dict:
         flops = flops_per_image(path, shape)
     except ImportError:  # no `onnx` here: the rest of the report does not need it
         return {}
-    return {"gflops_per_image": flops / 1e9, "flops_input": list(shape)}
+    return {"gflops_per_image": flops / 1e9, "flops_per_image": flops, "flops_input": list(shape)}
+
+
+def _tflite_info(path: Path) -> dict:
+    """A .tflite as the runtime reads it (no interpreter): its tensors (stored dtype, shape, layout, quantization),
+    its FLOPs at the stored shapes, the spec it carries (NAME.spec.json beside it, else embedded), or, without one,
+    the spec the runtime would infer for a segmenter from its TFLite metadata and shapes, and that metadata."""
+    from edgepix.benchmarks.flops import FlopsUnavailable, flops_per_image
+    from edgepix.runtime.core.errors import EdgepixError
+    from edgepix.runtime.description.specfile import read_spec
+    from edgepix.runtime.description.tflite import read_sidecar, read_tflite, sidecar_path
+
+    model = read_tflite(path)
+    spec, spec_source = read_sidecar(path), f"{sidecar_path(path).name} beside the model"
+    if spec is None and model.spec is not None:
+        spec, spec_source = model.spec, "embedded in the model (metadata entry edgepix.spec)"
+    if spec is None:
+        try:
+            spec = read_spec(path).spec
+            spec_source = ("none stored; inferred from the TFLite metadata and the tensors' shapes, as the runtime "
+                           "would run it (a segmenter; `edgepix spec` writes one)")
+        except EdgepixError as e:
+            spec_source = f"none stored, and none inferred for a segmenter: {str(e).splitlines()[0][:200]}"
+
+    def layout(t, role: str) -> str | None:
+        if spec is None or len(t.shape) != 4:
+            return None
+        if role == "input" and t.name == spec.input_name:
+            return spec.input_layout.value
+        if role == "output" and t.name == spec.output_name:
+            return spec.output_layout.value
+        return None
+
+    def tensor(t, role: str) -> dict:
+        d = {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "layout": layout(t, role)}
+        if t.scale > 0:
+            d.update(scale=t.scale, zero_point=t.zero_point)
+        return d
+
+    def describe(d: dict) -> str:
+        dims = ", ".join("?" if x is None else str(x) for x in d["shape"])
+        text = f"{d['name']}: {d['dtype']} [{dims}]" + (f" {d['layout']}" if d["layout"] else "")
+        return text + (f", quantized: scale {d['scale']:.6g}, zero point {d['zero_point']}" if "scale" in d else "")
+
+    inputs = [tensor(t, "input") for t in model.inputs]
+    outputs = [tensor(t, "output") for t in model.outputs]
+    flops: dict = {}
+    first = model.inputs[0].shape if model.inputs else ()
+    if first and all(isinstance(x, int) and x > 0 for x in first[1:]):
+        try:
+            n = flops_per_image(path, tuple(first[1:]))
+            flops = {"gflops_per_image": n / 1e9, "flops_per_image": n, "flops_input": list(first[1:])}
+        except FlopsUnavailable:
+            flops = {}
+    meta = model.metadata
+    metadata = {k: v for k, v in {
+        "name": meta.name,
+        "labels": f"{len(meta.class_names)} classes: {', '.join(meta.class_names[:8])}"
+                  f"{', ...' if len(meta.class_names) > 8 else ''}" if meta.class_names else None,
+        "normalization mean": list(meta.mean) if meta.mean is not None else None,
+        "normalization std": list(meta.std) if meta.std is not None else None}.items() if v is not None}
+    return {
+        "format": "tflite",
+        "inputs": [describe(d) for d in inputs],
+        "outputs": [describe(d) for d in outputs],
+        "input_tensors": inputs,
+        "output_tensors": outputs,
+        **flops,
+        "spec_source": spec_source,
+        "spec": spec.to_dict() if spec is not None else None,
+        "metadata": metadata,
+    }
 
 
 def _hf_folder_info(path: Path) -> dict:
@@ -156,10 +229,13 @@ def _print_info(info: dict) -> None:
             print(f"{key if i == 0 else '':<12}{line}")
     if "gflops_per_image" in info:
         shape = "x".join(map(str, info["flops_input"]))
-        print(f"{'flops':<12}{info['gflops_per_image']:.3f} GFLOP per image (input sample {shape}; multiply-add = 2)")
+        print(f"{'flops':<12}{info['gflops_per_image']:.3f} GFLOP per image ({info['flops_per_image']:,} FLOPs; input "
+              f"sample {shape}; multiply-add = 2)")
     if info.get("metrics"):
         print(f"{'metrics':<12}" + ", ".join(f"{k}={_fmt(v)}" for k, v in info["metrics"].items()))
     spec = info.get("spec")
+    if "spec_source" in info:
+        print(f"{'spec from':<12}{info['spec_source']}")
     if spec is None:
         print(f"{'spec':<12}none (a foreign model: the runtime infers what it can from shapes)")
     else:

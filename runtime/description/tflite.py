@@ -155,6 +155,12 @@ def read_model_bytes(path: str | os.PathLike) -> bytes:
         raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
 
 
+def damaged(path: str | os.PathLike, e: Exception) -> ModelFormatError:
+    """The one-line error for a flatbuffer whose reading raised `e` (one of _DAMAGE)."""
+    return ModelFormatError(f"{path}: the TFLite flatbuffer is damaged ({type(e).__name__}: {str(e)[:120]}); copy "
+                            "or convert the model again")
+
+
 def read_tflite(path: str | os.PathLike) -> TfliteModel:
     """Inputs, outputs and metadata of the model's main subgraph."""
     path = Path(path)
@@ -173,8 +179,7 @@ def read_tflite(path: str | os.PathLike) -> TfliteModel:
         blob = _metadata_blob(model, data, METADATA_NAME)
         spec_blob = _metadata_blob(model, data, SPEC_METADATA_NAME)
     except _DAMAGE as e:
-        raise ModelFormatError(f"{path}: the TFLite flatbuffer is damaged ({type(e).__name__}: "
-                               f"{str(e)[:120]}); copy or convert the model again") from None
+        raise damaged(path, e) from None
     spec = None
     if spec_blob is not None:  # read as strictly as an ONNX file's embedded spec (bounded JSON, every key checked)
         try:
