@@ -190,7 +190,27 @@ def load_1min() -> float:
     return load[0] if load is not None else math.nan
 
 
-class RssSampler:
+class BackgroundThread:
+    """A daemon thread that runs `_run` from `start()` until `stop()`, which sets `_stop` (the event `_run` waits on)
+    and joins it."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class RssSampler(BackgroundThread):
     """Samples RSS every `interval` s in its own thread: every sample into the ring buffer, those from `warmup` s
     on into the fit (time in hours, so the slope is in MB/hour). Bounded: the ring and the fit's seven numbers."""
 
@@ -202,17 +222,11 @@ class RssSampler:
         self.first_fitted_mb = math.nan
         self.min_mb, self.max_mb = math.inf, -math.inf
         self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        super().__init__("rss-sampler")
 
     def start(self) -> RssSampler:
         self.t0 = time.monotonic()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        return super().start()
 
     def _run(self) -> None:
         self.sample()
@@ -255,22 +269,13 @@ class RssSampler:
         }
 
 
-class LiveOutages:
+class LiveOutages(BackgroundThread):
     """Kills a LiveServer every `every` s and starts it again `outage` s later, in its own thread."""
 
     def __init__(self, server, *, every: float, outage: float) -> None:
         self.server, self.every, self.outage = server, every, outage
         self.kills = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="live-outages", daemon=True)
-
-    def start(self) -> LiveOutages:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__("live-outages")
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
