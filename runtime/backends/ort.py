@@ -69,9 +69,12 @@ class OrtOptions:
     # another process needs) and only the cores left as intra-op threads (a parallel operator waits for its
     # slowest, de-scheduled thread). False: one session, as configured, whatever the load.
     adapt_to_load: bool = True
-    # Stop the spinning as soon as a run returns, so pre/post-processing, decoding and encoding get the cores
-    # (ONNX Runtime's own default keeps spinning after the run, which on a 2-core device slows them ~2x).
-    stop_spin_after_run: bool = True
+    # Stop the worker threads spinning as soon as a run returns (True), or let them spin a while as ONNX Runtime
+    # does by default (False). Stopping frees the cores for other work at once, but the next run must wake threads
+    # that went to sleep: on a 2-core VM, fastscnn 256x256 called every 10 to 100 ms took 4.9-11.7 ms p50 stopped
+    # against 3.0-3.8 ms spinning, and a whole Segmenter.segment() every 33 ms 11.7-12.0 against 6.0-10.0 ms
+    # (docs/runtime.md). The stream pipeline turns spin-waiting off altogether where its stages share the cores.
+    stop_spin_after_run: bool = False
     # ONNX Runtime's memory pattern plans one block for all activations from the first run and allocates it on
     # the second, next to the arena the first run grew: +20 MB resident for fastscnn at 512x512 (165 vs 143 MB
     # after 25 frames) for a few percent of speed. Off saves the memory on small devices.
