@@ -55,17 +55,46 @@ def markdown(rows: Sequence[BenchRow], env: dict, *, ceiling=None, notes: Sequen
 
 
 def speed_ratios(rows: Sequence[BenchRow]) -> list[str]:
-    """For each batch size: every row's p50 speed-up over the PyTorch baseline (when present)."""
+    """For each batch size: every row's p50 speed-up over the PyTorch baseline (when present), and each INT8 row's
+    time against the FP32 row of the same architecture, input and backend (`int8_ratio_lines`)."""
     lines = []
     for batch in sorted({r.batch for r in rows}):
         same = [r for r in rows if r.batch == batch]
         base = next((r for r in same if r.backend.startswith("torch")), None)
-        if base is None:
+        if base is not None:
+            for r in same:
+                if r is not base:
+                    lines.append(f"batch {batch}: {r.model} on {_backend_name(r)} is "
+                                 f"{base.latency.p50 / r.latency.p50:.2f}x faster than PyTorch eager at p50")
+        lines += int8_ratio_lines(same)
+    return lines
+
+
+def _backend_name(row: BenchRow) -> str:
+    return row.backend.split(" (")[0]
+
+
+def int8_ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
+    """One line per INT8 row that has an FP32 row of the same architecture, input shape, batch and backend: the INT8
+    time as a fraction of the FP32 time at p50, with this CPU's instruction sets, since whether INT8 pays depends on
+    them (VNNI, AMX, ARM dot-product); where INT8 is the slower, the line says to ship the FP32 file."""
+    from edgepix.runtime.core.cpuinfo import cpu_features
+
+    lines = []
+    for r in rows:
+        if r.precision != "int8":
             continue
-        for r in same:
-            if r is not base:
-                lines.append(f"batch {batch}: {r.model} on {r.backend.split(' (')[0]} is "
-                             f"{base.latency.p50 / r.latency.p50:.2f}x faster than PyTorch eager at p50")
+        fp32 = next((f for f in rows if f.precision == "fp32" and _backend_name(f) == _backend_name(r)
+                     and f.model_name == r.model_name and f.input_shape == r.input_shape and f.batch == r.batch), None)
+        if fp32 is None or not fp32.latency.p50 > 0:
+            continue
+        features = cpu_features()
+        present = ", ".join(label for label, there in features.features() if there) or "no SIMD sets read"
+        ratio = r.latency.p50 / fp32.latency.p50
+        verdict = (f"INT8 is the slower here: ship {fp32.model}" if ratio > 1.0
+                   else f"{1 / ratio:.2f}x the FP32 speed")
+        lines.append(f"batch {r.batch}: {r.model} (int8) on {_backend_name(r)} takes {ratio:.2f}x the time of "
+                     f"{fp32.model} (fp32) at p50 on this CPU ({features.model}: {present}); {verdict}")
     return lines
 
 

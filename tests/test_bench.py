@@ -92,3 +92,28 @@ def test_flops_count_is_hand_checkable_and_the_same_for_static_and_dynamic_graph
     assert count_flops(path, (1, 3, 16, 16)).total == expected
     dynamic, static = exported
     assert flops_per_image(dynamic, (3, 64, 64)) == flops_per_image(static, (3, 64, 64)) > 0
+
+
+def _row(model: str, precision: str, p50_ms: float, backend: str = "ort-cpu (CPUExecutionProvider, 2 threads)"):
+    from edgepix.benchmarks.harness import BenchRow
+    from edgepix.benchmarks.stats import LatencyStats
+
+    return BenchRow(model=model, model_name="fastscnn", precision=precision, backend=backend, batch=1,
+                    input_shape=(1, 3, 64, 64), load_ms=1.0, first_ms=1.0,
+                    latency=LatencyStats.from_samples([p50_ms] * 5), throughput=1e3 / p50_ms, peak_rss_mb=1.0,
+                    file_mb=1.0, gflops_per_image=None, achieved_gflops=None)
+
+
+def test_bench_states_the_int8_time_against_fp32_with_the_cpus_instruction_sets():
+    from edgepix.benchmarks.report import speed_ratios
+    from edgepix.runtime.core.cpuinfo import cpu_features
+
+    rows = [_row("m.onnx", "fp32", 4.0), _row("m.int8.onnx", "int8", 3.0),
+            _row("m.int8.onnx", "int8", 5.0, backend="openvino (CPU)")]  # no FP32 row on openvino: no line
+    lines = speed_ratios(rows)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("batch 1: m.int8.onnx (int8) on ort-cpu takes 0.75x the time of m.onnx (fp32)")
+    assert "1.33x the FP32 speed" in lines[0] and cpu_features().model in lines[0]
+    slower = speed_ratios([_row("m.onnx", "fp32", 4.0), _row("m.int8.onnx", "int8", 5.0)])
+    assert "takes 1.25x the time" in slower[0] and "INT8 is the slower here: ship m.onnx" in slower[0]
+    assert speed_ratios([_row("m.int8.onnx", "int8", 5.0)]) == []  # nothing to compare with
