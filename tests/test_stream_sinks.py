@@ -260,3 +260,38 @@ def test_display_shows_frames_with_a_hud_on_a_virtual_screen(seg, tmp_path, monk
         xvfb.kill()
         xvfb.wait(5)
     assert stats["frames"] == 20 and stats["sinks"][0]["frames_written"] >= 1 and not stats["errors"]
+
+
+def test_the_last_words_wait_for_a_writer_that_silenced_stderr():
+    """A worker abandoning its video silences file descriptor 2 for FFmpeg; the line printed before the process ends
+    at once must not go to devnull: `keep_stderr_for_last_words` waits for the silence to end and keeps it ended."""
+    from edgepix.runtime.streams.sinks import video
+
+    before = os.fstat(2)
+    silenced, release = threading.Event(), threading.Event()
+
+    def abandoning_worker():
+        with video._quiet_stderr(True):
+            silenced.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=abandoning_worker)
+    worker.start()
+    assert silenced.wait(5)
+    assert os.fstat(2).st_ino != before.st_ino  # devnull for now
+    threading.Timer(0.2, release.set).start()
+    t0 = time.monotonic()
+    assert video.keep_stderr_for_last_words(timeout=5)
+    assert time.monotonic() - t0 >= 0.15 and os.fstat(2).st_ino == before.st_ino
+    def second_silencer():
+        with video._quiet_stderr(True):
+            pass
+
+    second = threading.Thread(target=second_silencer, daemon=True)
+    second.start()
+    second.join(0.2)
+    assert second.is_alive() and os.fstat(2).st_ino == before.st_ino  # no one silences it again
+    video._SILENCING.release()  # this test process goes on: let the waiting thread silence and restore
+    second.join(5)
+    worker.join(5)
+    assert not second.is_alive() and os.fstat(2).st_ino == before.st_ino

@@ -42,6 +42,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         # destroy C++ objects under their running threads and abort ("terminate called without an active
         # exception"), so the process ends here, right away, after one line. Nothing half-written is at an output
         # path: outputs appear only by rename when complete.
+        from ..streams.sinks.video import keep_stderr_for_last_words
+
+        keep_stderr_for_last_words()  # a worker abandoning its video may have silenced FFmpeg's (and our) stderr
         print(f"edgepix segment: interrupted again: {e}", file=sys.stderr)
         logging.shutdown()
         sys.stdout.flush()

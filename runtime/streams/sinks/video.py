@@ -46,9 +46,11 @@ VIDEO_CODECS: dict[str, tuple[str, ...]] = {
 
 
 _CODEC_WORKS: dict[str, bool] = {}  # fourcc -> whether this process's OpenCV could open a writer with it
-# File descriptor 2 is the process's: two threads silencing it at once (archive workers opening their videos) would
-# restore each other's devnull, or let FFmpeg's messages through. Writers open one at a time.
-_OPENING = threading.Lock()
+_OPENING = threading.Lock()  # a codec's verdict is read and recorded by one thread at a time
+# File descriptor 2 is the process's: two threads silencing it at once (archive workers opening, closing or
+# abandoning their videos) would restore each other's devnull, or let FFmpeg's messages through; and a line the
+# main thread prints meanwhile (the last one before the process ends) would go to devnull. One thread at a time.
+_SILENCING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -57,20 +59,28 @@ def _quiet_stderr(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    try:
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with _SILENCING:
+        try:
+            saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            yield
+            return
+        try:
+            sys.stderr.flush()
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+def keep_stderr_for_last_words(timeout: float = 2.0) -> bool:
+    """Before the process ends at once (`os._exit`) while writer threads still run: wait until none has file
+    descriptor 2 silenced (at most `timeout` seconds) and keep any from silencing it again, so that the last line
+    reaches the terminal. Never released: call it only on the way out. False if the wait timed out."""
+    return _SILENCING.acquire(timeout=timeout)
 
 
 def _disk_full(folder: Path) -> str | None:
@@ -115,7 +125,7 @@ class VideoFileWriter:
         except OSError as e:
             raise SinkError(f"cannot write video {self.path}: {e.strerror or e}") from None
         for i, fourcc in enumerate(self.codecs):
-            with _OPENING:  # a codec's verdict is read and recorded by one thread at a time
+            with _OPENING:
                 if _CODEC_WORKS.get(fourcc) is False:
                     continue
                 last = i == len(self.codecs) - 1
