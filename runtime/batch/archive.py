@@ -394,15 +394,23 @@ def run_archive(job: ArchiveJob) -> dict:
             engine_info = _run_engine(job, tasks, settings, report, stop)
     except KeyboardInterrupt as e:  # WorkersAbandoned too: the summary is written either way
         interrupted = e
-    finally:
+    except BaseException:
         report.close()
-    summary = _summary(job, sink, run_id, items, complete, report, engine_info, t0, interrupted is not None)
-    text = json.dumps(summary, indent=2) + "\n"
-    write_state(sink / STATE_FOLDER / "summary.json", text)
-    if job.stats is not None:
-        write_state(Path(job.stats), text)
+        raise
+    # A Ctrl-C or SIGTERM that comes now (a second one, just after the workers finished) must not cut the summary
+    # short: it is counted, and the run ends as interrupted once the summary is written.
+    with StopSignals(lambda signum, count: stop.set()) as late:
+        report.close()
+        summary = _summary(job, sink, run_id, items, complete, report, engine_info, t0,
+                           interrupted is not None or late.count > 0)
+        text = json.dumps(summary, indent=2) + "\n"
+        write_state(sink / STATE_FOLDER / "summary.json", text)
+        if job.stats is not None:
+            write_state(Path(job.stats), text)
     if interrupted is not None:
         raise interrupted
+    if late.count:
+        raise KeyboardInterrupt
     return summary
 
 
